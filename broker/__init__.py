@@ -1,0 +1,16 @@
+"""Mosquitto configuration, credentials and a launcher with an embedded amqtt fallback."""
+
+from broker.config import BrokerConfig, TLSFiles, render_acl, render_mosquitto_conf, write_config
+from broker.launcher import Broker, BrokerError, find_mosquitto, free_port
+
+__all__ = [
+    "Broker",
+    "BrokerConfig",
+    "BrokerError",
+    "TLSFiles",
+    "find_mosquitto",
+    "free_port",
+    "render_acl",
+    "render_mosquitto_conf",
+    "write_config",
+]

@@ -1,0 +1,77 @@
+"""Render Mosquitto configuration and ACL files from the templates."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """Server certificate, key and the CA that signed them (PEM paths)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """What the generated Mosquitto configuration says."""
+
+    port: int
+    host: str = "127.0.0.1"
+    data_dir: Path = Path(".eclm/broker")
+    max_packet_size: int = 256 * 1024
+    password_file: Path | None = None
+    cloud_user: str = "cloud"
+    tls: TLSFiles | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: must be 1..65535, got {self.port}")
+        if self.max_packet_size < 1024:
+            raise ValueError(f"max_packet_size: must be >= 1024, got {self.max_packet_size}")
+
+
+def render_acl(config: BrokerConfig) -> str:
+    return Template((TEMPLATES / "acl").read_text()).substitute(cloud_user=config.cloud_user)
+
+
+def render_mosquitto_conf(config: BrokerConfig) -> str:
+    """The text of ``mosquitto.conf``; with a password file, ``acl`` goes beside it."""
+    auth = ""
+    if config.password_file:
+        acl = config.data_dir / "acl"
+        auth = f"password_file {config.password_file}\nacl_file {acl}"
+    tls = ""
+    if config.tls:
+        tls = (f"cafile {config.tls.cafile}\ncertfile {config.tls.certfile}\n"
+               f"keyfile {config.tls.keyfile}\nrequire_certificate false")
+    return Template((TEMPLATES / "mosquitto.conf").read_text()).substitute(
+        generated_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+        # Mosquitto started as root drops to user "mosquitto", who cannot write our data_dir.
+        user_line="user root" if os.geteuid() == 0 else "",
+        port=config.port,
+        host=config.host,
+        tls_block=tls,
+        allow_anonymous="false" if config.password_file else "true",
+        auth_block=auth,
+        data_dir=config.data_dir.resolve(),
+        max_packet_size=config.max_packet_size,
+    )
+
+
+def write_config(config: BrokerConfig) -> Path:
+    """Write ``mosquitto.conf`` (and ``acl`` when authenticating) into ``data_dir``."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.password_file:
+        (config.data_dir / "acl").write_text(render_acl(config))
+    path = config.data_dir / "mosquitto.conf"
+    path.write_text(render_mosquitto_conf(config))
+    return path

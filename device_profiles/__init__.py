@@ -1,0 +1,21 @@
+"""TOML profiles of real board classes and the loader that validates them."""
+
+from device_profiles.errors import ProfileError
+from device_profiles.profile import (
+    Budget,
+    DeviceProfile,
+    list_profiles,
+    load_profile,
+    parse_profile,
+    profile_names,
+)
+
+__all__ = [
+    "Budget",
+    "DeviceProfile",
+    "ProfileError",
+    "list_profiles",
+    "load_profile",
+    "parse_profile",
+    "profile_names",
+]

@@ -1,0 +1,131 @@
+"""Device profiles: what a board class has and what the model may use of it."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from device_profiles.errors import ProfileError
+
+BOARDS_DIR = Path(__file__).parent / "boards"
+KNOWN_BACKENDS = ("executorch", "litert")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the sub-model may use on the board."""
+
+    model_memory_kb: int
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One board class, validated from its TOML file."""
+
+    name: str
+    title: str
+    arch: str
+    ram_mb: int
+    cores: int
+    backends: tuple[str, ...]
+    speed_factor: float
+    has_battery: bool
+    budget: Budget
+
+
+# field -> (type, check, what the check wants)
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_TOP: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "name": (str, lambda v: bool(v.strip()), "must not be empty"),
+    "title": (str, lambda v: bool(v.strip()), "must not be empty"),
+    "arch": (str, lambda v: v in ("aarch64", "armv7l", "x86_64"), "must be aarch64, armv7l or x86_64"),
+    "ram_mb": (int, *_POSITIVE),
+    "cores": (int, *_POSITIVE),
+    "backends": (
+        list,
+        lambda v: bool(v) and all(b in KNOWN_BACKENDS for b in v) and len(set(v)) == len(v),
+        f"must be a non-empty list of distinct names from {KNOWN_BACKENDS}",
+    ),
+    "speed_factor": ((int, float), *_POSITIVE),
+    "has_battery": (bool, lambda v: True, ""),
+}
+_BUDGET: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "model_memory_kb": (int, *_POSITIVE),
+    "latency_ms": ((int, float), *_POSITIVE),
+}
+
+
+def _check(source: str, table: dict[str, Any], spec: dict, prefix: str = "") -> None:
+    for key in table:
+        if key not in spec and key != "budget":
+            raise ProfileError(source, "unknown field", field=prefix + key)
+    for key, (kind, ok, want) in spec.items():
+        if key not in table:
+            raise ProfileError(source, "missing", field=prefix + key)
+        value = table[key]
+        # bool is an int in Python; a TOML `true` must not pass as a number.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ProfileError(
+                source, f"expected {_kind_name(kind)}, got {type(value).__name__}",
+                field=prefix + key,
+            )
+        if not ok(value):
+            raise ProfileError(source, f"{want} (got {value!r})", field=prefix + key)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def parse_profile(text: str, *, source: str = "<profile>") -> DeviceProfile:
+    """Validate TOML text into a DeviceProfile; raise ProfileError naming the field."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(source, f"not valid TOML: {exc}") from exc
+    _check(source, data, _TOP)
+    budget = data.get("budget")
+    if not isinstance(budget, dict):
+        raise ProfileError(source, "missing table [budget]", field="budget")
+    _check(source, budget, _BUDGET, prefix="budget.")
+    return DeviceProfile(
+        name=data["name"],
+        title=data["title"],
+        arch=data["arch"],
+        ram_mb=data["ram_mb"],
+        cores=data["cores"],
+        backends=tuple(data["backends"]),
+        speed_factor=float(data["speed_factor"]),
+        has_battery=data["has_battery"],
+        budget=Budget(budget["model_memory_kb"], float(budget["latency_ms"])),
+    )
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """Load a shipped profile by name (``rpi4``) or any profile file by path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = BOARDS_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise ProfileError(
+                str(name_or_path), f"no such profile; known: {', '.join(profile_names())}"
+            )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(str(path), f"cannot read: {exc.strerror}") from exc
+    return parse_profile(text, source=str(path))
+
+
+def profile_names() -> list[str]:
+    """Names of the profiles shipped with the package."""
+    return sorted(p.stem for p in BOARDS_DIR.glob("*.toml"))
+
+
+def list_profiles() -> list[DeviceProfile]:
+    """Every shipped profile, validated."""
+    return [load_profile(name) for name in profile_names()]

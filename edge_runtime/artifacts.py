@@ -1,0 +1,136 @@
+"""Content-addressed artifact store with atomic installs and chunked downloads.
+
+Layout under the store root::
+
+    objects/<sha256>        complete, verified program files (never modified in place)
+    partial/<sha256>.part   a download in progress, written at chunk offsets
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from edge_runtime.errors import ArtifactError
+from edge_runtime.protocol import ArtifactRef
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArtifactStore:
+    """Program files named by their sha256."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        (self.root / "objects").mkdir(parents=True, exist_ok=True)
+        (self.root / "partial").mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / "objects" / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put(self, data: bytes) -> str:
+        """Store ``data``; return its sha256. Storing the same bytes again is a no-op."""
+        sha = sha256_bytes(data)
+        if not self.has(sha):
+            atomic_write(self.path(sha), data)
+        return sha
+
+    def read(self, sha256: str) -> bytes:
+        """The bytes of an artifact, re-hashed; ArtifactError if missing or corrupt."""
+        try:
+            data = self.path(sha256).read_bytes()
+        except FileNotFoundError:
+            raise ArtifactError(f"artifact {sha256[:12]} is not in the store") from None
+        if sha256_bytes(data) != sha256:
+            raise ArtifactError(f"artifact {sha256[:12]} is corrupt on disk (hash mismatch)")
+        return data
+
+    def download(self, ref: ArtifactRef) -> Download:
+        """Start or resume the chunked download of ``ref``."""
+        return Download(self, ref)
+
+
+class Download:
+    """Chunks of one artifact arriving in any order, written at their offsets."""
+
+    def __init__(self, store: ArtifactStore, ref: ArtifactRef) -> None:
+        self.store = store
+        self.ref = ref
+        self.part = store.root / "partial" / f"{ref.sha256}.part"
+        self.received: set[int] = set()
+
+    @property
+    def complete(self) -> bool:
+        return len(self.received) == self.ref.chunk_count
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.ref.chunk_count) if i not in self.received]
+
+    def add(self, index: int, data: bytes) -> None:
+        """Write chunk ``index``; ArtifactError if it lies outside the declared size."""
+        ref = self.ref
+        if not 0 <= index < ref.chunk_count:
+            raise ArtifactError(f"chunk {index} is outside 0..{ref.chunk_count - 1}")
+        want = min(ref.chunk_size, ref.size - index * ref.chunk_size)
+        if len(data) != want:
+            raise ArtifactError(f"chunk {index} has {len(data)} bytes, expected {want}")
+        mode = "r+b" if self.part.exists() else "wb"
+        with open(self.part, mode) as fh:
+            fh.seek(index * ref.chunk_size)
+            fh.write(data)
+        self.received.add(index)
+
+    def finish(self) -> Path:
+        """Verify the whole file's hash and move it into the store."""
+        if not self.complete:
+            raise ArtifactError(f"download incomplete: missing chunks {self.missing()[:10]}")
+        with open(self.part, "r+b") as fh:
+            fh.truncate(self.ref.size)
+            fh.flush()
+            os.fsync(fh.fileno())
+        actual = sha256_file(self.part)
+        if actual != self.ref.sha256:
+            self.part.unlink(missing_ok=True)
+            self.received.clear()
+            raise ArtifactError(
+                f"artifact {self.ref.name}: sha256 {actual[:12]} does not match "
+                f"declared {self.ref.sha256[:12]}"
+            )
+        target = self.store.path(self.ref.sha256)
+        os.replace(self.part, target)
+        _fsync_dir(target.parent)
+        return target

@@ -1,0 +1,87 @@
+"""LiteRT backend (``.tflite`` flatbuffers) through ``ai_edge_litert``; no torch anywhere.
+
+``tflite_runtime`` is accepted as a fallback import for boards that only have it (it
+cannot load models under numpy 2, so it is the second choice).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from edge_runtime.backends.base import Backend, Program, Source, TensorSpec, read_source
+from edge_runtime.errors import BackendError, BackendUnavailable
+
+try:
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:  # pragma: no cover - depends on the install
+    try:
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "the LiteRT backend needs ai-edge-litert: pip install 'eclm-fleet[edge]'"
+        ) from exc
+
+
+class LiteRTProgram(Program):
+    """A LiteRT interpreter for one program.
+
+    LiteRT programs converted from torch have a fixed batch (litert-torch cannot export a
+    free one); a batch of another size is run in pieces of that size, the tail padded.
+    """
+
+    def __init__(self, data: bytes, *, threads: int) -> None:
+        self._data = data
+        try:
+            self._it = Interpreter(model_content=data, num_threads=threads)
+            self._it.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            raise BackendError(f"not a loadable LiteRT program: {exc}") from exc
+        self._in = self._it.get_input_details()
+        self._out = self._it.get_output_details()
+        self._batch = int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else 1
+        # One interpreter serves one call at a time; invoke() releases the GIL.
+        self._lock = threading.Lock()
+        self.inputs = tuple(_spec(d) for d in self._in)
+        self.outputs = tuple(_spec(d) for d in self._out)
+
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        n = arrays[0].shape[0]
+        pieces: list[list[np.ndarray]] = []
+        with self._lock:
+            for start in range(0, n, self._batch):
+                piece = [a[start:start + self._batch] for a in arrays]
+                short = self._batch - piece[0].shape[0]
+                if short:
+                    piece = [np.concatenate([p, np.zeros((short, *p.shape[1:]), p.dtype)])
+                             for p in piece]
+                for detail, a in zip(self._in, piece):
+                    self._it.set_tensor(detail["index"], a)
+                try:
+                    self._it.invoke()
+                except RuntimeError as exc:
+                    raise BackendError(f"LiteRT invoke failed: {exc}") from exc
+                pieces.append([self._it.get_tensor(d["index"]) for d in self._out])
+        return [np.concatenate([p[k] for p in pieces])[:n] for k in range(len(self._out))]
+
+
+def _spec(detail: dict) -> TensorSpec:
+    shape = tuple(int(s) for s in detail["shape"])
+    return TensorSpec((-1, *shape[1:]) if shape else shape, np.dtype(detail["dtype"]).name)
+
+
+class LiteRTBackend(Backend):
+    """Runs ``.tflite`` programs with the LiteRT interpreter."""
+
+    name = "litert"
+    file_format = "tflite"
+
+    def __init__(self, *, threads: int = 1) -> None:
+        self.threads = threads
+
+    def load(self, source: Source) -> Program:
+        data = read_source(source)
+        if len(data) < 8 or data[4:8] != b"TFL3":
+            raise BackendError("not a LiteRT program (no TFL3 identifier)")
+        return LiteRTProgram(data, threads=self.threads)

@@ -1,0 +1,332 @@
+"""The wire contract: topic names, message types, size limits and validation.
+
+Control messages are JSON objects ``{"v": 1, "type": ..., <fields>}``. Every message is
+checked field by field when it is built and when it is decoded; a bad one raises
+:class:`ProtocolError` naming the field. Artifact chunks travel as raw bytes on their own
+topic. The cloud imports this module too, so both ends share one definition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+from edge_runtime.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+TOPIC_ROOT = "eclm/v1"
+MAX_CONTROL_BYTES = 64 * 1024
+DEFAULT_CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 128 * 1024
+MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
+DEVICE_KINDS = ("desired", "reported", "status", "telemetry", "updates", "fetch", "events")
+FORMATS = ("pte", "tflite")
+PHASES = ("idle", "downloading", "verifying", "installing", "active", "failed")
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# --- topics -------------------------------------------------------------------------------
+
+
+def check_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it is safe inside a topic, else raise ProtocolError."""
+    if not isinstance(device_id, str) or not _ID.match(device_id):
+        raise ProtocolError(
+            "must be 1-64 characters of letters, digits, '_', '.', '-'", field="device_id"
+        )
+    return device_id
+
+
+def device_topic(device_id: str, kind: str) -> str:
+    """``eclm/v1/devices/{device_id}/{kind}``."""
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"unknown device topic kind {kind!r}; known: {DEVICE_KINDS}")
+    return f"{TOPIC_ROOT}/devices/{check_device_id(device_id)}/{kind}"
+
+
+def chunk_topic(device_id: str, sha256: str, index: int | str = "+") -> str:
+    """Where chunk ``index`` of artifact ``sha256`` travels to ``device_id``."""
+    return f"{TOPIC_ROOT}/devices/{check_device_id(device_id)}/chunks/{sha256}/{index}"
+
+
+def rollout_topic(rollout_id: str) -> str:
+    """``eclm/v1/rollouts/{rollout_id}`` (retained)."""
+    return f"{TOPIC_ROOT}/rollouts/{check_device_id(rollout_id)}"
+
+
+def all_devices_topic(kind: str) -> str:
+    """A wildcard subscription to one kind of topic of every device."""
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"unknown device topic kind {kind!r}")
+    return f"{TOPIC_ROOT}/devices/+/{kind}"
+
+
+def parse_device_topic(topic: str) -> tuple[str, str, tuple[str, ...]]:
+    """Split a device topic into ``(device_id, kind, rest)``; raise ProtocolError otherwise."""
+    parts = topic.split("/")
+    if len(parts) < 5 or "/".join(parts[:3]) != f"{TOPIC_ROOT}/devices":
+        raise ProtocolError(f"not a device topic: {topic[:200]!r}", field="topic")
+    device_id, kind = check_device_id(parts[3]), parts[4]
+    if kind not in DEVICE_KINDS and kind != "chunks":
+        raise ProtocolError(f"unknown topic kind {kind[:40]!r}", field="topic")
+    return device_id, kind, tuple(parts[5:])
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        inner = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_type_ok(v, inner) for v in value)
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _hint_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+class Message:
+    """Base of the wire messages: type-checked frozen dataclasses with a JSON form."""
+
+    type: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            if not _type_ok(getattr(self, f.name), hints[f.name]):
+                raise ProtocolError(
+                    f"expected {_hint_name(hints[f.name])}, got {type(getattr(self, f.name)).__name__}",
+                    field=f.name,
+                )
+        self.check()
+
+    def check(self) -> None:
+        """Value checks beyond types; subclasses raise ProtocolError naming the field."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = [v.to_dict() if isinstance(v, Message) else v for v in value]
+            out[f.name] = value
+        return out
+
+    def encode(self) -> bytes:
+        """The message as JSON bytes, with version and type."""
+        body = {"v": PROTOCOL_VERSION, "type": self.type, **self.to_dict()}
+        data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        if len(data) > MAX_CONTROL_BYTES:
+            raise ProtocolError(f"message is {len(data)} bytes, limit {MAX_CONTROL_BYTES}")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "") -> Any:
+        if not isinstance(data, dict):
+            raise ProtocolError("expected a JSON object", field=where or None)
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ProtocolError("unknown field", field=where + unknown[0][:40])
+        kwargs = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name not in data:
+                if f.default is not MISSING or f.default_factory is not MISSING:
+                    continue
+                raise ProtocolError("missing", field=where + f.name)
+            value = data[f.name]
+            if typing.get_origin(hints[f.name]) is tuple:
+                if not isinstance(value, list):
+                    raise ProtocolError("expected a list", field=where + f.name)
+                inner = typing.get_args(hints[f.name])[0]
+                if isinstance(inner, type) and issubclass(inner, Message):
+                    value = [inner.from_dict(v, where=f"{where}{f.name}[{i}].")
+                             for i, v in enumerate(value)]
+                value = tuple(value)
+            kwargs[f.name] = value
+        try:
+            return cls(**kwargs)
+        except ProtocolError as exc:
+            raise ProtocolError(exc.reason, field=where + (exc.field or "")) from None
+
+
+M = TypeVar("M", bound=Message)
+
+
+def decode(cls: type[M], payload: bytes | str) -> M:
+    """Parse and validate one control message of type ``cls``; raise ProtocolError."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}",
+                            code="too-large")
+    try:
+        data = json.loads(payload, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"not JSON: {exc}", code="malformed") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("expected a JSON object", code="malformed")
+    version, kind = data.pop("v", None), data.pop("type", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported version {version!r}, expected {PROTOCOL_VERSION}",
+                            field="v", code="version")
+    if kind != cls.type:
+        raise ProtocolError(f"expected type {cls.type!r}, got {str(kind)[:40]!r}", field="type")
+    return cls.from_dict(data)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _check_sha(value: str, name: str) -> None:
+    if not _SHA256.match(value):
+        raise ProtocolError("must be 64 lowercase hex digits (sha256)", field=name)
+
+
+def _check_ts(value: float, name: str = "ts") -> None:
+    if value < 0:
+        raise ProtocolError("must be >= 0", field=name)
+
+
+@dataclass(frozen=True)
+class ArtifactRef(Message):
+    """One program file, named by its sha256."""
+
+    type: ClassVar[str] = "artifact"
+    name: str
+    sha256: str
+    size: int
+    format: str
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def check(self) -> None:
+        if not 0 < len(self.name) <= 128:
+            raise ProtocolError("must be 1-128 characters", field="name")
+        _check_sha(self.sha256, "sha256")
+        if not 0 < self.size <= MAX_ARTIFACT_BYTES:
+            raise ProtocolError(f"must be 1..{MAX_ARTIFACT_BYTES}", field="size")
+        if self.format not in FORMATS:
+            raise ProtocolError(f"must be one of {FORMATS}", field="format")
+        if not 1024 <= self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ProtocolError(f"must be 1024..{MAX_CHUNK_SIZE}", field="chunk_size")
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+
+@dataclass(frozen=True)
+class DesiredState(Message):
+    """What the cloud wants a device to run (retained on ``desired``)."""
+
+    type: ClassVar[str] = "desired"
+    device_id: str
+    serial: int
+    artifacts: tuple[ArtifactRef, ...]
+    issued_at: float = field(default_factory=time.time)
+
+    def check(self) -> None:
+        check_device_id(self.device_id)
+        if self.serial < 0:
+            raise ProtocolError("must be >= 0", field="serial")
+        if not 1 <= len(self.artifacts) <= 64:
+            raise ProtocolError("must list 1-64 artifacts", field="artifacts")
+        _check_ts(self.issued_at, "issued_at")
+
+
+@dataclass(frozen=True)
+class ReportedState(Message):
+    """What a device runs and how it is doing (retained on ``reported``)."""
+
+    type: ClassVar[str] = "reported"
+    device_id: str
+    profile: str
+    backends: tuple[str, ...]
+    serial: int
+    phase: str
+    active: tuple[str, ...] = ()
+    backend: str | None = None
+    accuracy: float | None = None
+    detail: str = ""
+    ts: float = field(default_factory=time.time)
+
+    def check(self) -> None:
+        check_device_id(self.device_id)
+        if self.phase not in PHASES:
+            raise ProtocolError(f"must be one of {PHASES}", field="phase")
+        for sha in self.active:
+            _check_sha(sha, "active")
+        if self.accuracy is not None and not 0.0 <= self.accuracy <= 1.0:
+            raise ProtocolError("must be in [0, 1]", field="accuracy")
+        if len(self.detail) > 1000:
+            raise ProtocolError("must be at most 1000 characters", field="detail")
+        _check_ts(self.ts)
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Online by the device, offline by its last will (retained on ``status``)."""
+
+    type: ClassVar[str] = "status"
+    device_id: str
+    online: bool
+    ts: float = field(default_factory=time.time)
+
+    def check(self) -> None:
+        check_device_id(self.device_id)
+        _check_ts(self.ts)
+
+
+@dataclass(frozen=True)
+class FetchRequest(Message):
+    """A device asks for the chunks of one artifact, from ``first_chunk`` on."""
+
+    type: ClassVar[str] = "fetch"
+    device_id: str
+    sha256: str
+    first_chunk: int = 0
+
+    def check(self) -> None:
+        check_device_id(self.device_id)
+        _check_sha(self.sha256, "sha256")
+        if self.first_chunk < 0:
+            raise ProtocolError("must be >= 0", field="first_chunk")
+
+
+@dataclass(frozen=True)
+class Event(Message):
+    """Something a device or the cloud reports: a rejected message, a failed install."""
+
+    type: ClassVar[str] = "event"
+    device_id: str
+    code: str
+    reason: str
+    topic: str = ""
+    ts: float = field(default_factory=time.time)
+
+    def check(self) -> None:
+        check_device_id(self.device_id)
+        if not 0 < len(self.code) <= 64:
+            raise ProtocolError("must be 1-64 characters", field="code")
+        if len(self.reason) > 2000 or len(self.topic) > 512:
+            raise ProtocolError("too long", field="reason" if len(self.reason) > 2000 else "topic")
+        _check_ts(self.ts)

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job: set up, then run the fleet demo (broker, cloud trainer, two edge devices).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/eclm demo "$@"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up this checkout: Mosquitto from the system packages (when we may install them),
+# a virtual environment in .venv, and the project with every role's extras.
+# Safe to run again: it skips what is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${ECLM_EXTRAS:-dev}"
+venv="${ECLM_VENV:-.venv}"
+
+if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
+  sudo=""
+  [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo="sudo -n"
+  if command -v apt-get >/dev/null && { [[ $(id -u) -eq 0 ]] || [[ -n $sudo ]]; }; then
+    echo "[setup] installing Mosquitto from the system packages"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null \
+      || echo "[setup] Mosquitto could not be installed; the embedded amqtt broker will be used"
+  else
+    echo "[setup] Mosquitto is not installed and apt-get is not usable; the embedded amqtt broker will be used"
+  fi
+fi
+
+if [[ ! -x $venv/bin/python ]]; then
+  echo "[setup] creating $venv"
+  python3 -m venv "$venv"
+fi
+stamp="$venv/.eclm-installed-$extras"
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  echo "[setup] installing Python packages (extras: $extras); the first run takes a few minutes"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: an open range would pull a multi-GB CUDA build.
+  "$venv/bin/python" -m pip install -q "torch==2.13.0"
+  "$venv/bin/python" -m pip install -q -e ".[$extras]"
+  echo "$want" > "$stamp"
+fi
+echo "[setup] ready: $venv/bin/eclm"
