@@ -23,13 +23,20 @@ class TensorSpec:
 
 
 class Program(ABC):
-    """One loaded program, ready to run."""
+    """One loaded program, ready to run on batches of any size.
+
+    A program holds at most ``max_batch`` samples per call (fixed-batch programs exactly
+    that many, padded); larger batches run in pieces.
+    """
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    max_batch: int = 1
+    pads_batch: bool = True
 
     @abstractmethod
-    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]: ...
+    def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Run one piece of at most ``max_batch`` samples (exactly that many if padded)."""
 
     def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Run the program on numpy arrays; raise BackendError naming a wrong input."""
@@ -46,8 +53,22 @@ class Program(ABC):
                 raise BackendError(
                     f"input {i}: expected shape {spec.shape} (-1 = any), got {array.shape}"
                 )
-            prepared.append(np.ascontiguousarray(array))
-        return self._run(prepared)
+            prepared.append(array)
+        return self._run_pieces(prepared)
+
+    def _run_pieces(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        n, size = arrays[0].shape[0], self.max_batch
+        if n == size or (n < size and not self.pads_batch):
+            return self._run([np.ascontiguousarray(a) for a in arrays])
+        pieces = []
+        for start in range(0, n, size):
+            piece = [a[start:start + size] for a in arrays]
+            short = size - piece[0].shape[0]
+            if short and self.pads_batch:
+                piece = [np.concatenate([p, np.zeros((short, *p.shape[1:]), p.dtype)])
+                         for p in piece]
+            pieces.append(self._run([np.ascontiguousarray(p) for p in piece]))
+        return [np.concatenate([p[k] for p in pieces])[:n] for k in range(len(self.outputs))]
 
 
 class Backend(ABC):

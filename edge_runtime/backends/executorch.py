@@ -33,6 +33,10 @@ class ExecuTorchProgram(Program):
         except (RuntimeError, ValueError) as exc:
             raise BackendError(f"not a loadable ExecuTorch program: {exc}") from exc
         meta = self._method.method_meta()
+        # A free batch dimension is memory-planned for an upper bound that export may set
+        # far below the one asked for (15 for a small CNN asked for 1024): read it back.
+        self.max_batch = int(meta.input_tensor_meta(0).sizes()[0])
+        self.pads_batch = not dynamic_batch
         self.inputs = tuple(
             _spec(meta.input_tensor_meta(i), dynamic_batch) for i in range(meta.num_inputs())
         )

@@ -28,7 +28,7 @@ class LiteRTProgram(Program):
     """A LiteRT interpreter for one program.
 
     LiteRT programs converted from torch have a fixed batch (litert-torch cannot export a
-    free one); a batch of another size is run in pieces of that size, the tail padded.
+    free one), so other batch sizes run in padded pieces of that size.
     """
 
     def __init__(self, data: bytes, *, threads: int) -> None:
@@ -40,30 +40,22 @@ class LiteRTProgram(Program):
             raise BackendError(f"not a loadable LiteRT program: {exc}") from exc
         self._in = self._it.get_input_details()
         self._out = self._it.get_output_details()
-        self._batch = int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else 1
+        self.max_batch = int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else 1
         # One interpreter serves one call at a time; invoke() releases the GIL.
         self._lock = threading.Lock()
         self.inputs = tuple(_spec(d) for d in self._in)
         self.outputs = tuple(_spec(d) for d in self._out)
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        n = arrays[0].shape[0]
-        pieces: list[list[np.ndarray]] = []
         with self._lock:
-            for start in range(0, n, self._batch):
-                piece = [a[start:start + self._batch] for a in arrays]
-                short = self._batch - piece[0].shape[0]
-                if short:
-                    piece = [np.concatenate([p, np.zeros((short, *p.shape[1:]), p.dtype)])
-                             for p in piece]
-                for detail, a in zip(self._in, piece):
-                    self._it.set_tensor(detail["index"], a)
-                try:
-                    self._it.invoke()
-                except RuntimeError as exc:
-                    raise BackendError(f"LiteRT invoke failed: {exc}") from exc
-                pieces.append([self._it.get_tensor(d["index"]) for d in self._out])
-        return [np.concatenate([p[k] for p in pieces])[:n] for k in range(len(self._out))]
+            for detail, array in zip(self._in, arrays):
+                self._it.set_tensor(detail["index"], array)
+            try:
+                self._it.invoke()
+            except RuntimeError as exc:
+                raise BackendError(f"LiteRT invoke failed: {exc}") from exc
+            # get_tensor copies, so no reference to the interpreter's buffers outlives us.
+            return [self._it.get_tensor(d["index"]) for d in self._out]
 
 
 def _spec(detail: dict) -> TensorSpec:

@@ -1,0 +1,30 @@
+"""The PyTorch side: model, training, export, fleet coordination.
+
+Names load on first use so that ``eclm`` starts without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "CloudError": "cloud_trainer.errors",
+    "ExportError": "cloud_trainer.errors",
+    "FleetError": "cloud_trainer.errors",
+    "FleetCoordinator": "cloud_trainer.coordinator",
+    "Split": "cloud_trainer.data",
+    "load_digits_split": "cloud_trainer.data",
+    "DigitsCNN": "cloud_trainer.model",
+    "train_classifier": "cloud_trainer.train",
+    "export_executorch": "cloud_trainer.export",
+    "export_litert": "cloud_trainer.export",
+    "train_model": "cloud_trainer.pipeline",
+    "export_model": "cloud_trainer.pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cloud_trainer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,145 @@
+"""The cloud side of the wire: desired state out, artifact chunks on request, reports in."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Callable
+
+import paho.mqtt.client as paho
+
+from edge_runtime import protocol as wire
+from edge_runtime.artifacts import ArtifactStore
+from edge_runtime.errors import ProtocolError
+from edge_runtime.mqtt import BrokerAddress, connect, make_client
+
+log = logging.getLogger(__name__)
+
+
+class FleetCoordinator:
+    """Sets devices' desired state, serves their fetches and keeps their latest reports."""
+
+    def __init__(self, address: BrokerAddress, store: ArtifactStore, *,
+                 client_id: str = "eclm-cloud",
+                 chunk_size: int = wire.DEFAULT_CHUNK_SIZE) -> None:
+        self.address = address
+        self.store = store
+        self.chunk_size = chunk_size
+        self.reported: dict[str, wire.ReportedState] = {}
+        self.online: dict[str, bool] = {}
+        self.events: list[wire.Event] = []
+        self.rejected: Counter[str] = Counter()
+        self._serial = int(time.time() * 1000)  # grows across restarts without stored state
+        self._changed = threading.Condition()
+        self._fetches: queue.Queue[wire.FetchRequest | None] = queue.Queue()
+        self._sender = threading.Thread(target=self._send_loop, name="cloud-sender", daemon=True)
+        self.client = make_client(client_id, address)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def start(self) -> FleetCoordinator:
+        connect(self.client, self.address)
+        self.client.loop_start()
+        self._sender.start()
+        return self
+
+    def stop(self) -> None:
+        self._fetches.put(None)
+        self._sender.join(timeout=10)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> FleetCoordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- what the cloud asks ------------------------------------------------------------
+
+    def add_artifact(self, name: str, data: bytes, fmt: str) -> wire.ArtifactRef:
+        """Store a program and describe it for a desired state."""
+        sha = self.store.put(data)
+        return wire.ArtifactRef(name=name, sha256=sha, size=len(data), format=fmt,
+                                chunk_size=self.chunk_size)
+
+    def assign(self, device_id: str, artifacts: list[wire.ArtifactRef]) -> wire.DesiredState:
+        """Publish a new desired state for ``device_id`` (retained, serial always newer)."""
+        self._serial = max(self._serial + 1, int(time.time() * 1000))
+        desired = wire.DesiredState(device_id=device_id, serial=self._serial,
+                                    artifacts=tuple(artifacts))
+        self.client.publish(wire.device_topic(device_id, "desired"), desired.encode(),
+                            qos=1, retain=True).wait_for_publish(5)
+        log.info("desired state %d set for %s", desired.serial, device_id)
+        return desired
+
+    def wait_until(self, predicate: Callable[[FleetCoordinator], bool], timeout: float) -> bool:
+        """Block until ``predicate(self)`` holds after a report, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    # --- MQTT -----------------------------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the cloud connection: %s", reason_code)
+            return
+        client.subscribe([(wire.all_devices_topic(k), 1)
+                          for k in ("reported", "status", "fetch", "events")])
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        try:
+            device_id, kind, _ = wire.parse_device_topic(msg.topic)
+            if kind == "fetch":
+                request = wire.decode(wire.FetchRequest, msg.payload)
+                self._check_sender(request.device_id, device_id)
+                self._fetches.put(request)
+                return
+            with self._changed:
+                if kind == "reported":
+                    report = wire.decode(wire.ReportedState, msg.payload)
+                    self._check_sender(report.device_id, device_id)
+                    self.reported[device_id] = report
+                elif kind == "status":
+                    self.online[device_id] = wire.decode(wire.Status, msg.payload).online
+                elif kind == "events":
+                    event = wire.decode(wire.Event, msg.payload)
+                    self.events.append(event)
+                    log.warning("event from %s: %s: %s", device_id, event.code, event.reason)
+                self._changed.notify_all()
+        except ProtocolError as exc:
+            self.rejected[exc.code] += 1
+            log.warning("rejected message on %s: %s", msg.topic[:200], exc)
+
+    @staticmethod
+    def _check_sender(claimed: str, topic_device: str) -> None:
+        if claimed != topic_device:
+            raise ProtocolError(f"names {claimed} on {topic_device}'s topic", field="device_id")
+
+    def _send_loop(self) -> None:
+        while (request := self._fetches.get()) is not None:
+            try:
+                self._send_chunks(request)
+            except Exception:  # one place where sender bugs are caught and logged
+                log.exception("sending %s to %s failed", request.sha256[:12], request.device_id)
+
+    def _send_chunks(self, request: wire.FetchRequest) -> None:
+        if not self.store.has(request.sha256):
+            log.warning("%s asked for unknown artifact %s", request.device_id, request.sha256[:12])
+            return
+        data = self.store.read(request.sha256)
+        size = self.chunk_size
+        for index in range(request.first_chunk, -(-len(data) // size)):
+            topic = wire.chunk_topic(request.device_id, request.sha256, index)
+            self.client.publish(topic, data[index * size:(index + 1) * size], qos=1)
+        log.info("sent %s to %s from chunk %d", request.sha256[:12], request.device_id,
+                 request.first_chunk)

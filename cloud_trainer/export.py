@@ -1,0 +1,82 @@
+"""Export torch modules as ExecuTorch (.pte, XNNPACK) and LiteRT (.tflite) programs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.export import Dim, export
+
+from cloud_trainer.errors import ExportError
+
+MAX_BATCH = 1024
+
+
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Send fd 1 and 2 to a temp file: the converters print per-pass progress natively.
+
+    What was printed is replayed on stderr if the block raises, so no error text is lost.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                yield
+        except BaseException:
+            _restore(saved)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            _restore(saved)
+
+
+def _restore(saved: list[int]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for target, fd in zip((1, 2), saved):
+        with contextlib.suppress(OSError):
+            os.dup2(fd, target)
+
+
+def export_executorch(module: nn.Module, sample: torch.Tensor, *, name: str = "module") -> bytes:
+    """An XNNPACK-lowered ``.pte`` with a free batch dimension.
+
+    Export may bound the batch below MAX_BATCH; the edge backend reads the bound back.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    # A batch-1 sample would let export specialise the batch to the constant 1.
+    sample = sample.expand(2, *sample.shape[1:]).contiguous() if sample.shape[0] < 2 else sample
+    try:
+        with _quiet_native_output():
+            program = export(module.eval(), (sample,),
+                             dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
+            lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            return bytes(lowered.to_executorch().buffer)
+    except Exception as exc:  # torch.export and exir raise many unrelated types
+        raise ExportError(name, "executorch", f"{type(exc).__name__}: {exc}") from exc
+
+
+def export_litert(module: nn.Module, sample: torch.Tensor, *, name: str = "module") -> bytes:
+    """A ``.tflite`` with batch 1 (litert-torch cannot export a free batch dimension)."""
+    import litert_torch
+
+    try:
+        with _quiet_native_output():
+            return bytes(litert_torch.convert(module.eval(), (sample[:1],)).model_content())
+    except Exception as exc:  # the converter raises many unrelated types
+        raise ExportError(name, "litert", f"{type(exc).__name__}: {exc}") from exc

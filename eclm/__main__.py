@@ -1,0 +1,5 @@
+import sys
+
+from eclm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""``eclm``: dispatch to the broker, profiles, edge, cloud and demo commands.
+
+Each role's CLI module imports only argparse at load time, so ``eclm edge`` works on a
+board that has no torch; the handlers import what they need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from broker import cli as broker_cli
+from cloud_trainer import cli as cloud_cli
+from cloud_trainer import demo
+from device_profiles import ProfileError
+from device_profiles import cli as profiles_cli
+from edge_runtime import cli as edge_cli
+from edge_runtime.errors import BrokerUnreachable
+from edge_runtime.exit_codes import ExitCode, epilog
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eclm", description="Modular edge-cloud learning: cloud trainer, edge runtime, "
+        "MQTT fleet delivery.", epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo.add_parser(sub)
+    broker_cli.add_parser(sub)
+    profiles_cli.add_parser(sub)
+    edge_cli.add_parser(sub)
+    cloud_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Our packages log at INFO; libraries (the LiteRT converter is chatty) at WARNING.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("eclm", "edge_runtime", "cloud_trainer", "broker", "device_profiles"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return int(args.func(args))
+    except (ProfileError, ValueError) as exc:
+        print(f"eclm: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except BrokerUnreachable as exc:
+        print(f"eclm: {exc}", file=sys.stderr)
+        return ExitCode.BROKER_UNREACHABLE
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED

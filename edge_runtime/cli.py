@@ -1,0 +1,76 @@
+"""``eclm edge run|status``: the agent in the foreground and what it has installed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+from edge_runtime.exit_codes import ExitCode
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("edge", help="run the edge agent on a board")
+    cmds = parser.add_subparsers(dest="edge_cmd", required=True)
+    run = cmds.add_parser("run", help="connect to the broker and serve the desired sub-model")
+    run.add_argument("--profile", required=True, help="board profile name or .toml path")
+    run.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                     help="mqtt://[user:pass@]host:port or mqtts://... (default: %(default)s)")
+    run.add_argument("--device-id", required=True, help="this device's id (its MQTT identity)")
+    run.add_argument("--cafile", help="CA certificate for mqtts://")
+    run.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
+    run.add_argument("--eval-data", type=Path, help=".npz with x, y to report accuracy on")
+    run.add_argument("--backend", choices=("executorch", "litert"),
+                     help="force a backend instead of the profile's order")
+    run.set_defaults(func=_run)
+    status = cmds.add_parser("status", help="what the agent last reported from its store")
+    status.add_argument("--device-id", required=True)
+    status.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
+    status.set_defaults(func=_status)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from device_profiles import load_profile
+    from edge_runtime.agent import AgentConfig, EdgeAgent
+    from edge_runtime.mqtt import BrokerAddress
+
+    config = AgentConfig(
+        device_id=args.device_id, profile=load_profile(args.profile),
+        broker=BrokerAddress.parse(args.broker, cafile=args.cafile),
+        store_dir=args.store or Path(".eclm") / args.device_id,
+        eval_data=args.eval_data, backend=args.backend,
+    )
+    agent = EdgeAgent(config)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    print(f"{config.device_id} ({config.profile.title}) connecting to {config.broker}; "
+          f"store {config.store_dir}", flush=True)
+    try:
+        agent.run()
+    except KeyboardInterrupt:
+        agent.stop()
+        return ExitCode.INTERRUPTED
+    logging.getLogger(__name__).info("%s stopped", config.device_id)
+    return ExitCode.OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    store = args.store or Path(".eclm") / args.device_id
+    path = store / "reported.json"
+    if not path.exists():
+        print(f"no state in {store}: the agent has not run there yet")
+        return ExitCode.CONFIG
+    report = json.loads(path.read_text())
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report["ts"]))
+    print(f"device    {report['device_id']} ({report['profile']})")
+    print(f"phase     {report['phase']} at {when}: {report['detail']}")
+    print(f"serial    {report['serial']}")
+    print(f"backend   {report['backend'] or '-'} (profile order: {', '.join(report['backends'])})")
+    print(f"active    {', '.join(s[:12] for s in report['active']) or '-'}")
+    acc = report.get("accuracy")
+    print(f"accuracy  {'-' if acc is None else f'{acc:.4f}'}")
+    objects = sorted((store / "objects").glob("*"))
+    print(f"store     {len(objects)} artifacts, {sum(p.stat().st_size for p in objects)} bytes")
+    return ExitCode.OK

@@ -1,0 +1,31 @@
+"""Exit codes of every ``eclm`` command and service, with the help text users see."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    CONFIG = 3
+    BROKER_UNREACHABLE = 4
+    TIMEOUT = 5
+    INTERRUPTED = 130
+
+
+HELP: dict[ExitCode, str] = {
+    ExitCode.OK: "Success.",
+    ExitCode.ERROR: "An unexpected error; the log says what happened.",
+    ExitCode.USAGE: "Wrong command-line arguments; see --help.",
+    ExitCode.CONFIG: "A profile, config or data file is invalid; the message names the field.",
+    ExitCode.BROKER_UNREACHABLE: "The MQTT broker could not be reached or refused the login.",
+    ExitCode.TIMEOUT: "Devices did not reach the desired state in time.",
+    ExitCode.INTERRUPTED: "Stopped by Ctrl-C.",
+}
+
+
+def epilog() -> str:
+    """The exit-code table for ``--help``."""
+    return "exit codes:\n" + "\n".join(f"  {int(c):>3}  {HELP[c]}" for c in ExitCode)
