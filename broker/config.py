@@ -51,8 +51,10 @@ def render_mosquitto_conf(config: BrokerConfig) -> str:
         auth = f"password_file {config.password_file}\nacl_file {acl}"
     tls = ""
     if config.tls:
-        tls = (f"cafile {config.tls.cafile}\ncertfile {config.tls.certfile}\n"
-               f"keyfile {config.tls.keyfile}\nrequire_certificate false")
+        tls = (
+            f"cafile {config.tls.cafile}\ncertfile {config.tls.certfile}\n"
+            f"keyfile {config.tls.keyfile}\nrequire_certificate false"
+        )
     return Template((TEMPLATES / "mosquitto.conf").read_text()).substitute(
         generated_at=time.strftime("%Y-%m-%d %H:%M:%S"),
         # Mosquitto started as root drops to user "mosquitto", who cannot write our data_dir.

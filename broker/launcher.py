@@ -43,9 +43,17 @@ class Broker:
     picks a free port. The generated config, persistence and log live in ``data_dir``.
     """
 
-    def __init__(self, *, kind: str = "auto", host: str = "127.0.0.1", port: int = 0,
-                 data_dir: str | Path | None = None, max_packet_size: int = 256 * 1024,
-                 password_file: Path | None = None, tls: TLSFiles | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        kind: str = "auto",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        data_dir: str | Path | None = None,
+        max_packet_size: int = 256 * 1024,
+        password_file: Path | None = None,
+        tls: TLSFiles | None = None,
+    ) -> None:
         if kind not in ("auto", "mosquitto", "amqtt"):
             raise ValueError(f"kind: expected auto, mosquitto or amqtt, got {kind!r}")
         self.binary = find_mosquitto() if kind != "amqtt" else None
@@ -56,9 +64,14 @@ class Broker:
         self.host = host
         self.port = port or free_port(host)
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="eclm-broker-"))
-        self.config = BrokerConfig(port=self.port, host=host, data_dir=self.data_dir,
-                                   max_packet_size=max_packet_size,
-                                   password_file=password_file, tls=tls)
+        self.config = BrokerConfig(
+            port=self.port,
+            host=host,
+            data_dir=self.data_dir,
+            max_packet_size=max_packet_size,
+            password_file=password_file,
+            tls=tls,
+        )
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / f"{self.kind}.log"
 
@@ -72,15 +85,25 @@ class Broker:
             cmd = [self.binary, "-c", str(write_config(self.config))]
         else:
             if self._fell_back:
-                log.warning("Mosquitto is not installed: starting the embedded amqtt broker "
-                            "(MQTT 3.1.1 only, slower; apt-get install -y mosquitto for the "
-                            "real one)")
+                log.warning(
+                    "Mosquitto is not installed: starting the embedded amqtt broker "
+                    "(MQTT 3.1.1 only, slower; apt-get install -y mosquitto for the "
+                    "real one)"
+                )
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "broker.embedded", "--host", self.host,
-                   "--port", str(self.port)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "broker.embedded",
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+            ]
         with open(self.log_path, "ab") as logfile:
-            self.proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._wait_ready(timeout)
         log.info("%s listening on %s (data in %s)", self.kind, self.url, self.data_dir)
         return self
@@ -89,16 +112,20 @@ class Broker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc and self.proc.poll() is not None:
-                raise BrokerError(f"{self.kind} exited with code {self.proc.returncode}; "
-                                  f"log: {self.log_path}\n{self._log_tail()}")
+                raise BrokerError(
+                    f"{self.kind} exited with code {self.proc.returncode}; "
+                    f"log: {self.log_path}\n{self._log_tail()}"
+                )
             try:
                 socket.create_connection((self.host, self.port), timeout=0.5).close()
                 return
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise BrokerError(f"{self.kind} did not listen on {self.host}:{self.port} within "
-                          f"{timeout:.0f}s; log: {self.log_path}")
+        raise BrokerError(
+            f"{self.kind} did not listen on {self.host}:{self.port} within "
+            f"{timeout:.0f}s; log: {self.log_path}"
+        )
 
     def _log_tail(self) -> str:
         try:

@@ -16,26 +16,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmds = parser.add_subparsers(dest="cloud_cmd", required=True)
 
     train = cmds.add_parser("train", help="train the model on scikit-learn's digits")
-    train.add_argument("--out", type=Path, default=Path("runs/model"),
-                       help="where model.pt, metrics.json and test.npz go (default: %(default)s)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/model"),
+        help="where model.pt, metrics.json and test.npz go (default: %(default)s)",
+    )
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
 
     export = cmds.add_parser("export", help="export the model as .pte and .tflite programs")
     export.add_argument("--model", type=Path, default=Path("runs/model"))
-    export.add_argument("--out", type=Path, default=Path("runs/artifacts"),
-                        help="content-addressed artifact store (default: %(default)s)")
+    export.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/artifacts"),
+        help="content-addressed artifact store (default: %(default)s)",
+    )
     export.add_argument("--formats", default="pte,tflite", help="comma list of pte, tflite")
     export.set_defaults(func=_export)
 
     deploy = cmds.add_parser("deploy", help="set devices' desired state and serve their fetches")
     deploy.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     deploy.add_argument("--artifacts", type=Path, default=Path("runs/artifacts"))
-    deploy.add_argument("--device", action="append", required=True, dest="devices",
-                        help="a device id; repeat for several")
-    deploy.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds to wait for every device to be active")
+    deploy.add_argument(
+        "--device",
+        action="append",
+        required=True,
+        dest="devices",
+        help="a device id; repeat for several",
+    )
+    deploy.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for every device to be active"
+    )
     deploy.set_defaults(func=_deploy)
 
 

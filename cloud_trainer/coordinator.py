@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import paho.mqtt.client as paho
 
@@ -22,9 +22,14 @@ log = logging.getLogger(__name__)
 class FleetCoordinator:
     """Sets devices' desired state, serves their fetches and keeps their latest reports."""
 
-    def __init__(self, address: BrokerAddress, store: ArtifactStore, *,
-                 client_id: str = "eclm-cloud",
-                 chunk_size: int = wire.DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        address: BrokerAddress,
+        store: ArtifactStore,
+        *,
+        client_id: str = "eclm-cloud",
+        chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
+    ) -> None:
         self.address = address
         self.store = store
         self.chunk_size = chunk_size
@@ -63,16 +68,19 @@ class FleetCoordinator:
     def add_artifact(self, name: str, data: bytes, fmt: str) -> wire.ArtifactRef:
         """Store a program and describe it for a desired state."""
         sha = self.store.put(data)
-        return wire.ArtifactRef(name=name, sha256=sha, size=len(data), format=fmt,
-                                chunk_size=self.chunk_size)
+        return wire.ArtifactRef(
+            name=name, sha256=sha, size=len(data), format=fmt, chunk_size=self.chunk_size
+        )
 
     def assign(self, device_id: str, artifacts: list[wire.ArtifactRef]) -> wire.DesiredState:
         """Publish a new desired state for ``device_id`` (retained, serial always newer)."""
         self._serial = max(self._serial + 1, int(time.time() * 1000))
-        desired = wire.DesiredState(device_id=device_id, serial=self._serial,
-                                    artifacts=tuple(artifacts))
-        self.client.publish(wire.device_topic(device_id, "desired"), desired.encode(),
-                            qos=1, retain=True).wait_for_publish(5)
+        desired = wire.DesiredState(
+            device_id=device_id, serial=self._serial, artifacts=tuple(artifacts)
+        )
+        self.client.publish(
+            wire.device_topic(device_id, "desired"), desired.encode(), qos=1, retain=True
+        ).wait_for_publish(5)
         log.info("desired state %d set for %s", desired.serial, device_id)
         return desired
 
@@ -93,8 +101,9 @@ class FleetCoordinator:
         if reason_code.is_failure:
             log.error("broker refused the cloud connection: %s", reason_code)
             return
-        client.subscribe([(wire.all_devices_topic(k), 1)
-                          for k in ("reported", "status", "fetch", "events")])
+        client.subscribe(
+            [(wire.all_devices_topic(k), 1) for k in ("reported", "status", "fetch", "events")]
+        )
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         try:
@@ -140,6 +149,10 @@ class FleetCoordinator:
         size = self.chunk_size
         for index in range(request.first_chunk, -(-len(data) // size)):
             topic = wire.chunk_topic(request.device_id, request.sha256, index)
-            self.client.publish(topic, data[index * size:(index + 1) * size], qos=1)
-        log.info("sent %s to %s from chunk %d", request.sha256[:12], request.device_id,
-                 request.first_chunk)
+            self.client.publish(topic, data[index * size : (index + 1) * size], qos=1)
+        log.info(
+            "sent %s to %s from chunk %d",
+            request.sha256[:12],
+            request.device_id,
+            request.first_chunk,
+        )

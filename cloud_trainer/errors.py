@@ -1,8 +1,8 @@
 """Errors of the cloud trainer.
 
-    CloudError
-    ├── ExportError      a module that could not be exported (names module and backend)
-    └── FleetError       a device that did not reach its desired state in time
+CloudError
+├── ExportError      a module that could not be exported (names module and backend)
+└── FleetError       a device that did not reach its desired state in time
 """
 
 from __future__ import annotations

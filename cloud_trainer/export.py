@@ -46,7 +46,7 @@ def _quiet_native_output() -> Iterator[None]:
 def _restore(saved: list[int]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    for target, fd in zip((1, 2), saved):
+    for target, fd in zip((1, 2), saved, strict=False):
         with contextlib.suppress(OSError):
             os.dup2(fd, target)
 
@@ -63,8 +63,9 @@ def export_executorch(module: nn.Module, sample: torch.Tensor, *, name: str = "m
     sample = sample.expand(2, *sample.shape[1:]).contiguous() if sample.shape[0] < 2 else sample
     try:
         with _quiet_native_output():
-            program = export(module.eval(), (sample,),
-                             dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
+            program = export(
+                module.eval(), (sample,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},)
+            )
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             return bytes(lowered.to_executorch().buffer)
     except Exception as exc:  # torch.export and exir raise many unrelated types

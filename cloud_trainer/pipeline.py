@@ -23,8 +23,9 @@ class TrainResult:
     seconds: float
 
 
-def train_model(out: Path, *, epochs: int = 30, seed: int = 0,
-                progress: bool = False) -> TrainResult:
+def train_model(
+    out: Path, *, epochs: int = 30, seed: int = 0, progress: bool = False
+) -> TrainResult:
     """Train the digits model; write ``model.pt``, ``metrics.json`` and ``test.npz``."""
     import torch
 
@@ -34,21 +35,37 @@ def train_model(out: Path, *, epochs: int = 30, seed: int = 0,
 
     start = time.perf_counter()
     split = load_digits_split(seed=seed)
-    model = train_classifier(DigitsCNN(split.num_classes), split.x_train, split.y_train,
-                             epochs=epochs, seed=seed, progress=progress)
+    model = train_classifier(
+        DigitsCNN(split.num_classes),
+        split.x_train,
+        split.y_train,
+        epochs=epochs,
+        seed=seed,
+        progress=progress,
+    )
     acc = accuracy(model, split.x_test, split.y_test)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "model.pt")
     save_npz(out / "test.npz", split.x_test, split.y_test)
     seconds = time.perf_counter() - start
-    metrics = {"accuracy": acc, "seconds": seconds, "epochs": epochs, "seed": seed,
-               "num_classes": split.num_classes}
+    metrics = {
+        "accuracy": acc,
+        "seconds": seconds,
+        "epochs": epochs,
+        "seed": seed,
+        "num_classes": split.num_classes,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(out, acc, seconds)
 
 
-def export_model(model_dir: Path, store_dir: Path, *, formats: tuple[str, ...] = FORMATS,
-                 chunk_size: int = wire.DEFAULT_CHUNK_SIZE) -> list[wire.ArtifactRef]:
+def export_model(
+    model_dir: Path,
+    store_dir: Path,
+    *,
+    formats: tuple[str, ...] = FORMATS,
+    chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
+) -> list[wire.ArtifactRef]:
     """Export the trained model as programs into a content-addressed store.
 
     Writes ``index.json`` beside the objects listing the refs. Re-exporting identical
@@ -70,11 +87,19 @@ def export_model(model_dir: Path, store_dir: Path, *, formats: tuple[str, ...] =
     for fmt in formats:
         data = exporters[fmt](model, sample, name="digits-cnn")
         sha = store.put(data)
-        refs.append(wire.ArtifactRef(name=f"digits-cnn.{fmt}", sha256=sha, size=len(data),
-                                     format=fmt, chunk_size=chunk_size))
+        refs.append(
+            wire.ArtifactRef(
+                name=f"digits-cnn.{fmt}",
+                sha256=sha,
+                size=len(data),
+                format=fmt,
+                chunk_size=chunk_size,
+            )
+        )
         log.info("exported digits-cnn.%s: %d bytes, sha256 %s", fmt, len(data), sha[:12])
-    atomic_write(store.root / "index.json",
-                 json.dumps([r.to_dict() for r in refs], indent=2).encode())
+    atomic_write(
+        store.root / "index.json", json.dumps([r.to_dict() for r in refs], indent=2).encode()
+    )
     return refs
 
 

@@ -7,9 +7,17 @@ import torch
 from torch import nn
 
 
-def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 30,
-                     batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                     progress: bool = False) -> nn.Module:
+def train_classifier(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Module:
     """Train ``model`` with Adam and cross-entropy; returns it in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -25,7 +33,7 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: 
     for _ in epochs_iter:
         order = torch.randperm(len(xs), generator=generator)
         for start in range(0, len(xs), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             opt.zero_grad()
             loss_fn(model(xs[idx]), ys[idx]).backward()
             opt.step()

@@ -18,12 +18,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    print(f"{'name':<18} {'arch':<8} {'RAM':>7} {'cores':>5}  {'backends':<18} "
-          f"{'model mem':>9} {'latency':>8}  title")
+    print(
+        f"{'name':<18} {'arch':<8} {'RAM':>7} {'cores':>5}  {'backends':<18} "
+        f"{'model mem':>9} {'latency':>8}  title"
+    )
     for p in list_profiles():
-        print(f"{p.name:<18} {p.arch:<8} {p.ram_mb:>5}MB {p.cores:>5}  "
-              f"{','.join(p.backends):<18} {p.budget.model_memory_kb:>7}KB "
-              f"{p.budget.latency_ms:>6.1f}ms  {p.title}")
+        print(
+            f"{p.name:<18} {p.arch:<8} {p.ram_mb:>5}MB {p.cores:>5}  "
+            f"{','.join(p.backends):<18} {p.budget.model_memory_kb:>7}KB "
+            f"{p.budget.latency_ms:>6.1f}ms  {p.title}"
+        )
     return 0
 
 

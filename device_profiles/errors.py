@@ -1,6 +1,6 @@
 """Errors of the device profile loader.
 
-    ProfileError(ValueError)   a profile file that is missing, unreadable or invalid
+ProfileError(ValueError)   a profile file that is missing, unreadable or invalid
 """
 
 from __future__ import annotations

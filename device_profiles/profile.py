@@ -11,6 +11,7 @@ from device_profiles.errors import ProfileError
 
 BOARDS_DIR = Path(__file__).parent / "boards"
 KNOWN_BACKENDS = ("executorch", "litert")
+ARCHES = ("aarch64", "armv7l", "x86_64")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ _POSITIVE = (lambda v: v > 0, "must be > 0")
 _TOP: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "name": (str, lambda v: bool(v.strip()), "must not be empty"),
     "title": (str, lambda v: bool(v.strip()), "must not be empty"),
-    "arch": (str, lambda v: v in ("aarch64", "armv7l", "x86_64"), "must be aarch64, armv7l or x86_64"),
+    "arch": (str, lambda v: v in ARCHES, f"must be one of {ARCHES}"),
     "ram_mb": (int, *_POSITIVE),
     "cores": (int, *_POSITIVE),
     "backends": (
@@ -69,7 +70,8 @@ def _check(source: str, table: dict[str, Any], spec: dict, prefix: str = "") -> 
         # bool is an int in Python; a TOML `true` must not pass as a number.
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ProfileError(
-                source, f"expected {_kind_name(kind)}, got {type(value).__name__}",
+                source,
+                f"expected {_kind_name(kind)}, got {type(value).__name__}",
                 field=prefix + key,
             )
         if not ok(value):

@@ -22,9 +22,12 @@ from edge_runtime.exit_codes import ExitCode, epilog
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="eclm", description="Modular edge-cloud learning: cloud trainer, edge runtime, "
-        "MQTT fleet delivery.", epilog=epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="eclm",
+        description="Modular edge-cloud learning: cloud trainer, edge runtime, "
+        "MQTT fleet delivery.",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(sub)
@@ -38,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Our packages log at INFO; libraries (the LiteRT converter is chatty) at WARNING.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     for name in ("eclm", "edge_runtime", "cloud_trainer", "broker", "device_profiles"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:

@@ -11,9 +11,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -71,8 +71,11 @@ class EdgeAgent:
         self.active: Active | None = None
         self.eval_set = load_npz(config.eval_data) if config.eval_data else None
         self._report = wire.ReportedState(
-            device_id=config.device_id, profile=config.profile.name,
-            backends=config.profile.backends, serial=0, phase="idle",
+            device_id=config.device_id,
+            profile=config.profile.name,
+            backends=config.profile.backends,
+            serial=0,
+            phase="idle",
         )
         self._applied_serial = -1
         self._download: tuple[wire.DesiredState, wire.ArtifactRef, str, Download] | None = None
@@ -95,8 +98,9 @@ class EdgeAgent:
             raise RuntimeError(f"cannot start an agent in state {self.state.value}")
         connect(self.client, self.config.broker)
         self.client.loop_start()
-        self._worker = threading.Thread(target=self._work, name=f"agent-{self.config.device_id}",
-                                        daemon=True)
+        self._worker = threading.Thread(
+            target=self._work, name=f"agent-{self.config.device_id}", daemon=True
+        )
         self._worker.start()
         self.state = AgentState.RUNNING
         return self
@@ -137,8 +141,9 @@ class EdgeAgent:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
-        client.subscribe([(self._topic("desired"), 1),
-                          (wire.chunk_topic(self.config.device_id, "+", "+"), 1)])
+        client.subscribe(
+            [(self._topic("desired"), 1), (wire.chunk_topic(self.config.device_id, "+", "+"), 1)]
+        )
         online = wire.Status(device_id=self.config.device_id, online=True).encode()
         client.publish(self._topic("status"), online, qos=1, retain=True)
         client.publish(self._topic("reported"), self._report.encode(), qos=1, retain=True)
@@ -183,16 +188,22 @@ class EdgeAgent:
         if desired.serial <= self._applied_serial or (
             self._download and desired.serial <= self._download[0].serial
         ):
-            log.info("desired serial %d is not newer than %d; ignored", desired.serial,
-                     self._applied_serial)
+            log.info(
+                "desired serial %d is not newer than %d; ignored",
+                desired.serial,
+                self._applied_serial,
+            )
             return
         backend, ref = self._choose(desired.artifacts)
         if self.store.has(ref.sha256):
             self._install(desired, ref, backend)
             return
         self._download = (desired, ref, backend, self.store.download(ref))
-        self._set_report(phase="downloading", serial=desired.serial,
-                         detail=f"fetching {ref.name} ({ref.size} bytes)")
+        self._set_report(
+            phase="downloading",
+            serial=desired.serial,
+            detail=f"fetching {ref.name} ({ref.size} bytes)",
+        )
         self._request_chunks(0)
 
     def _choose(self, artifacts: tuple[wire.ArtifactRef, ...]) -> tuple[str, wire.ArtifactRef]:
@@ -208,8 +219,11 @@ class EdgeAgent:
                 continue
             return name, ref
         formats = sorted({a.format for a in artifacts})
-        raise ProtocolError(f"no artifact this device can run: offered {formats}, "
-                            f"backends {list(order)}", field="artifacts", code="no-usable-artifact")
+        raise ProtocolError(
+            f"no artifact this device can run: offered {formats}, backends {list(order)}",
+            field="artifacts",
+            code="no-usable-artifact",
+        )
 
     def _on_chunk(self, sha: str, index: int, data: bytes) -> None:
         if self._download is None or self._download[1].sha256 != sha:
@@ -240,10 +254,20 @@ class EdgeAgent:
             return
         self.active = Active(ref, backend, program)
         self._applied_serial = desired.serial
-        self._set_report(phase="active", active=(ref.sha256,), backend=backend,
-                         accuracy=accuracy, detail=f"serving {ref.name}")
-        log.info("%s serves %s on %s (accuracy %s)", self.config.device_id, ref.name, backend,
-                 "n/a" if accuracy is None else f"{accuracy:.4f}")
+        self._set_report(
+            phase="active",
+            active=(ref.sha256,),
+            backend=backend,
+            accuracy=accuracy,
+            detail=f"serving {ref.name}",
+        )
+        log.info(
+            "%s serves %s on %s (accuracy %s)",
+            self.config.device_id,
+            ref.name,
+            backend,
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
+        )
 
     def _evaluate(self, program: Program) -> float | None:
         """Smoke-test the program; with an eval set, return its accuracy on it."""
@@ -262,14 +286,18 @@ class EdgeAgent:
     def _check_stall(self) -> None:
         if self._download and self.clock() - self._last_progress > self.config.fetch_timeout:
             missing = self._download[3].missing()
-            log.warning("download of %s stalled; asking again from chunk %d",
-                        self._download[1].name, missing[0])
+            log.warning(
+                "download of %s stalled; asking again from chunk %d",
+                self._download[1].name,
+                missing[0],
+            )
             self._request_chunks(missing[0])
 
     def _request_chunks(self, first: int) -> None:
         assert self._download is not None
-        request = wire.FetchRequest(device_id=self.config.device_id,
-                                    sha256=self._download[1].sha256, first_chunk=first)
+        request = wire.FetchRequest(
+            device_id=self.config.device_id, sha256=self._download[1].sha256, first_chunk=first
+        )
         self.client.publish(self._topic("fetch"), request.encode(), qos=1)
         self._last_progress = self.clock()
 
@@ -286,8 +314,9 @@ class EdgeAgent:
 
     def _reject(self, code: str, reason: str, topic: str) -> None:
         log.warning("%s rejected a message on %s: %s", self.config.device_id, topic, reason)
-        event = wire.Event(device_id=self.config.device_id, code=code[:64],
-                           reason=reason[:2000], topic=topic[:512])
+        event = wire.Event(
+            device_id=self.config.device_id, code=code[:64], reason=reason[:2000], topic=topic[:512]
+        )
         self.client.publish(self._topic("events"), event.encode(), qos=1)
 
     def _topic(self, kind: str) -> str:

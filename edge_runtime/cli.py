@@ -17,14 +17,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmds = parser.add_subparsers(dest="edge_cmd", required=True)
     run = cmds.add_parser("run", help="connect to the broker and serve the desired sub-model")
     run.add_argument("--profile", required=True, help="board profile name or .toml path")
-    run.add_argument("--broker", default="mqtt://127.0.0.1:1883",
-                     help="mqtt://[user:pass@]host:port or mqtts://... (default: %(default)s)")
+    run.add_argument(
+        "--broker",
+        default="mqtt://127.0.0.1:1883",
+        help="mqtt://[user:pass@]host:port or mqtts://... (default: %(default)s)",
+    )
     run.add_argument("--device-id", required=True, help="this device's id (its MQTT identity)")
     run.add_argument("--cafile", help="CA certificate for mqtts://")
     run.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
     run.add_argument("--eval-data", type=Path, help=".npz with x, y to report accuracy on")
-    run.add_argument("--backend", choices=("executorch", "litert"),
-                     help="force a backend instead of the profile's order")
+    run.add_argument(
+        "--backend",
+        choices=("executorch", "litert"),
+        help="force a backend instead of the profile's order",
+    )
     run.set_defaults(func=_run)
     status = cmds.add_parser("status", help="what the agent last reported from its store")
     status.add_argument("--device-id", required=True)
@@ -38,15 +44,20 @@ def _run(args: argparse.Namespace) -> int:
     from edge_runtime.mqtt import BrokerAddress
 
     config = AgentConfig(
-        device_id=args.device_id, profile=load_profile(args.profile),
+        device_id=args.device_id,
+        profile=load_profile(args.profile),
         broker=BrokerAddress.parse(args.broker, cafile=args.cafile),
         store_dir=args.store or Path(".eclm") / args.device_id,
-        eval_data=args.eval_data, backend=args.backend,
+        eval_data=args.eval_data,
+        backend=args.backend,
     )
     agent = EdgeAgent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    print(f"{config.device_id} ({config.profile.title}) connecting to {config.broker}; "
-          f"store {config.store_dir}", flush=True)
+    print(
+        f"{config.device_id} ({config.profile.title}) connecting to {config.broker}; "
+        f"store {config.store_dir}",
+        flush=True,
+    )
     try:
         agent.run()
     except KeyboardInterrupt:

@@ -1,11 +1,11 @@
 """Errors of the edge runtime. Library errors are mapped to these at the boundary.
 
-    EdgeError
-    ├── ProtocolError        a message that fails validation (names the field)
-    ├── ArtifactError        a program file that is missing, truncated or does not match its hash
-    ├── BackendError         a program that cannot be loaded or run
-    │   └── BackendUnavailable   the backend's package is not installed
-    └── BrokerUnreachable    the MQTT broker cannot be reached
+EdgeError
+├── ProtocolError        a message that fails validation (names the field)
+├── ArtifactError        a program file that is missing, truncated or does not match its hash
+├── BackendError         a program that cannot be loaded or run
+│   └── BackendUnavailable   the backend's package is not installed
+└── BrokerUnreachable    the MQTT broker cannot be reached
 """
 
 from __future__ import annotations

@@ -33,9 +33,14 @@ class BrokerAddress:
             port = parts.port or (8883 if tls else 1883)
         except ValueError as exc:
             raise ValueError(f"broker URL {url!r}: {exc}") from None
-        return cls(parts.hostname, port, tls,
-                   unquote(parts.username) if parts.username else None,
-                   unquote(parts.password) if parts.password else None, cafile)
+        return cls(
+            parts.hostname,
+            port,
+            tls,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+            cafile,
+        )
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
@@ -43,8 +48,12 @@ class BrokerAddress:
 
 def make_client(client_id: str, address: BrokerAddress) -> paho.Client:
     """A paho client (MQTT 3.1.1, persistent session) set up for ``address``."""
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         clean_session=False, protocol=paho.MQTTv311)
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=False,
+        protocol=paho.MQTTv311,
+    )
     if address.username:
         client.username_pw_set(address.username, address.password)
     if address.tls:

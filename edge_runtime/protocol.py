@@ -93,8 +93,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
         inner = typing.get_args(hint)[0]
         return isinstance(value, tuple) and all(_type_ok(v, inner) for v in value)
     if hint is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value))
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
@@ -112,9 +113,10 @@ class Message:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):  # type: ignore[arg-type]
-            if not _type_ok(getattr(self, f.name), hints[f.name]):
+            value = getattr(self, f.name)
+            if not _type_ok(value, hints[f.name]):
                 raise ProtocolError(
-                    f"expected {_hint_name(hints[f.name])}, got {type(getattr(self, f.name)).__name__}",
+                    f"expected {_hint_name(hints[f.name])}, got {type(value).__name__}",
                     field=f.name,
                 )
         self.check()
@@ -160,8 +162,10 @@ class Message:
                     raise ProtocolError("expected a list", field=where + f.name)
                 inner = typing.get_args(hints[f.name])[0]
                 if isinstance(inner, type) and issubclass(inner, Message):
-                    value = [inner.from_dict(v, where=f"{where}{f.name}[{i}].")
-                             for i, v in enumerate(value)]
+                    value = [
+                        inner.from_dict(v, where=f"{where}{f.name}[{i}].")
+                        for i, v in enumerate(value)
+                    ]
                 value = tuple(value)
             kwargs[f.name] = value
         try:
@@ -176,8 +180,9 @@ M = TypeVar("M", bound=Message)
 def decode(cls: type[M], payload: bytes | str) -> M:
     """Parse and validate one control message of type ``cls``; raise ProtocolError."""
     if len(payload) > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}",
-                            code="too-large")
+        raise ProtocolError(
+            f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
+        )
     try:
         data = json.loads(payload, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -186,8 +191,11 @@ def decode(cls: type[M], payload: bytes | str) -> M:
         raise ProtocolError("expected a JSON object", code="malformed")
     version, kind = data.pop("v", None), data.pop("type", None)
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported version {version!r}, expected {PROTOCOL_VERSION}",
-                            field="v", code="version")
+        raise ProtocolError(
+            f"unsupported version {version!r}, expected {PROTOCOL_VERSION}",
+            field="v",
+            code="version",
+        )
     if kind != cls.type:
         raise ProtocolError(f"expected type {cls.type!r}, got {str(kind)[:40]!r}", field="type")
     return cls.from_dict(data)

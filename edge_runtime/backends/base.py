@@ -5,7 +5,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -43,12 +42,12 @@ class Program(ABC):
         if len(arrays) != len(self.inputs):
             raise BackendError(f"expected {len(self.inputs)} inputs, got {len(arrays)}")
         prepared = []
-        for i, (array, spec) in enumerate(zip(arrays, self.inputs)):
+        for i, (array, spec) in enumerate(zip(arrays, self.inputs, strict=False)):
             array = np.asarray(array)
             if str(array.dtype) != spec.dtype:
                 raise BackendError(f"input {i}: expected dtype {spec.dtype}, got {array.dtype}")
             if len(array.shape) != len(spec.shape) or any(
-                want not in (-1, got) for want, got in zip(spec.shape, array.shape)
+                want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=False)
             ):
                 raise BackendError(
                     f"input {i}: expected shape {spec.shape} (-1 = any), got {array.shape}"
@@ -62,11 +61,12 @@ class Program(ABC):
             return self._run([np.ascontiguousarray(a) for a in arrays])
         pieces = []
         for start in range(0, n, size):
-            piece = [a[start:start + size] for a in arrays]
+            piece = [a[start : start + size] for a in arrays]
             short = size - piece[0].shape[0]
             if short and self.pads_batch:
-                piece = [np.concatenate([p, np.zeros((short, *p.shape[1:]), p.dtype)])
-                         for p in piece]
+                piece = [
+                    np.concatenate([p, np.zeros((short, *p.shape[1:]), p.dtype)]) for p in piece
+                ]
             pieces.append(self._run([np.ascontiguousarray(p) for p in piece]))
         return [np.concatenate([p[k] for p in pieces])[:n] for k in range(len(self.outputs))]
 

@@ -48,7 +48,7 @@ class LiteRTProgram(Program):
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         with self._lock:
-            for detail, array in zip(self._in, arrays):
+            for detail, array in zip(self._in, arrays, strict=False):
                 self._it.set_tensor(detail["index"], array)
             try:
                 self._it.invoke()

@@ -1,0 +1,92 @@
+"""Shared fixtures: a real Mosquitto on a free loopback port, a trained and exported model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from broker import Broker, find_mosquitto
+from edge_runtime.mqtt import BrokerAddress
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory) -> Broker:
+    """A real Mosquitto for the whole session (scripts/setup.sh installs it)."""
+    if not find_mosquitto():
+        pytest.fail("Mosquitto is not installed; run scripts/setup.sh (apt-get install mosquitto)")
+    broker = Broker(kind="mosquitto", data_dir=tmp_path_factory.mktemp("mosquitto")).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def address(mosquitto) -> BrokerAddress:
+    return BrokerAddress.parse(mosquitto.url)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """The digits model trained briefly and exported as .pte and .tflite into a store."""
+    from cloud_trainer.pipeline import export_model, train_model
+
+    root = tmp_path_factory.mktemp("cloud")
+    trained = train_model(root / "model", epochs=12)
+    refs = export_model(root / "model", root / "artifacts")
+    return {
+        "root": root,
+        "accuracy": trained.accuracy,
+        "refs": {r.format: r for r in refs},
+        "store": root / "artifacts",
+        "test_npz": root / "model" / "test.npz",
+    }
+
+
+class Collector:
+    """A plain paho client that records what arrives on the topics it subscribes to."""
+
+    def __init__(self, address: BrokerAddress, *topics: str, client_id: str = "collector"):
+        self.messages: list[tuple[str, bytes]] = []
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self.client.connect(address.host, address.port)
+        self.client.loop_start()
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+        time.sleep(0.2)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> list[tuple[str, bytes]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [m for m in list(self.messages) if predicate(*m)]
+            if found:
+                return found
+            time.sleep(0.02)
+        return []
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def collector_factory(address):
+    made: list[Collector] = []
+
+    def make(*topics: str, client_id: str = "collector") -> Collector:
+        made.append(Collector(address, *topics, client_id=client_id))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

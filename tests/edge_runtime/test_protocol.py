@@ -1,0 +1,155 @@
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_runtime import protocol as wire
+from edge_runtime.errors import ProtocolError
+
+SHA = "ab" * 32
+
+
+def desired(**over):
+    ref = wire.ArtifactRef(name="m.pte", sha256=SHA, size=5000, format="pte")
+    return wire.DesiredState(**{"device_id": "dev-1", "serial": 7, "artifacts": (ref,), **over})
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        desired(),
+        wire.ReportedState(
+            device_id="d",
+            profile="rpi4",
+            backends=("litert",),
+            serial=1,
+            phase="active",
+            active=(SHA,),
+            backend="litert",
+            accuracy=0.97,
+        ),
+        wire.Status(device_id="d", online=False),
+        wire.FetchRequest(device_id="d", sha256=SHA, first_chunk=3),
+        wire.Event(device_id="d", code="invalid", reason="x", topic="t"),
+    ],
+)
+def test_every_message_round_trips(message):
+    assert wire.decode(type(message), message.encode()) == message
+
+
+def test_topics_follow_the_contract():
+    assert wire.device_topic("pi-1", "desired") == "eclm/v1/devices/pi-1/desired"
+    assert wire.parse_device_topic(wire.chunk_topic("pi-1", SHA, 4)) == (
+        "pi-1",
+        "chunks",
+        (SHA, "4"),
+    )
+    assert wire.rollout_topic("r1") == "eclm/v1/rollouts/r1"
+    with pytest.raises(ProtocolError):
+        wire.device_topic("a/b", "desired")
+    with pytest.raises(ProtocolError):
+        wire.device_topic("+", "desired")
+    with pytest.raises(ProtocolError):
+        wire.parse_device_topic("eclm/v1/devices/pi-1/nonsense")
+
+
+def _mutate(path, value):
+    body = json.loads(desired().encode())
+    target = body
+    for key in path[:-1]:
+        target = target[key]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "code"),
+    [
+        (b"{not json", None, "malformed"),
+        (b"[1, 2]", None, "malformed"),
+        (b"\xff\xfe", None, "malformed"),
+        (b'{"v": 1, "type": "desired", "serial": NaN}', None, "malformed"),
+        (_mutate(["v"], 2), "v", "version"),
+        (_mutate(["type"], "status"), "type", "invalid"),
+        (_mutate(["serial"], "7"), "serial", "invalid"),
+        (_mutate(["serial"], True), "serial", "invalid"),
+        (_mutate(["serial"], -1), "serial", "invalid"),
+        (_mutate(["device_id"], "a/b"), "device_id", "invalid"),
+        (_mutate(["device_id"], KeyError), "device_id", "invalid"),
+        (_mutate(["extra"], 1), "extra", "invalid"),
+        (_mutate(["artifacts"], []), "artifacts", "invalid"),
+        (_mutate(["artifacts"], {"a": 1}), "artifacts", "invalid"),
+        (_mutate(["artifacts", 0, "sha256"], "XYZ"), "artifacts[0].sha256", "invalid"),
+        (_mutate(["artifacts", 0, "size"], 0), "artifacts[0].size", "invalid"),
+        (_mutate(["artifacts", 0, "format"], "onnx"), "artifacts[0].format", "invalid"),
+        (_mutate(["artifacts", 0, "chunk_size"], 10**9), "artifacts[0].chunk_size", "invalid"),
+        (b" " * (wire.MAX_CONTROL_BYTES + 1), None, "too-large"),
+    ],
+)
+def test_malformed_messages_raise_one_error_naming_the_field(payload, field, code):
+    with pytest.raises(ProtocolError) as info:
+        wire.decode(wire.DesiredState, payload)
+
+    assert info.value.code == code
+    assert info.value.field == field
+    if field:
+        assert field in str(info.value)
+
+
+def test_building_a_bad_message_fails_at_construction():
+    with pytest.raises(ProtocolError, match="accuracy"):
+        wire.ReportedState(
+            device_id="d", profile="p", backends=(), serial=0, phase="active", accuracy=1.5
+        )
+    with pytest.raises(ProtocolError, match="phase"):
+        wire.ReportedState(device_id="d", profile="p", backends=(), serial=0, phase="dancing")
+
+
+def test_an_oversized_message_cannot_be_encoded():
+    report = wire.ReportedState(
+        device_id="d",
+        profile="p" * (wire.MAX_CONTROL_BYTES + 1),
+        backends=(),
+        serial=0,
+        phase="idle",
+    )
+
+    with pytest.raises(ProtocolError, match="limit"):
+        report.encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_never_crash_the_decoder(payload):
+    try:
+        wire.decode(wire.DesiredState, payload)
+    except ProtocolError as exc:
+        assert exc.code in ("malformed", "invalid", "version", "too-large")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["device_id", "serial", "artifacts", "issued_at", "x"]), json_values
+    )
+)
+def test_arbitrary_json_objects_are_rejected_or_valid(body):
+    payload = json.dumps({"v": 1, "type": "desired", **body}).encode()
+    try:
+        message = wire.decode(wire.DesiredState, payload)
+    except ProtocolError:
+        return
+    assert wire.decode(wire.DesiredState, message.encode()) == message

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+
+import pytest
+
+from eclm.cli import build_parser, main
+from edge_runtime.exit_codes import HELP, ExitCode, epilog
+
+
+def subcommand_paths(parser, prefix=()):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from subcommand_paths(sub, (*prefix, name))
+
+
+PATHS = list(subcommand_paths(build_parser()))
+
+
+def test_the_commands_the_issues_name_exist():
+    assert {
+        ("demo",),
+        ("broker", "run"),
+        ("profiles", "list"),
+        ("profiles", "show"),
+        ("edge", "run"),
+        ("edge", "status"),
+        ("cloud", "train"),
+        ("cloud", "export"),
+        ("cloud", "deploy"),
+    } <= set(PATHS)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=" ".join)
+def test_every_subcommand_has_help(path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*path, "--help"])
+
+    assert info.value.code == 0
+    assert "usage: eclm " + " ".join(path) in capsys.readouterr().out
+
+
+def test_every_exit_code_is_documented_in_help():
+    assert set(HELP) == set(ExitCode)
+    for code in ExitCode:
+        assert f"{int(code):>3}  {HELP[code]}" in epilog()
+
+
+def test_profiles_show_prints_the_fields(capsys):
+    assert main(["profiles", "show", "rpi-zero-2w"]) == 0
+    out = capsys.readouterr().out
+    assert "ram_mb" in out and "512" in out and "budget.model_memory_kb" in out
+
+
+def test_a_bad_profile_file_exits_3_naming_the_field(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n')
+
+    assert main(["profiles", "show", str(bad)]) == ExitCode.CONFIG
+    assert "field 'title'" in capsys.readouterr().err
+
+
+def test_edge_status_without_state_says_so(tmp_path, capsys):
+    assert main(["edge", "status", "--device-id", "d", "--store", str(tmp_path)]) == 3
+    assert "has not run there yet" in capsys.readouterr().out
+
+
+def test_eclm_starts_without_importing_torch():
+    code = (
+        "import sys; from eclm.cli import build_parser; build_parser(); "
+        "print([m for m in sys.modules if m.startswith(('torch', 'executorch'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

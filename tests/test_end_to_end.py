@@ -1,0 +1,128 @@
+"""The first round for real: cloud -> Mosquitto -> two edge processes -> reported accuracy."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cloud_trainer.cli import wait_for_fleet
+from cloud_trainer.coordinator import FleetCoordinator
+from edge_runtime import protocol as wire
+from edge_runtime.artifacts import ArtifactStore
+from edge_runtime.backends import FORMAT_OF
+
+DEVICES = {"pi5-e2e": "rpi5", "pi4-e2e": "rpi4"}
+
+
+@pytest.fixture
+def fleet(mosquitto, address, exported, tmp_path):
+    procs = {
+        device_id: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "eclm",
+                "edge",
+                "run",
+                "--profile",
+                profile,
+                "--broker",
+                mosquitto.url,
+                "--device-id",
+                device_id,
+                "--store",
+                str(tmp_path / device_id),
+                "--eval-data",
+                str(exported["test_npz"]),
+            ],
+            stdout=open(tmp_path / f"{device_id}.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
+        for device_id, profile in DEVICES.items()
+    }
+    coordinator = FleetCoordinator(
+        address, ArtifactStore(exported["store"]), client_id="cloud-e2e"
+    ).start()
+    yield coordinator, procs, tmp_path
+    coordinator.stop()
+    for proc in procs.values():
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+def test_two_devices_fetch_verify_run_and_report_accuracy(fleet, exported, collector_factory):
+    coordinator, procs, tmp_path = fleet
+    refs = list(exported["refs"].values())
+
+    serials = {d: coordinator.assign(d, refs).serial for d in DEVICES}
+    ok = wait_for_fleet(coordinator, serials, timeout=90)
+
+    logs = {d: (tmp_path / f"{d}.log").read_text() for d in DEVICES}
+    assert ok, logs
+    reports = {d: coordinator.reported[d] for d in DEVICES}
+    assert reports["pi5-e2e"].backend == "executorch"
+    assert reports["pi4-e2e"].backend == "litert"
+    for device_id, report in reports.items():
+        assert report.accuracy > 0.9, device_id
+        assert report.active == (exported["refs"][FORMAT_OF[report.backend]].sha256,)
+        assert coordinator.online[device_id]
+
+    # Bad input on the desired topic: each is refused with an event; the device keeps serving.
+    events = collector_factory(wire.device_topic("pi5-e2e", "events"), client_id="e2e-events")
+    desired_topic = wire.device_topic("pi5-e2e", "desired")
+    good = json.loads(coordinator.assign("pi5-e2e", refs).encode())
+    wait_for_fleet(coordinator, {"pi5-e2e": good["serial"]}, timeout=30)
+    bad_payloads = [
+        b"\x00garbage",
+        json.dumps({**good, "serial": "high"}).encode(),
+        json.dumps({**good, "device_id": "pi4-e2e", "serial": good["serial"] + 1}).encode(),
+        json.dumps({**good, "v": 99}).encode(),
+        b"{" + b" " * wire.MAX_CONTROL_BYTES + b"}",
+    ]
+    for payload in bad_payloads:
+        events.publish(desired_topic, payload)
+    got = events.wait_for(lambda t, p: len(events.messages) >= len(bad_payloads), timeout=15)
+    assert got
+    codes = [wire.decode(wire.Event, p).code for _, p in events.messages]
+    assert codes == ["malformed", "invalid", "wrong-device", "version", "too-large"]
+
+    # A stale desired state (older serial) is ignored; a newer one installs from the store.
+    events.publish(desired_topic, json.dumps({**good, "serial": good["serial"] - 5}).encode())
+    newer = coordinator.assign("pi5-e2e", refs)
+    assert wait_for_fleet(coordinator, {"pi5-e2e": newer.serial}, timeout=30)
+    report = coordinator.reported["pi5-e2e"]
+    assert report.phase == "active" and report.accuracy > 0.9
+    assert all(proc.poll() is None for proc in procs.values())
+    assert coordinator.rejected == {}
+
+
+@pytest.mark.slow
+def test_a_device_that_cannot_reach_the_broker_exits_with_a_clear_message(tmp_path):
+    from broker import free_port
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eclm",
+            "edge",
+            "run",
+            "--profile",
+            "rpi4",
+            "--broker",
+            f"mqtt://127.0.0.1:{free_port()}",
+            "--device-id",
+            "lonely",
+            "--store",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 4
+    assert "cannot reach the MQTT broker" in result.stderr
+    assert "Traceback" not in result.stderr
