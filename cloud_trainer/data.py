@@ -27,7 +27,9 @@ def load_digits_split(*, test_fraction: float = 0.3, seed: int = 0) -> Split:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    # reshape, not [:, None]: a size-1 axis with an odd stride reads as channels-last to
+    # torch.export, and the ExecuTorch program then expects another memory layout.
+    x = (digits.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     y = digits.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y

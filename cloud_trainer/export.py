@@ -18,8 +18,13 @@ from cloud_trainer.errors import ExportError
 MAX_BATCH = 1024
 
 
+def batch_dim() -> tuple[dict[int, Dim], ...]:
+    """Dynamic shapes for one input with a free batch dimension."""
+    return ({0: Dim("batch", min=1, max=MAX_BATCH)},)
+
+
 @contextlib.contextmanager
-def _quiet_native_output() -> Iterator[None]:
+def quiet_native_output() -> Iterator[None]:
     """Send fd 1 and 2 to a temp file: the converters print per-pass progress natively.
 
     What was printed is replayed on stderr if the block raises, so no error text is lost.
@@ -52,7 +57,7 @@ def _restore(saved: list[int]) -> None:
 
 
 def export_executorch(module: nn.Module, sample: torch.Tensor, *, name: str = "module") -> bytes:
-    """An XNNPACK-lowered ``.pte`` with a free batch dimension.
+    """An XNNPACK-lowered ``.pte`` with a free batch dimension; ``module`` in eval mode.
 
     Export may bound the batch below MAX_BATCH; the edge backend reads the bound back.
     """
@@ -60,12 +65,13 @@ def export_executorch(module: nn.Module, sample: torch.Tensor, *, name: str = "m
     from executorch.exir import to_edge_transform_and_lower
 
     # A batch-1 sample would let export specialise the batch to the constant 1.
-    sample = sample.expand(2, *sample.shape[1:]).contiguous() if sample.shape[0] < 2 else sample
+    if sample.shape[0] < 2:
+        sample = sample.expand(2, *sample.shape[1:])
+    # Standard strides: export derives the program's memory layout from them.
+    sample = sample.clone(memory_format=torch.contiguous_format)
     try:
-        with _quiet_native_output():
-            program = export(
-                module.eval(), (sample,), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},)
-            )
+        with quiet_native_output():
+            program = export(module, (sample,), dynamic_shapes=batch_dim())
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             return bytes(lowered.to_executorch().buffer)
     except Exception as exc:  # torch.export and exir raise many unrelated types
@@ -77,7 +83,7 @@ def export_litert(module: nn.Module, sample: torch.Tensor, *, name: str = "modul
     import litert_torch
 
     try:
-        with _quiet_native_output():
+        with quiet_native_output():
             return bytes(litert_torch.convert(module.eval(), (sample[:1],)).model_content())
     except Exception as exc:  # the converter raises many unrelated types
         raise ExportError(name, "litert", f"{type(exc).__name__}: {exc}") from exc

@@ -58,7 +58,7 @@ class Program(ABC):
     def _run_pieces(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         n, size = arrays[0].shape[0], self.max_batch
         if n == size or (n < size and not self.pads_batch):
-            return self._run([np.ascontiguousarray(a) for a in arrays])
+            return self._run([_standard(a) for a in arrays])
         pieces = []
         for start in range(0, n, size):
             piece = [a[start : start + size] for a in arrays]
@@ -67,8 +67,25 @@ class Program(ABC):
                 piece = [
                     np.concatenate([p, np.zeros((short, *p.shape[1:]), p.dtype)]) for p in piece
                 ]
-            pieces.append(self._run([np.ascontiguousarray(p) for p in piece]))
+            pieces.append(self._run([_standard(p) for p in piece]))
         return [np.concatenate([p[k] for p in pieces])[:n] for k in range(len(self.outputs))]
+
+
+def _standard(array: np.ndarray) -> np.ndarray:
+    """C-ordered with standard strides, size-1 axes included (runtimes read layout from
+    strides, and numpy calls an array with an odd stride on a size-1 axis contiguous)."""
+    if _strides_standard(array):
+        return array
+    return np.array(array, order="C", copy=True)
+
+
+def _strides_standard(array: np.ndarray) -> bool:
+    expected = array.itemsize
+    for size, stride in zip(reversed(array.shape), reversed(array.strides), strict=True):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class Backend(ABC):
