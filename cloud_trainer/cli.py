@@ -1,4 +1,4 @@
-"""``eclm cloud train|export|deploy``. Heavy imports happen inside the handlers."""
+"""``eclm cloud train|export|select|deploy``. Heavy imports happen inside the handlers."""
 
 from __future__ import annotations
 
@@ -9,43 +9,63 @@ from pathlib import Path
 from edge_runtime.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
+MODEL = Path("runs/model")
+ARTIFACTS = Path("runs/artifacts")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("cloud", help="train, export and deploy from the cloud side")
+    parser = sub.add_parser("cloud", help="train, export, select and deploy from the cloud")
     cmds = parser.add_subparsers(dest="cloud_cmd", required=True)
 
-    train = cmds.add_parser("train", help="train the model on scikit-learn's digits")
+    train = cmds.add_parser("train", help="train the modular model on scikit-learn's digits")
     train.add_argument(
         "--out",
         type=Path,
-        default=Path("runs/model"),
-        help="where model.pt, metrics.json and test.npz go (default: %(default)s)",
+        default=MODEL,
+        help="where model.pt, metrics.json, importance.npz and test.npz go (default: %(default)s)",
     )
-    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--epochs", type=int, default=25)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
 
-    export = cmds.add_parser("export", help="export the model as .pte and .tflite programs")
-    export.add_argument("--model", type=Path, default=Path("runs/model"))
+    export = cmds.add_parser(
+        "export",
+        help="export every module as .pte and .tflite, "
+        "fp32 and int8, plus the adapter's training program",
+    )
+    export.add_argument("--model", type=Path, default=MODEL)
     export.add_argument(
         "--out",
         type=Path,
-        default=Path("runs/artifacts"),
+        default=ARTIFACTS,
         help="content-addressed artifact store (default: %(default)s)",
     )
-    export.add_argument("--formats", default="pte,tflite", help="comma list of pte, tflite")
+    export.add_argument(
+        "--variants",
+        default="pte-fp32,pte-int8,tflite-fp32,tflite-int8",
+        help="comma list of FORMAT-QUANT (default: %(default)s)",
+    )
     export.set_defaults(func=_export)
 
-    deploy = cmds.add_parser("deploy", help="set devices' desired state and serve their fetches")
+    select = cmds.add_parser("select", help="pick a device's modules under its budget")
+    select.add_argument("--model", type=Path, default=MODEL)
+    select.add_argument("--profile", required=True, help="board profile name or .toml path")
+    select.add_argument("--histogram", help="comma list of label counts (default: uniform)")
+    select.add_argument("--domain", help="use the importance recorded for this data domain")
+    select.add_argument("--quant", choices=("fp32", "int8"), default="fp32")
+    select.set_defaults(func=_select)
+
+    deploy = cmds.add_parser("deploy", help="select, export and deliver sub-models to devices")
     deploy.add_argument("--broker", default="mqtt://127.0.0.1:1883")
-    deploy.add_argument("--artifacts", type=Path, default=Path("runs/artifacts"))
+    deploy.add_argument("--model", type=Path, default=MODEL)
+    deploy.add_argument("--artifacts", type=Path, default=ARTIFACTS)
     deploy.add_argument(
         "--device",
         action="append",
         required=True,
         dest="devices",
-        help="a device id; repeat for several",
+        metavar="ID=PROFILE",
+        help="a device and its profile; repeat for several",
     )
     deploy.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for every device to be active"
@@ -53,43 +73,118 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     deploy.set_defaults(func=_deploy)
 
 
+def parse_histogram(text: str | None):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--histogram: expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_devices(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        device_id, sep, profile = item.strip().partition("=")
+        if not sep or not device_id or not profile:
+            raise ValueError(f"expected ID=PROFILE, got {item!r}")
+        pairs.append((device_id, profile))
+    return pairs
+
+
 def _train(args: argparse.Namespace) -> int:
     from cloud_trainer.pipeline import train_model
 
     result = train_model(args.out, epochs=args.epochs, seed=args.seed, progress=True)
-    print(f"trained in {result.seconds:.1f}s: held-out accuracy {result.accuracy:.4f}")
-    print(f"wrote {args.out}/model.pt, metrics.json, test.npz")
+    print(
+        f"trained in {result.seconds:.1f}s: held-out accuracy {result.accuracy:.4f} "
+        f"(every other module: {result.half_accuracy:.4f})"
+    )
+    print(f"wrote {args.out}/model.pt, metrics.json, importance.npz, test.npz")
     return ExitCode.OK
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cloud_trainer.pipeline import FORMATS, export_model
+    from cloud_trainer.modular_export import VARIANTS, variant_name
+    from cloud_trainer.pipeline import export_model
 
-    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    unknown = set(formats) - set(FORMATS)
+    known = {variant_name(f, q): (f, q) for f, q in VARIANTS}
+    asked = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in asked if v not in known]
     if unknown:
-        print(f"unknown formats {sorted(unknown)}; known: {', '.join(FORMATS)}")
+        print(f"unknown variants {unknown}; known: {', '.join(known)}")
         return ExitCode.USAGE
-    refs = export_model(args.model, args.out, formats=formats)
-    for ref in refs:
-        print(f"{ref.name:<20} {ref.size:>9} bytes  {args.out}/objects/{ref.sha256}")
-    print(f"index: {args.out}/index.json")
+    records = export_model(args.model, args.out, variants=[known[v] for v in asked], progress=True)
+    for r in records:
+        state = "cached" if r.cached else f"{r.seconds:5.1f}s"
+        print(
+            f"{r.part:<14} {r.variant:<12} {r.ref.size:>8} B  {state:>6}  "
+            f"objects/{r.ref.sha256[:16]}"
+        )
+    fresh = sum(not r.cached for r in records)
+    print(
+        f"{len(records)} programs ({fresh} exported, {len(records) - fresh} from cache) "
+        f"in {args.out}; index: {args.out}/modular.json"
+    )
+    return ExitCode.OK
+
+
+def _select(args: argparse.Namespace) -> int:
+    from cloud_trainer.pipeline import select_for
+    from device_profiles import load_profile
+
+    profile = load_profile(args.profile)
+    histogram = parse_histogram(args.histogram)
+    if histogram is None:
+        from cloud_trainer.pipeline import load_importance
+
+        histogram = [1.0] * load_importance(args.model).shape[2]
+    choice = select_for(args.model, profile, histogram, domain=args.domain, quant=args.quant)
+    print(
+        f"profile {profile.name}: budget {profile.budget.model_memory_kb} KB, "
+        f"{profile.budget.latency_ms} ms"
+    )
+    for layer, modules in enumerate(choice.modules):
+        print(f"  layer {layer}: modules {', '.join(map(str, modules))}")
+    print(
+        f"size {choice.cost.memory_kb:.1f} KB, estimated latency "
+        f"{choice.cost.latency_ms:.3f} ms, expected importance {choice.importance:.3f}"
+    )
     return ExitCode.OK
 
 
 def _deploy(args: argparse.Namespace) -> int:
     from cloud_trainer.coordinator import FleetCoordinator
-    from cloud_trainer.pipeline import load_index
     from edge_runtime.artifacts import ArtifactStore
     from edge_runtime.mqtt import BrokerAddress
 
-    refs = load_index(args.artifacts)
+    devices = parse_devices(args.devices)
     with FleetCoordinator(BrokerAddress.parse(args.broker), ArtifactStore(args.artifacts)) as fc:
-        serials = {d: fc.assign(d, refs).serial for d in args.devices}
+        serials = deploy_fleet(fc, args.model, args.artifacts, devices)
         print(f"desired state set for {len(serials)} devices; waiting up to {args.timeout:.0f}s")
         ok = wait_for_fleet(fc, serials, args.timeout)
-        print_fleet(fc, args.devices)
+        print_fleet(fc, [d for d, _ in devices])
     return ExitCode.OK if ok else ExitCode.TIMEOUT
+
+
+def deploy_fleet(
+    fc, model_dir: Path, store_dir: Path, devices: list[tuple[str, str]]
+) -> dict[str, int]:
+    """Select and export each device's sub-model and set its desired state."""
+    from cloud_trainer.pipeline import plan_device
+    from device_profiles import load_profile
+
+    serials = {}
+    for device_id, profile_name in devices:
+        profile = load_profile(profile_name)
+        selection, refs = plan_device(model_dir, store_dir, profile)
+        print(
+            f"{device_id} ({profile.name}): modules {list(map(list, selection.modules))}, "
+            f"{selection.cost.memory_kb:.0f} KB of {profile.budget.model_memory_kb} KB",
+            flush=True,
+        )
+        serials[device_id] = fc.assign(device_id, refs).serial
+    return serials
 
 
 def wait_for_fleet(fc, serials: dict[str, int], timeout: float) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 from edge_runtime.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
-DEFAULT_DEVICES = "pi5-01=rpi5,pi4-01=rpi4"
+DEFAULT_DEVICES = "pi5-01=rpi5,zero-01=rpi-zero-2w"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,31 +28,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="where models, artifacts and stores go (default: a new temporary directory)",
     )
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.set_defaults(func=run_demo)
 
 
-def parse_devices(text: str) -> list[tuple[str, str]]:
-    pairs = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        device_id, sep, profile = item.partition("=")
-        if not sep or not device_id or not profile:
-            raise ValueError(f"--devices: expected id=profile, got {item!r}")
-        pairs.append((device_id, profile))
-    return pairs
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from broker.launcher import Broker
-    from cloud_trainer.cli import print_fleet, wait_for_fleet
+    from cloud_trainer.cli import deploy_fleet, parse_devices, print_fleet, wait_for_fleet
     from cloud_trainer.coordinator import FleetCoordinator
-    from cloud_trainer.pipeline import export_model, train_model
+    from cloud_trainer.pipeline import train_model
     from device_profiles import load_profile
     from edge_runtime.artifacts import ArtifactStore
     from edge_runtime.mqtt import BrokerAddress
 
-    devices = parse_devices(args.devices)
+    devices = parse_devices(args.devices.split(","))
     for _, profile in devices:
         load_profile(profile)  # a bad name stops here, before anything starts
     work = args.workdir or Path(tempfile.mkdtemp(prefix="eclm-demo-"))
@@ -63,15 +53,15 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"[1/4] broker: {broker.kind if broker else 'external'} on {url}", flush=True)
         trained = train_model(work / "model", epochs=args.epochs, progress=True)
         print(
-            f"[2/4] cloud trained the model in {trained.seconds:.1f}s "
+            f"[2/4] cloud trained the modular model in {trained.seconds:.1f}s "
             f"(held-out accuracy {trained.accuracy:.4f})",
             flush=True,
         )
-        refs = export_model(work / "model", work / "artifacts")
-        print("[3/4] exported " + ", ".join(f"{r.name} ({r.size} B)" for r in refs), flush=True)
-        with FleetCoordinator(BrokerAddress.parse(url), ArtifactStore(work / "artifacts")) as fc:
+        store = work / "artifacts"
+        with FleetCoordinator(BrokerAddress.parse(url), ArtifactStore(store)) as fc:
             agents = [_spawn_agent(d, p, url, work) for d, p in devices]
-            serials = {d: fc.assign(d, refs).serial for d, _ in devices}
+            print("[3/4] sub-models selected per device budget and exported:", flush=True)
+            serials = deploy_fleet(fc, work / "model", store, devices)
             print(
                 f"[4/4] {len(agents)} edge devices started; desired state set; waiting", flush=True
             )

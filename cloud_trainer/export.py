@@ -61,16 +61,18 @@ def export_executorch(module: nn.Module, sample: torch.Tensor, *, name: str = "m
 
     Export may bound the batch below MAX_BATCH; the edge backend reads the bound back.
     """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
     # A batch-1 sample would let export specialise the batch to the constant 1.
     if sample.shape[0] < 2:
         sample = sample.expand(2, *sample.shape[1:])
     # Standard strides: export derives the program's memory layout from them.
     sample = sample.clone(memory_format=torch.contiguous_format)
     try:
-        with quiet_native_output():
+        with quiet_native_output():  # importing exir logs warnings nobody can act on
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+                XnnpackPartitioner,
+            )
+            from executorch.exir import to_edge_transform_and_lower
+
             program = export(module, (sample,), dynamic_shapes=batch_dim())
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             return bytes(lowered.to_executorch().buffer)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cloud_trainer.adapter_export import export_adapter_training
 from cloud_trainer.errors import ExportError
 from cloud_trainer.export import (
     batch_dim,
@@ -24,7 +25,7 @@ from cloud_trainer.export import (
     export_litert,
     quiet_native_output,
 )
-from cloud_trainer.modular import ModularNet, SubModel, part_name, parts
+from cloud_trainer.modular import ModularNet, part_name, parts
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore, atomic_write, sha256_bytes
 
@@ -49,6 +50,8 @@ def export_program(
         return export_litert(module, sample, name=name)
     if (fmt, quant) == ("tflite", "int8"):
         return _litert_int8(export_litert(module, sample, name=name), name)
+    if (fmt, quant) == ("pte", "train"):
+        return export_adapter_training(module)
     raise ExportError(name, fmt, f"unknown variant {fmt}/{quant}")
 
 
@@ -128,7 +131,7 @@ class ModularExporter:
         calib: torch.Tensor,
     ) -> ExportRecord:
         calib_key = sha256_bytes(calib.numpy().tobytes()) if quant == "int8" else ""
-        key = weights_key(module, tuple(sample.shape[1:]), fmt, quant, calib_key)
+        key = weights_key(module, name, tuple(sample.shape[1:]), fmt, quant, calib_key)
         cache = self.store.root / "cache" / key
         start = time.perf_counter()
         sha = cache.read_text().strip() if cache.exists() else ""
@@ -171,34 +174,26 @@ def export_modular(
     variants: Iterable[tuple[str, str]] = VARIANTS,
     on_record: Callable[[ExportRecord], None] | None = None,
 ) -> list[ExportRecord]:
-    """Export every part in every variant; write ``modular.json`` listing them."""
+    """Export every part in every variant, and the adapter's training program; write
+    ``modular.json`` listing them."""
     net = net.eval()
     exporter = ModularExporter(store)
     calib = torch.from_numpy(calib_x[:64])
     inputs = part_inputs(net, calib)
+    jobs = [
+        (name, module, inputs[name], fmt, quant)
+        for fmt, quant in variants
+        for name, module in parts(net).items()
+    ]
+    features = net.head.features(inputs["head"]).detach()
+    jobs.append(("adapter", net.head.fc, features, "pte", "train"))
     records = []
-    for fmt, quant in variants:
-        for name, module in parts(net).items():
-            record = exporter.export(name, module, inputs[name][:2], fmt, quant, calib=inputs[name])
-            records.append(record)
-            if on_record:
-                on_record(record)
+    for name, module, data, fmt, quant in jobs:
+        records.append(exporter.export(name, module, data[:2], fmt, quant, calib=data))
+        if on_record:
+            on_record(records[-1])
     index = {"spec": asdict(net.spec), "parts": {}}
     for record in records:
         index["parts"].setdefault(record.part, {})[record.variant] = record.ref.to_dict()
     atomic_write(store.root / "modular.json", json.dumps(index, indent=2).encode())
     return records
-
-
-def export_fused(
-    net: ModularNet,
-    selection,
-    sample: np.ndarray,
-    fmt: str,
-    quant: str = "fp32",
-    calib: np.ndarray | None = None,
-) -> bytes:
-    """One program of the whole sub-model ``selection`` (the baseline for composition)."""
-    x = torch.from_numpy(sample)
-    c = torch.from_numpy(calib if calib is not None else sample)
-    return export_program(SubModel(net, selection).eval(), x, fmt, quant, calib=c, name="fused")

@@ -1,109 +1,181 @@
-"""The cloud's steps, each usable from the CLI, the demo and tests: train, export, deploy."""
+"""The cloud's steps, each usable from the CLI, the demo and tests: train, export, select."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
+from device_profiles import DeviceProfile
 from edge_runtime import protocol as wire
-from edge_runtime.artifacts import ArtifactStore, atomic_write
+from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.data import save_npz
 
 log = logging.getLogger(__name__)
-FORMATS = ("pte", "tflite")
 
 
 @dataclass(frozen=True)
 class TrainResult:
     model_dir: Path
     accuracy: float
+    half_accuracy: float
     seconds: float
 
 
 def train_model(
-    out: Path, *, epochs: int = 30, seed: int = 0, progress: bool = False
+    out: Path, *, epochs: int = 25, seed: int = 0, progress: bool = False, spec=None
 ) -> TrainResult:
-    """Train the digits model; write ``model.pt``, ``metrics.json`` and ``test.npz``."""
+    """Train the modular model on digits and record module importance.
+
+    Writes ``model.pt``, ``metrics.json`` (with the spec), ``importance.npz`` (per class,
+    and per domain) and ``test.npz`` (the held-out split, for devices to evaluate on).
+    """
     import torch
 
     from cloud_trainer.data import load_digits_split
-    from cloud_trainer.model import DigitsCNN
-    from cloud_trainer.train import accuracy, train_classifier
+    from cloud_trainer.domains import DOMAINS, apply
+    from cloud_trainer.modular import ModularNet, ModularSpec
+    from cloud_trainer.modular_train import accuracy, module_importance, train_modular
 
     start = time.perf_counter()
     split = load_digits_split(seed=seed)
-    model = train_classifier(
-        DigitsCNN(split.num_classes),
-        split.x_train,
-        split.y_train,
-        epochs=epochs,
-        seed=seed,
-        progress=progress,
+    spec = spec or ModularSpec(num_classes=split.num_classes)
+    net = train_modular(
+        ModularNet(spec), split.x_train, split.y_train, epochs=epochs, seed=seed, progress=progress
     )
-    acc = accuracy(model, split.x_test, split.y_test)
+    half = tuple(tuple(range(0, spec.modules_per_layer, 2)) for _ in range(spec.layers))
+    acc = accuracy(net, split.x_test, split.y_test)
+    half_acc = accuracy(net, split.x_test, split.y_test, half)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "model.pt")
+    torch.save(net.state_dict(), out / "model.pt")
+    importance = {
+        f"domain:{d}": module_importance(net, apply(d, split.x_train, seed), split.y_train)
+        for d in DOMAINS
+    }
+    importance["class"] = importance["domain:clean"]
+    np.savez(out / "importance.npz", **importance)
     save_npz(out / "test.npz", split.x_test, split.y_test)
     seconds = time.perf_counter() - start
     metrics = {
         "accuracy": acc,
+        "half_accuracy": half_acc,
         "seconds": seconds,
         "epochs": epochs,
         "seed": seed,
-        "num_classes": split.num_classes,
+        "spec": asdict(spec),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return TrainResult(out, acc, seconds)
+    return TrainResult(out, acc, half_acc, seconds)
 
 
-def export_model(
-    model_dir: Path,
-    store_dir: Path,
-    *,
-    formats: tuple[str, ...] = FORMATS,
-    chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
-) -> list[wire.ArtifactRef]:
-    """Export the trained model as programs into a content-addressed store.
-
-    Writes ``index.json`` beside the objects listing the refs. Re-exporting identical
-    bytes stores nothing new.
-    """
-    import numpy as np
+def load_model(model_dir: Path):
+    """The trained ModularNet in ``model_dir`` (eval mode)."""
     import torch
 
-    from cloud_trainer.export import export_executorch, export_litert
-    from cloud_trainer.model import DigitsCNN
+    from cloud_trainer.modular import ModularNet, ModularSpec
 
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    model = DigitsCNN(metrics["num_classes"])
-    model.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
-    sample = torch.from_numpy(np.load(model_dir / "test.npz")["x"][:2])
-    exporters = {"pte": export_executorch, "tflite": export_litert}
-    store = ArtifactStore(store_dir)
-    refs = []
-    for fmt in formats:
-        data = exporters[fmt](model, sample, name="digits-cnn")
-        sha = store.put(data)
-        refs.append(
-            wire.ArtifactRef(
-                name=f"digits-cnn.{fmt}",
-                sha256=sha,
-                size=len(data),
-                format=fmt,
-                chunk_size=chunk_size,
-            )
+    net = ModularNet(ModularSpec(**metrics["spec"]))
+    net.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
+    return net.eval()
+
+
+def load_importance(model_dir: Path, domain: str | None = None) -> np.ndarray:
+    """Module importance (layers, modules, classes), per class or for one domain."""
+    with np.load(model_dir / "importance.npz") as data:
+        key = f"domain:{domain}" if domain else "class"
+        if key not in data:
+            known = sorted(k.split(":", 1)[1] for k in data.files if k.startswith("domain:"))
+            raise ValueError(f"no importance recorded for domain {domain!r}; known: {known}")
+        return data[key]
+
+
+def select_for(
+    model_dir: Path,
+    profile: DeviceProfile,
+    histogram,
+    *,
+    domain: str | None = None,
+    backend: str | None = None,
+    quant: str = "fp32",
+    measured_ms: dict[str, float] | None = None,
+):
+    """The sub-model for a device: its budget, its label histogram, optionally its domain."""
+    from cloud_trainer.costs import cost_table
+    from cloud_trainer.selection import select_modules
+
+    net = load_model(model_dir)
+    costs = cost_table(net, profile, backend=backend, quant=quant, measured_ms=measured_ms)
+    return select_modules(load_importance(model_dir, domain), histogram, costs, profile.budget)
+
+
+def export_model(model_dir: Path, store_dir: Path, *, variants=None, progress: bool = False):
+    """Export every part of the trained model into a content-addressed store."""
+    from cloud_trainer.modular_export import VARIANTS, export_modular
+
+    net = load_model(model_dir)
+    calib = np.load(model_dir / "test.npz")["x"]
+    variants = tuple(variants or VARIANTS)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = len(variants) * (2 + net.spec.layers * (1 + net.spec.modules_per_layer)) + 1
+        bar = tqdm(total=total, desc="export", unit="program", leave=False)
+    try:
+        return export_modular(
+            net,
+            calib,
+            ArtifactStore(store_dir),
+            variants=variants,
+            on_record=(lambda _: bar.update(1)) if bar else None,
         )
-        log.info("exported digits-cnn.%s: %d bytes, sha256 %s", fmt, len(data), sha[:12])
-    atomic_write(
-        store.root / "index.json", json.dumps([r.to_dict() for r in refs], indent=2).encode()
+    finally:
+        if bar:
+            bar.close()
+
+
+def export_fused_for(
+    model_dir: Path, store_dir: Path, modules, fmt: str, quant: str = "fp32"
+) -> wire.ArtifactRef:
+    """One program of the whole selected sub-model, stored (and cached) for delivery."""
+    import torch
+
+    from cloud_trainer.modular import SubModel
+    from cloud_trainer.modular_export import ModularExporter
+
+    net = load_model(model_dir)
+    x = torch.from_numpy(np.load(model_dir / "test.npz")["x"][:64])
+    tag = "-".join("".join(map(str, layer)) for layer in modules)
+    record = ModularExporter(ArtifactStore(store_dir)).export(
+        f"submodel-{tag}", SubModel(net, modules), x[:2], fmt, quant, calib=x
     )
-    return refs
+    return record.ref
 
 
-def load_index(store_dir: Path) -> list[wire.ArtifactRef]:
-    """The refs an export wrote into ``store_dir``."""
-    data = json.loads((store_dir / "index.json").read_text())
-    return [wire.ArtifactRef.from_dict(item) for item in data]
+def plan_device(
+    model_dir: Path,
+    store_dir: Path,
+    profile: DeviceProfile,
+    histogram=None,
+    *,
+    domain: str | None = None,
+):
+    """Select a device's sub-model and export it in each format its profile can run.
+
+    Returns the Selection and the refs to put in its desired state.
+    """
+    from edge_runtime.backends import FORMAT_OF
+
+    if histogram is None:
+        histogram = np.ones(load_importance(model_dir).shape[2])
+    selection = select_for(model_dir, profile, histogram, domain=domain)
+    refs = [
+        export_fused_for(model_dir, store_dir, selection.modules, FORMAT_OF[backend])
+        for backend in profile.backends
+    ]
+    return selection, refs

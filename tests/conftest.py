@@ -28,19 +28,21 @@ def address(mosquitto) -> BrokerAddress:
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """The digits model trained briefly and exported as .pte and .tflite into a store."""
-    from cloud_trainer.pipeline import export_model, train_model
+def exported(modular):
+    """A fused sub-model of the trained modular model as .pte and .tflite programs."""
+    from cloud_trainer.pipeline import export_fused_for
 
-    root = tmp_path_factory.mktemp("cloud")
-    trained = train_model(root / "model", epochs=12)
-    refs = export_model(root / "model", root / "artifacts")
+    modules = ((0, 2), (1, 3))
+    refs = {
+        fmt: export_fused_for(modular["model_dir"], modular["store"], modules, fmt)
+        for fmt in ("pte", "tflite")
+    }
     return {
-        "root": root,
-        "accuracy": trained.accuracy,
-        "refs": {r.format: r for r in refs},
-        "store": root / "artifacts",
-        "test_npz": root / "model" / "test.npz",
+        "accuracy": modular["trained"].accuracy,
+        "refs": refs,
+        "store": modular["store"],
+        "test_npz": modular["model_dir"] / "test.npz",
+        "modules": modules,
     }
 
 
@@ -90,3 +92,20 @@ def collector_factory(address):
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def modular(tmp_path_factory):
+    """The modular model trained with the defaults and exported in every variant."""
+    from cloud_trainer.pipeline import export_model, load_model, train_model
+
+    root = tmp_path_factory.mktemp("modular")
+    trained = train_model(root / "model", epochs=25)
+    records = export_model(root / "model", root / "artifacts")
+    return {
+        "model_dir": root / "model",
+        "store": root / "artifacts",
+        "trained": trained,
+        "records": records,
+        "net": load_model(root / "model"),
+    }

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from cloud_trainer.modular import ModularNet, ModularSpec, SubModel
+from cloud_trainer.modular_train import accuracy, module_importance, sample_selection
+from cloud_trainer.pipeline import load_importance, select_for
+from device_profiles import load_profile
+
+
+def test_the_full_model_and_half_sub_models_are_accurate(modular):
+    trained = modular["trained"]
+
+    assert trained.accuracy >= 0.97
+    assert trained.half_accuracy >= 0.93
+    net = modular["net"]
+    test = np.load(modular["model_dir"] / "test.npz")
+    for selection in (((0, 1), (2, 3)), ((1, 3), (0, 2))):
+        assert accuracy(net, test["x"], test["y"], selection) >= 0.93
+
+
+def test_importance_selection_beats_random_selection_for_a_three_class_device(modular):
+    net, model_dir = modular["net"], modular["model_dir"]
+    test = np.load(model_dir / "test.npz")
+    smallest = load_profile("rpi-zero-2w")  # its budget holds one module per layer
+    chosen, random_mean = [], []
+    for seed in range(6):
+        classes = np.random.default_rng(seed).choice(10, 3, replace=False)
+        histogram = np.isin(np.arange(10), classes).astype(float)
+        rows = np.isin(test["y"], classes)
+        x, y = test["x"][rows], test["y"][rows]
+
+        selection = select_for(model_dir, smallest, histogram)
+        assert [len(layer) for layer in selection.modules] == [1, 1]
+        chosen.append(accuracy(net, x, y, selection.modules))
+        random_mean.append(
+            np.mean([accuracy(net, x, y, ((a,), (b,))) for a in range(4) for b in range(4)])
+        )
+
+    assert np.mean(chosen) > np.mean(random_mean)
+    assert sum(c >= r for c, r in zip(chosen, random_mean, strict=True)) >= 4
+
+
+def test_importance_has_one_weight_distribution_per_layer_and_class(modular):
+    importance = load_importance(modular["model_dir"])
+
+    assert importance.shape == (2, 4, 10)
+    np.testing.assert_allclose(importance.sum(axis=1), 1.0, atol=1e-5)
+    assert load_importance(modular["model_dir"], "rotate").shape == (2, 4, 10)
+    with pytest.raises(ValueError, match="known"):
+        load_importance(modular["model_dir"], "underwater")
+
+
+def test_module_dropout_never_leaves_a_layer_empty():
+    net = ModularNet(ModularSpec(layers=3, modules_per_layer=3))
+    rng = np.random.default_rng(0)
+
+    selections = [sample_selection(net, rng, keep=0.1, full=0.0) for _ in range(200)]
+
+    assert all(all(layer for layer in s) for s in selections)
+    assert len({s for s in selections}) > 10
+
+
+def test_sub_model_equals_the_net_on_its_selection():
+    net = ModularNet().eval()
+    x = torch.rand(5, 1, 8, 8)
+
+    with torch.no_grad():
+        torch.testing.assert_close(SubModel(net, ((1,), (0, 3)))(x), net(x, ((1,), (0, 3))))
+    importance = module_importance(net, x.numpy(), np.arange(5))
+    assert importance.shape == (2, 4, 10)
+
+
+def test_bad_specs_are_refused():
+    with pytest.raises(ValueError, match="channels"):
+        ModularSpec(channels=0)
+    with pytest.raises(ValueError, match="image_size"):
+        ModularSpec(image_size=7)

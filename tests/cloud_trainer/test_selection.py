@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cloud_trainer.costs import cost_table
+from cloud_trainer.modular import ModularNet
+from cloud_trainer.selection import Cost, CostTable, SelectionError, select_modules
+from device_profiles import Budget, load_profile
+
+
+def table(rng, layers=2, modules=4):
+    return CostTable(
+        Cost(10.0, 0.1),
+        tuple(
+            tuple(
+                Cost(float(rng.uniform(5, 80)), float(rng.uniform(0.05, 1.0)))
+                for _ in range(modules)
+            )
+            for _ in range(layers)
+        ),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.floats(30, 600), st.floats(0.3, 6), st.floats(1.0, 3.0))
+def test_selection_fits_and_a_larger_budget_never_lowers_importance(seed, memory, latency, growth):
+    rng = np.random.default_rng(seed)
+    importance = rng.dirichlet(np.ones(4), size=(2, 10)).transpose(0, 2, 1)
+    histogram = rng.integers(0, 20, 10) + 0.0
+    histogram[0] += 1
+    costs = table(rng)
+    small, large = Budget(int(memory), latency), Budget(int(memory * growth), latency * growth)
+
+    try:
+        chosen = select_modules(importance, histogram, costs, small)
+    except SelectionError:
+        return
+    bigger = select_modules(importance, histogram, costs, large)
+
+    for s, budget in ((chosen, small), (bigger, large)):
+        assert s.cost.memory_kb <= budget.model_memory_kb
+        assert s.cost.latency_ms <= budget.latency_ms
+        assert all(len(layer) >= 1 for layer in s.modules)
+    assert bigger.importance >= chosen.importance - 1e-12
+
+
+def test_the_best_subset_is_found_exactly():
+    importance = np.zeros((1, 3, 2))
+    importance[0, :, 0] = [0.5, 0.3, 0.2]
+    costs = CostTable(Cost(0, 0), ((Cost(60, 0), Cost(30, 0), Cost(30, 0)),))
+
+    chosen = select_modules(importance, [1, 0], costs, Budget(60, 1.0))
+
+    # 0 alone scores 0.5; 1 and 2 together also fit and score 0.5 with the same memory;
+    # 0 plus anything does not fit.
+    assert chosen.importance == pytest.approx(0.5)
+    assert chosen.cost.memory_kb == 60
+
+
+def test_an_impossible_budget_names_the_smallest_possible_size():
+    costs = cost_table(ModularNet(), load_profile("rpi4"))
+
+    with pytest.raises(SelectionError, match=r"smallest possible is 1\d\d\.\d KB"):
+        select_modules(np.ones((2, 4, 10)), np.ones(10), costs, Budget(50, 100.0))
+
+
+@pytest.mark.parametrize("histogram", [np.ones(9), -np.ones(10), np.zeros(10), [np.nan] * 10])
+def test_bad_histograms_are_refused(histogram):
+    with pytest.raises(SelectionError, match="histogram"):
+        select_modules(
+            np.ones((2, 4, 10)), histogram, table(np.random.default_rng(0)), Budget(10_000, 100.0)
+        )
+
+
+def test_measured_latency_replaces_the_estimate():
+    profile = load_profile("rpi4")
+    estimated = cost_table(ModularNet(), profile)
+    measured = cost_table(ModularNet(), profile, measured_ms={"layer0.block2": 42.0})
+
+    assert measured.modules[0][2].latency_ms == 42.0
+    assert measured.modules[0][1] == estimated.modules[0][1]
+
+
+def test_a_smaller_board_gets_a_smaller_sub_model():
+    net = ModularNet()
+    importance = np.random.default_rng(1).dirichlet(np.ones(4), size=(2, 10)).transpose(0, 2, 1)
+    sizes = {}
+    for name in ("rpi-zero-2w", "rpi4", "rpi5"):
+        profile = load_profile(name)
+        sizes[name] = select_modules(
+            importance, np.ones(10), cost_table(net, profile), profile.budget
+        ).module_count
+
+    assert sizes["rpi-zero-2w"] < sizes["rpi4"] <= sizes["rpi5"]
