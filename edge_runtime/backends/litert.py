@@ -27,35 +27,67 @@ except ImportError:  # pragma: no cover - depends on the install
 class LiteRTProgram(Program):
     """A LiteRT interpreter for one program.
 
-    LiteRT programs converted from torch have a fixed batch (litert-torch cannot export a
-    free one), so other batch sizes run in padded pieces of that size.
+    Programs converted from torch have a fixed batch (litert-torch cannot export a free
+    one). Another batch size gets an interpreter resized to it where the program allows
+    (convolution blocks do; programs with a flatten do not), else runs in padded pieces.
     """
+
+    RESIZED_KEPT = 4
 
     def __init__(self, data: bytes, *, threads: int) -> None:
         self._data = data
-        try:
-            self._it = Interpreter(model_content=data, num_threads=threads)
-            self._it.allocate_tensors()
-        except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"not a loadable LiteRT program: {exc}") from exc
+        self._threads = threads
+        self._it = self._interpreter()
         self._in = self._it.get_input_details()
         self._out = self._it.get_output_details()
         self.max_batch = int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else 1
+        self._resized: dict[int, Interpreter] = {}
+        self._resizable = len(self._in) == 1
         # One interpreter serves one call at a time; invoke() releases the GIL.
         self._lock = threading.Lock()
         self.inputs = tuple(_spec(d) for d in self._in)
         self.outputs = tuple(_spec(d) for d in self._out)
 
+    def _interpreter(self, batch: int | None = None) -> Interpreter:
+        try:
+            it = Interpreter(model_content=self._data, num_threads=self._threads)
+            if batch is not None:
+                detail = it.get_input_details()[0]
+                it.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+            it.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            raise BackendError(f"not a loadable LiteRT program: {exc}") from exc
+        return it
+
+    def _run_pieces(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        n = arrays[0].shape[0]
+        if n != self.max_batch and self._resizable:
+            it = self._resized.get(n)
+            if it is None:
+                try:
+                    it = self._interpreter(n)
+                except BackendError:
+                    self._resizable = False  # this program's shapes are baked in
+                    return super()._run_pieces(arrays)
+                if len(self._resized) >= self.RESIZED_KEPT:
+                    self._resized.pop(next(iter(self._resized)))
+                self._resized[n] = it
+            return self._invoke(it, arrays)
+        return super()._run_pieces(arrays)
+
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return self._invoke(self._it, arrays)
+
+    def _invoke(self, it: Interpreter, arrays: list[np.ndarray]) -> list[np.ndarray]:
         with self._lock:
-            for detail, array in zip(self._in, arrays, strict=False):
-                self._it.set_tensor(detail["index"], array)
+            for detail, array in zip(self._in, arrays, strict=True):
+                it.set_tensor(detail["index"], array)
             try:
-                self._it.invoke()
+                it.invoke()
             except RuntimeError as exc:
                 raise BackendError(f"LiteRT invoke failed: {exc}") from exc
             # get_tensor copies, so no reference to the interpreter's buffers outlives us.
-            return [self._it.get_tensor(d["index"]) for d in self._out]
+            return [it.get_tensor(d["index"]) for d in self._out]
 
 
 def _spec(detail: dict) -> TensorSpec:

@@ -148,3 +148,16 @@ def test_the_adapter_training_program_learns(modular):
 def test_the_composer_refuses_missing_programs(modular):
     with pytest.raises(BackendError, match="layer1.block3"):
         ComposedModel({"stem": None}, ((0,), (3,)))
+
+
+@pytest.mark.parametrize("part", ["layer0.block1", "head"])
+def test_litert_programs_run_any_batch_resized_or_in_pieces(modular, part):
+    record = next(r for r in modular["records"] if r.part == part and r.variant == "tflite-fp32")
+    program = get_backend("litert").load(ArtifactStore(modular["store"]).path(record.ref.sha256))
+    h = np.random.default_rng(0).random((37, 32, 8, 8), dtype=np.float32)
+
+    whole = program.run(h)[0]
+    single = np.concatenate([program.run(h[i : i + 1])[0] for i in range(37)])
+
+    np.testing.assert_allclose(whole, single, atol=1e-5)
+    assert program._resizable is (part != "head")  # a flatten bakes the batch in
