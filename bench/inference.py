@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
                 with torch.no_grad():
                     t = time_interleaved(
                         {
-                            "composed": lambda: composed.run(x),
-                            "fused": lambda: fused.run(x)[0],
-                            "eager": lambda: sub(xt),
+                            "composed": lambda c=composed, x=x: c.run(x),
+                            "fused": lambda f=fused, x=x: f.run(x)[0],
+                            "eager": lambda xt=xt: sub(xt),
                         },
                         rounds=args.rounds,
                         inner=inner,
