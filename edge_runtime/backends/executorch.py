@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_runtime.adapter import BIAS, WEIGHT, AdapterTrainer
 from edge_runtime.backends.base import Backend, Program, Source, TensorSpec, read_source
 from edge_runtime.errors import BackendError, BackendUnavailable
 
@@ -80,3 +81,47 @@ class ExecuTorchBackend(Backend):
         if len(data) < 8 or data[4:8] != b"ET12":
             raise BackendError("not an ExecuTorch program (no ET12 header)")
         return ExecuTorchProgram(data, dynamic_batch=self.dynamic_batch)
+
+
+class ExecuTorchTrainer(AdapterTrainer):
+    """Runs the cloud-exported joint forward-backward program (batch fixed at export)."""
+
+    def __init__(
+        self, program: bytes, weight: np.ndarray, bias: np.ndarray, *, lr: float, batch: int
+    ) -> None:
+        from executorch.extension.training import (
+            _load_for_executorch_for_training_from_buffer,
+            get_sgd_optimizer,
+        )
+
+        self._data = program  # the loader does not copy: keep the bytes alive
+        self._module = _load_for_executorch_for_training_from_buffer(program)
+        # Parameters are filled by the first forward_backward; they are live views after.
+        self._module.forward_backward(
+            "forward", (torch.zeros(batch, weight.shape[1]), torch.zeros(batch, dtype=torch.long))
+        )
+        self._params = self._module.named_parameters()
+        self._names = {WEIGHT: _one(self._params, "weight"), BIAS: _one(self._params, "bias")}
+        self.set_weights({WEIGHT: weight, BIAS: bias})
+        self._optimizer = get_sgd_optimizer(self._params, lr, 0, 0, 0, False)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {k: self._params[name].detach().numpy().copy() for k, name in self._names.items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        for key, name in self._names.items():
+            self._params[name].copy_(torch.from_numpy(np.ascontiguousarray(weights[key])))
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        t = torch
+        loss, _ = self._module.forward_backward("forward", (t.from_numpy(x), t.from_numpy(y)))
+        value = float(loss)  # read before the step reuses the output's memory
+        self._optimizer.step(self._module.named_gradients())
+        return value
+
+
+def _one(params: dict, suffix: str) -> str:
+    names = [n for n in params if n.endswith(suffix)]
+    if len(names) != 1:
+        raise ValueError(f"training program has no single '*{suffix}' parameter: {list(params)}")
+    return names[0]

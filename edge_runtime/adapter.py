@@ -1,0 +1,146 @@
+"""The on-device adapter: a linear head on the frozen sub-model's features, trained as
+labelled samples arrive, from a bounded replay buffer.
+
+Two trainers behind one seam: numpy (LiteRT-only boards) and the ExecuTorch training
+program the cloud exports (``backends.executorch.ExecuTorchTrainer``, so that torch stays
+inside the backend). Both run plain SGD on the mean cross-entropy of a minibatch,
+so the same samples give the same weights. Updates travel as safetensors bytes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from edge_runtime.errors import ProtocolError
+
+WEIGHT, BIAS = "weight", "bias"
+MAX_UPDATE_BYTES = 4 * 1024 * 1024
+
+
+class AdapterTrainer(ABC):
+    """Holds the adapter's weights and takes SGD steps on fixed-size minibatches."""
+
+    @abstractmethod
+    def weights(self) -> dict[str, np.ndarray]:
+        """Copies of ``weight`` (classes, features) and ``bias`` (classes,)."""
+
+    @abstractmethod
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+    @abstractmethod
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One SGD step on a minibatch; returns its loss before the step."""
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        w = self.weights()
+        return features @ w[WEIGHT].T + w[BIAS]
+
+
+class NumpyTrainer(AdapterTrainer):
+    """Softmax regression in numpy: what a board without torch runs."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, *, lr: float = 0.01) -> None:
+        self._w = weight.astype(np.float32).copy()
+        self._b = bias.astype(np.float32).copy()
+        self.lr = lr
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {WEIGHT: self._w.copy(), BIAS: self._b.copy()}
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        return features @ self._w.T + self._b
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self._w[...] = weights[WEIGHT]
+        self._b[...] = weights[BIAS]
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        z = self.logits(x)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        loss = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
+        p[np.arange(len(y)), y] -= 1.0
+        p /= len(y)
+        self._w -= self.lr * (p.T @ x)
+        self._b -= self.lr * p.sum(axis=0)
+        return loss
+
+
+class Adapter:
+    """A replay buffer and a trainer: ``observe`` labelled samples, ``logits`` for serving."""
+
+    def __init__(
+        self,
+        trainer: AdapterTrainer,
+        *,
+        buffer_size: int = 512,
+        batch: int = 32,
+        steps_per_batch: int = 4,
+        seed: int = 0,
+    ) -> None:
+        self.trainer = trainer
+        self.batch = batch
+        self.steps_per_batch = steps_per_batch
+        self.buffer_size = buffer_size
+        self._x: np.ndarray | None = None
+        self._y = np.zeros(buffer_size, np.int64)
+        self._count = 0  # samples seen; the buffer holds the newest buffer_size of them
+        self._rng = np.random.default_rng(seed)
+        self.samples_trained = 0
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        return self.trainer.logits(features)
+
+    def observe(self, features: np.ndarray, labels: np.ndarray) -> float | None:
+        """Add labelled samples to the buffer and train on minibatches drawn from it."""
+        if self._x is None:
+            self._x = np.zeros((self.buffer_size, features.shape[1]), np.float32)
+        for f, y in zip(features, labels, strict=True):
+            slot = self._count % self.buffer_size
+            self._x[slot], self._y[slot] = f, y
+            self._count += 1
+        held = min(self._count, self.buffer_size)
+        loss = None
+        for _ in range(self.steps_per_batch):
+            idx = self._rng.integers(0, held, self.batch)
+            loss = self.trainer.step(self._x[idx], self._y[idx])
+        self.samples_trained += len(labels)
+        return loss
+
+    def export_update(self) -> bytes:
+        """The adapter's weights as safetensors bytes."""
+        from safetensors.numpy import save
+
+        return save(self.trainer.weights())
+
+    def load_update(self, data: bytes) -> None:
+        """Replace the weights with an update; ProtocolError if it does not fit or is not
+        finite. The current weights stay on any error."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        if len(data) > MAX_UPDATE_BYTES:
+            raise ProtocolError(
+                f"update is {len(data)} bytes, limit {MAX_UPDATE_BYTES}", code="too-large"
+            )
+        try:
+            weights = load(data)
+        except (SafetensorError, ValueError, OSError) as exc:
+            raise ProtocolError(f"not a safetensors update: {exc}", code="malformed") from None
+        current = self.trainer.weights()
+        if set(weights) != set(current):
+            raise ProtocolError(
+                f"expected tensors {sorted(current)}, got {sorted(weights)}", field="update"
+            )
+        for key, value in weights.items():
+            if value.shape != current[key].shape or value.dtype != np.float32:
+                raise ProtocolError(
+                    f"expected float32 {current[key].shape}, got {value.dtype} {value.shape}",
+                    field=key,
+                )
+            if not np.isfinite(value).all():
+                raise ProtocolError("has non-finite values", field=key, code="not-finite")
+        self.trainer.set_weights(weights)

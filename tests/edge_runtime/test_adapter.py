@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+
+from cloud_trainer.adapter_export import export_adapter_training
+from cloud_trainer.domains import apply
+from edge_runtime.adapter import Adapter, NumpyTrainer
+from edge_runtime.errors import ProtocolError
+
+
+@pytest.fixture(scope="module")
+def shifted(modular):
+    """Features of rotated digits through the frozen full model, and the cloud's head."""
+    net = modular["net"]
+    test = np.load(modular["model_dir"] / "test.npz")
+    x = apply("rotate", test["x"])
+    with torch.no_grad():
+        features = net.features(torch.from_numpy(x)).numpy()
+    fc = net.head.fc
+    return {
+        "features": features,
+        "labels": test["y"],
+        "fc": fc,
+        "weight": fc.weight.detach().numpy(),
+        "bias": fc.bias.detach().numpy(),
+    }
+
+
+def make_trainer(kind, shifted, lr=0.01):
+    if kind == "numpy":
+        return NumpyTrainer(shifted["weight"], shifted["bias"], lr=lr)
+    from edge_runtime.backends.executorch import ExecuTorchTrainer
+
+    return ExecuTorchTrainer(
+        export_adapter_training(shifted["fc"]), shifted["weight"], shifted["bias"], lr=lr, batch=32
+    )
+
+
+def stream_accuracy(adapter, shifted):
+    """Prequential run over the first 400 samples; accuracy on the last 140 after it."""
+    f, y = shifted["features"], shifted["labels"]
+    before = (adapter.logits(f[400:]).argmax(1) == y[400:]).mean()
+    for i in range(0, 400, 8):
+        adapter.observe(f[i : i + 8], y[i : i + 8])
+    return before, (adapter.logits(f[400:]).argmax(1) == y[400:]).mean()
+
+
+def test_the_adapter_recovers_accuracy_on_a_shifted_stream_on_both_backends(shifted):
+    results = {
+        kind: stream_accuracy(Adapter(make_trainer(kind, shifted), seed=3), shifted)
+        for kind in ("numpy", "executorch")
+    }
+
+    for kind, (before, after) in results.items():
+        assert before < 0.3, kind
+        assert after > 0.75, kind
+    assert abs(results["numpy"][1] - results["executorch"][1]) <= 0.02
+
+
+def test_both_trainers_take_the_same_sgd_steps(shifted):
+    numpy_t, et_t = make_trainer("numpy", shifted), make_trainer("executorch", shifted)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = rng.integers(0, 540, 32)
+        x, y = shifted["features"][idx], shifted["labels"][idx]
+        numpy_t.step(x, y)
+        et_t.step(x, y)
+
+    for key in ("weight", "bias"):
+        np.testing.assert_allclose(numpy_t.weights()[key], et_t.weights()[key], atol=1e-5)
+
+
+def test_updates_round_trip_and_bad_updates_change_nothing(shifted):
+    from safetensors.numpy import save
+
+    source = Adapter(make_trainer("numpy", shifted))
+    source.observe(shifted["features"][:64], shifted["labels"][:64])
+    target = Adapter(make_trainer("numpy", shifted))
+    target.load_update(source.export_update())
+    np.testing.assert_array_equal(
+        target.trainer.weights()["weight"], source.trainer.weights()["weight"]
+    )
+
+    good = target.trainer.weights()
+    nan = {**good, "bias": np.full_like(good["bias"], np.nan)}
+    bad_updates = {
+        b"garbage": "malformed",
+        save({"weight": good["weight"]}): "invalid",
+        save({**good, "bias": np.zeros(3, np.float32)}): "invalid",
+        save({**good, "bias": good["bias"].astype(np.float64)}): "invalid",
+        save(nan): "not-finite",
+    }
+    for update, code in bad_updates.items():
+        with pytest.raises(ProtocolError) as info:
+            target.load_update(update)
+        assert info.value.code == code
+    np.testing.assert_array_equal(target.trainer.weights()["bias"], good["bias"])
+
+
+def test_the_replay_buffer_is_bounded(shifted):
+    adapter = Adapter(make_trainer("numpy", shifted), buffer_size=50)
+
+    for i in range(0, 540, 30):
+        adapter.observe(shifted["features"][i : i + 30], shifted["labels"][i : i + 30])
+
+    assert adapter._x.shape[0] == 50 and adapter.samples_trained == 540
