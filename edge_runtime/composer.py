@@ -20,6 +20,14 @@ def part_name(layer: int, module: int | None = None) -> str:
     return f"layer{layer}.router" if module is None else f"layer{layer}.block{module}"
 
 
+def part_names(selection) -> list[str]:
+    """Every part a sub-model calls, in call order."""
+    names = ["stem"]
+    for layer, present in enumerate(selection):
+        names += [part_name(layer)] + [part_name(layer, m) for m in present]
+    return names + ["head"]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -49,10 +57,7 @@ class ComposedModel:
             raise BackendError("every layer needs at least one module")
 
     def part_names(self) -> list[str]:
-        names = ["stem"]
-        for layer, present in enumerate(self.selection):
-            names += [part_name(layer)] + [part_name(layer, m) for m in present]
-        return names + ["head"]
+        return part_names(self.selection)
 
     def trunk(self, x: np.ndarray) -> np.ndarray:
         """The last modular layer's output."""
