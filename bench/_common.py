@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: a model to measure and interleaved timing."""
+"""Helpers shared by the benchmark scripts: a model to measure, its programs, timing."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
+
+FORMATS = {"executorch": "pte", "litert": "tflite"}
 
 
 def load_or_init(model_dir: Path | None):
@@ -20,6 +24,16 @@ def load_or_init(model_dir: Path | None):
         return load_model(model_dir)
     torch.manual_seed(0)
     return ModularNet().eval()
+
+
+def export_parts(net, store, backend: str) -> dict[str, str]:
+    """Export every part of ``net`` in fp32 for ``backend``; part name -> sha256."""
+    from cloud_trainer.modular_export import export_modular
+
+    fmt = FORMATS[backend]
+    calib = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    records = export_modular(net, calib, store, variants=[(fmt, "fp32")])
+    return {r.part: r.ref.sha256 for r in records if r.variant == f"{fmt}-fp32"}
 
 
 def time_interleaved(
@@ -37,6 +51,10 @@ def time_interleaved(
                 fn()
             samples[name].append((time.perf_counter() - start) / inner * 1e6)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
 
 
 def print_json(figures: dict) -> None:

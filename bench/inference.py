@@ -17,9 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import load_or_init, print_json, time_interleaved  # noqa: E402
-
-BACKENDS = {"executorch": "pte", "litert": "tflite"}
+from bench._common import (  # noqa: E402
+    FORMATS,
+    export_parts,
+    load_or_init,
+    print_json,
+    time_interleaved,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from cloud_trainer.modular import SubModel
-    from cloud_trainer.modular_export import export_modular, export_program
+    from cloud_trainer.modular_export import export_program
     from edge_runtime.artifacts import ArtifactStore
     from edge_runtime.backends import get_backend
     from edge_runtime.composer import ComposedModel
@@ -51,13 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     with tempfile.TemporaryDirectory() as tmp:
         store = ArtifactStore(tmp)
-        for backend_name, fmt in BACKENDS.items():
+        for backend_name, fmt in FORMATS.items():
             backend = get_backend(backend_name, threads=1)
-            records = export_modular(net, calib, store, variants=[(fmt, "fp32")])
             programs = {
-                r.part: backend.load(store.path(r.ref.sha256))
-                for r in records
-                if r.variant == f"{fmt}-fp32"
+                part: backend.load(store.path(sha))
+                for part, sha in export_parts(net, store, backend_name).items()
             }
             composed = ComposedModel(programs, selection)
             fused = backend.load(

@@ -84,4 +84,21 @@ def _status(args: argparse.Namespace) -> int:
     print(f"accuracy  {'-' if acc is None else f'{acc:.4f}'}")
     objects = sorted((store / "objects").glob("*"))
     print(f"store     {len(objects)} artifacts, {sum(p.stat().st_size for p in objects)} bytes")
+    _print_resources()
     return ExitCode.OK
+
+
+def _print_resources() -> None:
+    from edge_runtime.monitor import PsutilSource
+
+    r = PsutilSource().read()
+    battery = (
+        "none"
+        if r.battery_percent is None
+        else (f"{r.battery_percent:.0f}% ({'charging' if r.on_power else 'on battery'})")
+    )
+    temp = "n/a" if r.temperature_c is None else f"{r.temperature_c:.1f} C"
+    print(
+        f"now       {r.available_mb:.0f} MB available, CPU {r.cpu_percent:.0f}%, "
+        f"battery {battery}, temperature {temp}"
+    )

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_runtime.adapter import Adapter
 from edge_runtime.artifacts import sha256_bytes
 from edge_runtime.backends import Backend, Program
 from edge_runtime.composer import ComposedModel
@@ -72,6 +73,7 @@ class SubModelServer:
         self.read = read
         self.smoke_input = smoke_input
         self._programs: dict[str, Program] = {}
+        self.adapter: Adapter | None = None  # replaces the head program once set
         self._active: Slot | None = None
         self._lock = threading.Lock()  # one swap at a time; predict never takes it
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swap")
@@ -81,11 +83,20 @@ class SubModelServer:
         return self._active
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Class logits from the active sub-model."""
+        """Class logits from the active sub-model, through the adapter when one is set."""
+        slot, adapter = self._active, self.adapter
+        if slot is None or slot.model is None:
+            raise EdgeError("no sub-model is active yet")
+        if adapter is None:
+            return slot.model.run(x)
+        return adapter.logits(slot.model.features(x))
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """The adapter's input features from the active sub-model."""
         slot = self._active
         if slot is None or slot.model is None:
             raise EdgeError("no sub-model is active yet")
-        return slot.model.run(x)
+        return slot.model.features(x)
 
     def swap(self, parts: Mapping[str, str], selection) -> Slot:
         """Stage, verify and activate a module set; on failure the previous one stays."""
