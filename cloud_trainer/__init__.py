@@ -1,4 +1,4 @@
-"""The PyTorch side: model, training, export, fleet coordination.
+"""The PyTorch side: modular model, training, selection, export, fleet coordination.
 
 Names load on first use so that ``eclm`` starts without importing torch.
 """
@@ -14,8 +14,16 @@ _EXPORTS = {
     "FleetCoordinator": "cloud_trainer.coordinator",
     "Split": "cloud_trainer.data",
     "load_digits_split": "cloud_trainer.data",
-    "DigitsCNN": "cloud_trainer.model",
-    "train_classifier": "cloud_trainer.train",
+    "ModularNet": "cloud_trainer.modular",
+    "ModularSpec": "cloud_trainer.modular",
+    "SubModel": "cloud_trainer.modular",
+    "train_modular": "cloud_trainer.modular_train",
+    "module_importance": "cloud_trainer.modular_train",
+    "select_modules": "cloud_trainer.selection",
+    "Selection": "cloud_trainer.selection",
+    "export_modular": "cloud_trainer.modular_export",
+    "export_adapter_training": "cloud_trainer.adapter_export",
+    "select_for": "cloud_trainer.pipeline",
     "export_executorch": "cloud_trainer.export",
     "export_litert": "cloud_trainer.export",
     "train_model": "cloud_trainer.pipeline",

@@ -134,12 +134,9 @@ def _select(args: argparse.Namespace) -> int:
     from device_profiles import load_profile
 
     profile = load_profile(args.profile)
-    histogram = parse_histogram(args.histogram)
-    if histogram is None:
-        from cloud_trainer.pipeline import load_importance
-
-        histogram = [1.0] * load_importance(args.model).shape[2]
-    choice = select_for(args.model, profile, histogram, domain=args.domain, quant=args.quant)
+    choice = select_for(
+        args.model, profile, parse_histogram(args.histogram), domain=args.domain, quant=args.quant
+    )
     print(
         f"profile {profile.name}: budget {profile.budget.model_memory_kb} KB, "
         f"{profile.budget.latency_ms} ms"

@@ -104,13 +104,17 @@ def select_for(
     quant: str = "fp32",
     measured_ms: dict[str, float] | None = None,
 ):
-    """The sub-model for a device: its budget, its label histogram, optionally its domain."""
+    """The sub-model for a device: its budget, its label histogram (None: every class
+    alike), optionally its data domain."""
     from cloud_trainer.costs import cost_table
     from cloud_trainer.selection import select_modules
 
     net = load_model(model_dir)
     costs = cost_table(net, profile, backend=backend, quant=quant, measured_ms=measured_ms)
-    return select_modules(load_importance(model_dir, domain), histogram, costs, profile.budget)
+    importance = load_importance(model_dir, domain)
+    if histogram is None:
+        histogram = np.ones(importance.shape[2])
+    return select_modules(importance, histogram, costs, profile.budget)
 
 
 def export_model(model_dir: Path, store_dir: Path, *, variants=None, progress: bool = False):
@@ -171,8 +175,6 @@ def plan_device(
     """
     from edge_runtime.backends import FORMAT_OF
 
-    if histogram is None:
-        histogram = np.ones(load_importance(model_dir).shape[2])
     selection = select_for(model_dir, profile, histogram, domain=domain)
     refs = [
         export_fused_for(model_dir, store_dir, selection.modules, FORMAT_OF[backend])
