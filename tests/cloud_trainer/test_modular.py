@@ -24,7 +24,9 @@ def test_importance_selection_beats_random_selection_for_a_three_class_device(mo
     test = np.load(model_dir / "test.npz")
     smallest = load_profile("rpi-zero-2w")  # its budget holds one module per layer
     chosen, random_mean = [], []
-    for seed in range(6):
+    # The margin per class set is small (random pairs already score ~0.97), so judge it
+    # over many sets: on average, and in a clear majority of them.
+    for seed in range(30):
         classes = np.random.default_rng(seed).choice(10, 3, replace=False)
         histogram = np.isin(np.arange(10), classes).astype(float)
         rows = np.isin(test["y"], classes)
@@ -38,7 +40,7 @@ def test_importance_selection_beats_random_selection_for_a_three_class_device(mo
         )
 
     assert np.mean(chosen) > np.mean(random_mean)
-    assert sum(c >= r for c, r in zip(chosen, random_mean, strict=True)) >= 4
+    assert sum(c > r for c, r in zip(chosen, random_mean, strict=True)) > 15
 
 
 def test_importance_has_one_weight_distribution_per_layer_and_class(modular):
