@@ -70,6 +70,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for every device to be active"
     )
+    deploy.add_argument(
+        "--delivery",
+        choices=("modular", "fused"),
+        default="modular",
+        help="per-module programs and module sets, or one fused program",
+    )
     deploy.set_defaults(func=_deploy)
 
 
@@ -157,7 +163,9 @@ def _deploy(args: argparse.Namespace) -> int:
 
     devices = parse_devices(args.devices)
     with FleetCoordinator(BrokerAddress.parse(args.broker), ArtifactStore(args.artifacts)) as fc:
-        serials = deploy_fleet(fc, args.model, args.artifacts, devices)
+        serials = deploy_fleet(
+            fc, args.model, args.artifacts, devices, modular=args.delivery == "modular"
+        )
         print(f"desired state set for {len(serials)} devices; waiting up to {args.timeout:.0f}s")
         ok = wait_for_fleet(fc, serials, args.timeout)
         print_fleet(fc, [d for d, _ in devices])
@@ -165,22 +173,39 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def deploy_fleet(
-    fc, model_dir: Path, store_dir: Path, devices: list[tuple[str, str]]
+    fc,
+    model_dir: Path,
+    store_dir: Path,
+    devices: list[tuple[str, str]],
+    *,
+    modular: bool = False,
 ) -> dict[str, int]:
-    """Select and export each device's sub-model and set its desired state."""
-    from cloud_trainer.pipeline import plan_device
+    """Select and export each device's sub-model and set its desired state: one fused
+    program, or (``modular``) per-module programs and the module sets it may switch
+    between as its resources change."""
+    from cloud_trainer.pipeline import plan_device, plan_device_modular
     from device_profiles import load_profile
 
     serials = {}
     for device_id, profile_name in devices:
         profile = load_profile(profile_name)
-        selection, refs = plan_device(model_dir, store_dir, profile)
-        print(
-            f"{device_id} ({profile.name}): modules {list(map(list, selection.modules))}, "
-            f"{selection.cost.memory_kb:.0f} KB of {profile.budget.model_memory_kb} KB",
-            flush=True,
-        )
-        serials[device_id] = fc.assign(device_id, refs).serial
+        budget = f"of {profile.budget.model_memory_kb} KB"
+        if modular:
+            options, refs = plan_device_modular(model_dir, store_dir, profile)
+            sets = ", ".join(
+                f"{[list(m.modules) for m in o.layers]} {o.memory_kb:.0f} KB" for o in options
+            )
+            print(f"{device_id} ({profile.name}) may run: {sets} {budget}", flush=True)
+        else:
+            selection, refs = plan_device(model_dir, store_dir, profile)
+            options = ()
+            print(
+                f"{device_id} ({profile.name}): modules "
+                f"{list(map(list, selection.modules))}, "
+                f"{selection.cost.memory_kb:.0f} KB {budget}",
+                flush=True,
+            )
+        serials[device_id] = fc.assign(device_id, refs, options=options).serial
     return serials
 
 

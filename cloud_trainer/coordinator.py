@@ -72,11 +72,20 @@ class FleetCoordinator:
             name=name, sha256=sha, size=len(data), format=fmt, chunk_size=self.chunk_size
         )
 
-    def assign(self, device_id: str, artifacts: list[wire.ArtifactRef]) -> wire.DesiredState:
+    def assign(
+        self,
+        device_id: str,
+        artifacts: list[wire.ArtifactRef],
+        *,
+        options: tuple[wire.ModuleSet, ...] = (),
+    ) -> wire.DesiredState:
         """Publish a new desired state for ``device_id`` (retained, serial always newer)."""
         self._serial = max(self._serial + 1, int(time.time() * 1000))
         desired = wire.DesiredState(
-            device_id=device_id, serial=self._serial, artifacts=tuple(artifacts)
+            device_id=device_id,
+            serial=self._serial,
+            artifacts=tuple(artifacts),
+            options=tuple(options),
         )
         self.client.publish(
             wire.device_topic(device_id, "desired"), desired.encode(), qos=1, retain=True

@@ -29,6 +29,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="where models, artifacts and stores go (default: a new temporary directory)",
     )
     parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument(
+        "--delivery",
+        choices=("modular", "fused"),
+        default="modular",
+        help="per-module programs the device swaps between as its resources "
+        "change, or one fused program (default: %(default)s)",
+    )
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.set_defaults(func=run_demo)
 
@@ -61,7 +68,9 @@ def run_demo(args: argparse.Namespace) -> int:
         with FleetCoordinator(BrokerAddress.parse(url), ArtifactStore(store)) as fc:
             agents = [_spawn_agent(d, p, url, work) for d, p in devices]
             print("[3/4] sub-models selected per device budget and exported:", flush=True)
-            serials = deploy_fleet(fc, work / "model", store, devices)
+            serials = deploy_fleet(
+                fc, work / "model", store, devices, modular=args.delivery == "modular"
+            )
             print(
                 f"[4/4] {len(agents)} edge devices started; desired state set; waiting", flush=True
             )

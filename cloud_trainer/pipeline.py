@@ -181,3 +181,61 @@ def plan_device(
         for backend in profile.backends
     ]
     return selection, refs
+
+
+BUDGET_SCALES = (1.0, 0.6, 0.35)
+
+
+def plan_device_modular(
+    model_dir: Path,
+    store_dir: Path,
+    profile: DeviceProfile,
+    histogram=None,
+    *,
+    domain: str | None = None,
+    scales=BUDGET_SCALES,
+):
+    """The module sets a device may switch between (its selection at its full budget, and
+    selections at smaller shares of that selection's size, for when the board runs short)
+    and the per-part programs they need, for each format its profile can run. Returns
+    ``(options, refs)`` for a modular desired state."""
+    from dataclasses import replace
+
+    from cloud_trainer.modular_export import export_modular
+    from cloud_trainer.selection import SelectionError
+    from edge_runtime.backends import FORMAT_OF
+    from edge_runtime.composer import part_names
+
+    selections: dict[tuple, float] = {}
+    ceiling = profile.budget.model_memory_kb
+    for scale in scales:
+        budget = replace(profile.budget, model_memory_kb=int(ceiling * scale))
+        try:
+            chosen = select_for(
+                model_dir, replace(profile, budget=budget), histogram, domain=domain
+            )
+        except SelectionError:
+            if not selections:
+                raise
+            continue
+        if not selections:
+            ceiling = chosen.cost.memory_kb
+        selections.setdefault(chosen.modules, chosen.cost.memory_kb)
+    options = tuple(
+        wire.ModuleSet(
+            layers=tuple(wire.LayerModules(modules=m) for m in modules), memory_kb=round(kb, 1)
+        )
+        for modules, kb in selections.items()
+    )
+    needed = {p for modules in selections for p in part_names(modules)}
+    variants = [(FORMAT_OF[b], "fp32") for b in profile.backends]
+    calib = np.load(model_dir / "test.npz")["x"]
+    records = export_modular(
+        load_model(model_dir), calib, ArtifactStore(store_dir), variants=variants
+    )
+    refs = [
+        replace(r.ref, part=r.part)
+        for r in records
+        if r.part in needed and r.variant.endswith("fp32")
+    ]
+    return options, refs

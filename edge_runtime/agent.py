@@ -21,10 +21,12 @@ import paho.mqtt.client as paho
 from device_profiles import DeviceProfile
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore, Download, atomic_write
-from edge_runtime.backends import FORMAT_OF, Backend, Program, get_backend
+from edge_runtime.backends import FORMAT_OF, Backend, get_backend
 from edge_runtime.data import load_npz
 from edge_runtime.errors import ArtifactError, BackendError, EdgeError, ProtocolError
+from edge_runtime.monitor import PsutilSource, ResourceSource
 from edge_runtime.mqtt import BrokerAddress, connect, make_client
+from edge_runtime.runner import ModularRunner, ProgramRunner, Runner
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +48,39 @@ class AgentConfig:
     eval_data: Path | None = None
     backend: str | None = None
     fetch_timeout: float = 10.0
+    policy_interval: float = 5.0  # seconds between resource readings
 
     def __post_init__(self) -> None:
         wire.check_device_id(self.device_id)
 
 
-@dataclass(frozen=True)
-class Active:
-    """The program being served and where it came from."""
+@dataclass
+class _Fetch:
+    """The artifacts of one desired state still to download, one at a time."""
 
-    ref: wire.ArtifactRef
+    desired: wire.DesiredState
     backend: str
-    program: Program
+    refs: list[wire.ArtifactRef]
+    pending: list[wire.ArtifactRef]
+    current: Download
 
 
 class EdgeAgent:
     """One device's agent. ``run()`` blocks; ``start()`` runs it in the background."""
 
-    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        resources: ResourceSource | None = None,
+    ):
         self.config = config
         self.clock = clock
+        self.resources = resources or PsutilSource()
         self.state = AgentState.NEW
         self.store = ArtifactStore(config.store_dir)
-        self.active: Active | None = None
+        self.runner: Runner | None = None
         self.eval_set = load_npz(config.eval_data) if config.eval_data else None
         self._report = wire.ReportedState(
             device_id=config.device_id,
@@ -78,8 +90,9 @@ class EdgeAgent:
             phase="idle",
         )
         self._applied_serial = -1
-        self._download: tuple[wire.DesiredState, wire.ArtifactRef, str, Download] | None = None
+        self._fetch: _Fetch | None = None
         self._last_progress = 0.0
+        self._last_tick = 0.0
         self._backends: dict[str, Backend] = {}
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._stopped = threading.Event()
@@ -129,11 +142,11 @@ class EdgeAgent:
     # --- serving ------------------------------------------------------------------------
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Class scores for a batch, from the active program."""
-        active = self.active
-        if active is None:
+        """Class scores for a batch, from what is active."""
+        runner = self.runner
+        if runner is None:
             raise EdgeError("no program is active yet")
-        return active.program.run(x)[0]
+        return runner.predict(x)
 
     # --- MQTT callbacks (network thread: queue only) --------------------------------------
 
@@ -159,7 +172,7 @@ class EdgeAgent:
             try:
                 item = self._inbox.get(timeout=0.5)
             except queue.Empty:
-                self._check_stall()
+                self._idle()
                 continue
             if item is None:
                 return
@@ -167,9 +180,24 @@ class EdgeAgent:
                 self._handle(*item)
             except (ProtocolError, ArtifactError) as exc:
                 self._reject(getattr(exc, "code", "artifact"), str(exc), item[0])
-            except Exception:  # one place where handler bugs are caught and logged
+            except Exception as exc:  # one place where handler bugs are caught and reported
                 log.exception("handling a message on %s failed", item[0])
-            self._check_stall()
+                self._fetch = None  # what was active keeps serving
+                self._set_report(phase="failed", detail=f"internal error: {exc!r}"[:1000])
+                self._reject("internal", repr(exc), item[0])
+            self._idle()
+
+    def _idle(self) -> None:
+        self._check_stall()
+        runner = self.runner
+        if runner is None or self.clock() - self._last_tick < self.config.policy_interval:
+            return
+        self._last_tick = self.clock()
+        try:
+            if runner.tick(self.resources.read()):
+                self._set_report(active=runner.active, detail=runner.detail)
+        except (BackendError, ArtifactError) as exc:  # the previous set keeps serving
+            self._reject("swap-failed", str(exc), self._topic("reported"))
 
     def _handle(self, topic: str, payload: bytes) -> None:
         device_id, kind, rest = wire.parse_device_topic(topic)
@@ -186,7 +214,7 @@ class EdgeAgent:
         if desired.device_id != self.config.device_id:
             raise ProtocolError("names another device", field="device_id", code="wrong-device")
         if desired.serial <= self._applied_serial or (
-            self._download and desired.serial <= self._download[0].serial
+            self._fetch and desired.serial <= self._fetch.desired.serial
         ):
             log.info(
                 "desired serial %d is not newer than %d; ignored",
@@ -194,31 +222,35 @@ class EdgeAgent:
                 self._applied_serial,
             )
             return
-        backend, ref = self._choose(desired.artifacts)
-        if self.store.has(ref.sha256):
-            self._install(desired, ref, backend)
+        backend, refs = self._choose(desired)
+        missing = [r for r in refs if not self.store.has(r.sha256)]
+        if not missing:
+            self._fetch = None
+            self._install(desired, refs, backend)
             return
-        self._download = (desired, ref, backend, self.store.download(ref))
+        self._fetch = _Fetch(desired, backend, refs, missing[1:], self.store.download(missing[0]))
         self._set_report(
             phase="downloading",
             serial=desired.serial,
-            detail=f"fetching {ref.name} ({ref.size} bytes)",
+            detail=f"fetching {len(missing)} artifacts ({sum(r.size for r in missing)} bytes)",
         )
         self._request_chunks(0)
 
-    def _choose(self, artifacts: tuple[wire.ArtifactRef, ...]) -> tuple[str, wire.ArtifactRef]:
+    def _choose(self, desired: wire.DesiredState) -> tuple[str, list[wire.ArtifactRef]]:
+        """The first backend of the profile's order that can run what is offered, and the
+        artifacts it needs: one whole program, or every part of a modular sub-model."""
         order = (self.config.backend,) if self.config.backend else self.config.profile.backends
         for name in order:
-            ref = next((a for a in artifacts if a.format == FORMAT_OF[name]), None)
-            if ref is None:
+            refs = [a for a in desired.artifacts if a.format == FORMAT_OF[name]]
+            if not refs:
                 continue
             try:
                 self._backends.setdefault(name, get_backend(name, threads=1))
             except BackendError as exc:
                 log.warning("backend %s is unusable here: %s", name, exc)
                 continue
-            return name, ref
-        formats = sorted({a.format for a in artifacts})
+            return name, refs if desired.options else refs[:1]
+        formats = sorted({a.format for a in desired.artifacts})
         raise ProtocolError(
             f"no artifact this device can run: offered {formats}, backends {list(order)}",
             field="artifacts",
@@ -226,77 +258,92 @@ class EdgeAgent:
         )
 
     def _on_chunk(self, sha: str, index: int, data: bytes) -> None:
-        if self._download is None or self._download[1].sha256 != sha:
+        fetch = self._fetch
+        if fetch is None or fetch.current.ref.sha256 != sha:
             log.debug("chunk %d of %s arrived with no download for it", index, sha[:12])
             return
-        desired, ref, backend, download = self._download
-        download.add(index, data)
+        fetch.current.add(index, data)
         self._last_progress = self.clock()
-        if not download.complete:
+        if not fetch.current.complete:
             return
-        self._set_report(phase="verifying", detail=f"verifying {ref.name}")
-        self._download = None
+        self._set_report(phase="verifying", detail=f"verifying {fetch.current.ref.name}")
         try:
-            download.finish()
+            fetch.current.finish()
         except ArtifactError as exc:
-            self._set_report(phase="failed", detail=str(exc))
+            self._fetch = None
+            self._set_report(phase="failed", detail=str(exc)[:1000])
             raise
-        self._install(desired, ref, backend)
+        if fetch.pending:
+            fetch.current = self.store.download(fetch.pending.pop(0))
+            self._set_report(phase="downloading", detail=f"fetching {fetch.current.ref.name}")
+            self._request_chunks(0)
+            return
+        self._fetch = None
+        self._install(fetch.desired, fetch.refs, fetch.backend)
 
-    def _install(self, desired: wire.DesiredState, ref: wire.ArtifactRef, backend: str) -> None:
-        self._set_report(phase="installing", serial=desired.serial, detail=f"loading {ref.name}")
+    def _install(
+        self, desired: wire.DesiredState, refs: list[wire.ArtifactRef], backend: str
+    ) -> None:
+        self._set_report(
+            phase="installing", serial=desired.serial, detail=f"loading {len(refs)} programs"
+        )
         try:
-            program = self._backends[backend].load(self.store.read(ref.sha256))
-            accuracy = self._evaluate(program)
-        except (BackendError, ArtifactError) as exc:
-            self._set_report(phase="failed", detail=f"{ref.name}: {exc}"[:1000])
+            if desired.options:
+                runner: Runner = ModularRunner(
+                    backend,
+                    self._backends[backend],
+                    self.store,
+                    refs,
+                    desired.options,
+                    self.config.profile.budget,
+                    self.resources.read(),
+                )
+            else:
+                runner = ProgramRunner(
+                    backend, self._backends[backend], refs[0], self.store.read(refs[0].sha256)
+                )
+            accuracy = runner.evaluate(self.eval_set)
+        except (BackendError, ArtifactError, ProtocolError) as exc:
+            self._set_report(phase="failed", detail=str(exc)[:1000])
             self._reject("install-failed", str(exc), self._topic("desired"))
             return
-        self.active = Active(ref, backend, program)
+        previous, self.runner = self.runner, runner
+        if previous is not None:
+            previous.close()
         self._applied_serial = desired.serial
+        self._last_tick = self.clock()
         self._set_report(
             phase="active",
-            active=(ref.sha256,),
+            active=runner.active,
             backend=backend,
             accuracy=accuracy,
-            detail=f"serving {ref.name}",
+            detail=runner.detail,
         )
         log.info(
-            "%s serves %s on %s (accuracy %s)",
+            "%s %s on %s (accuracy %s)",
             self.config.device_id,
-            ref.name,
+            runner.detail,
             backend,
             "n/a" if accuracy is None else f"{accuracy:.4f}",
         )
 
-    def _evaluate(self, program: Program) -> float | None:
-        """Smoke-test the program; with an eval set, return its accuracy on it."""
-        if self.eval_set is None:
-            shape = tuple(1 if d == -1 else d for d in program.inputs[0].shape)
-            scores = program.run(np.zeros(shape, dtype=program.inputs[0].dtype))[0]
-            if not np.isfinite(scores).all():
-                raise BackendError("smoke inference gave non-finite outputs")
-            return None
-        x, y = self.eval_set
-        scores = program.run(x)[0]
-        if not np.isfinite(scores).all():
-            raise BackendError("inference on the evaluation set gave non-finite outputs")
-        return float((scores.argmax(axis=1) == y).mean())
-
     def _check_stall(self) -> None:
-        if self._download and self.clock() - self._last_progress > self.config.fetch_timeout:
-            missing = self._download[3].missing()
+        fetch = self._fetch
+        if fetch and self.clock() - self._last_progress > self.config.fetch_timeout:
+            missing = fetch.current.missing()
             log.warning(
                 "download of %s stalled; asking again from chunk %d",
-                self._download[1].name,
+                fetch.current.ref.name,
                 missing[0],
             )
             self._request_chunks(missing[0])
 
     def _request_chunks(self, first: int) -> None:
-        assert self._download is not None
+        assert self._fetch is not None
         request = wire.FetchRequest(
-            device_id=self.config.device_id, sha256=self._download[1].sha256, first_chunk=first
+            device_id=self.config.device_id,
+            sha256=self._fetch.current.ref.sha256,
+            first_chunk=first,
         )
         self.client.publish(self._topic("fetch"), request.encode(), qos=1)
         self._last_progress = self.clock()

@@ -67,7 +67,11 @@ class SubModelServer:
     """Serves the active slot; ``swap`` brings in another module set without a pause."""
 
     def __init__(
-        self, backend: Backend, read: Callable[[str], bytes], *, smoke_input: np.ndarray
+        self,
+        backend: Backend,
+        read: Callable[[str], bytes],
+        *,
+        smoke_input: np.ndarray | None = None,
     ) -> None:
         self.backend = backend
         self.read = read
@@ -132,8 +136,12 @@ class SubModelServer:
 
     def _verify(self, slot: Slot) -> None:
         assert slot.model is not None
-        out = slot.model.run(self.smoke_input)
-        if out.shape[0] != len(self.smoke_input) or not np.isfinite(out).all():
+        x = self.smoke_input
+        if x is None:  # zeros shaped like the stem's input, batch 1
+            spec = slot.model.programs["stem"].inputs[0]
+            x = np.zeros(tuple(1 if d == -1 else d for d in spec.shape), spec.dtype)
+        out = slot.model.run(x)
+        if out.shape[0] != len(x) or not np.isfinite(out).all():
             raise BackendError(f"smoke inference gave {out.shape} with non-finite values")
         slot.move(SlotState.VERIFIED)
 

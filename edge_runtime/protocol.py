@@ -31,6 +31,7 @@ PHASES = ("idle", "downloading", "verifying", "installing", "active", "failed")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PART = re.compile(r"^(stem|head|adapter|layer\d{1,3}\.(router|block\d{1,3}))$")
 
 
 # --- topics -------------------------------------------------------------------------------
@@ -225,10 +226,13 @@ class ArtifactRef(Message):
     size: int
     format: str
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    part: str = ""  # which part of a modular sub-model; "" for a whole (fused) program
 
     def check(self) -> None:
         if not 0 < len(self.name) <= 128:
             raise ProtocolError("must be 1-128 characters", field="name")
+        if self.part and not _PART.match(self.part):
+            raise ProtocolError("must be stem, head, adapter or layerL.router|blockM", field="part")
         _check_sha(self.sha256, "sha256")
         if not 0 < self.size <= MAX_ARTIFACT_BYTES:
             raise ProtocolError(f"must be 1..{MAX_ARTIFACT_BYTES}", field="size")
@@ -243,6 +247,39 @@ class ArtifactRef(Message):
 
 
 @dataclass(frozen=True)
+class LayerModules(Message):
+    """The modules one layer runs."""
+
+    type: ClassVar[str] = "layer"
+    modules: tuple[int, ...]
+
+    def check(self) -> None:
+        if not 1 <= len(self.modules) <= 64 or len(set(self.modules)) != len(self.modules):
+            raise ProtocolError("must list 1-64 distinct modules", field="modules")
+        if min(self.modules) < 0:
+            raise ProtocolError("must be >= 0", field="modules")
+
+
+@dataclass(frozen=True)
+class ModuleSet(Message):
+    """One sub-model the device may run, and the memory it takes."""
+
+    type: ClassVar[str] = "module-set"
+    layers: tuple[LayerModules, ...]
+    memory_kb: float
+
+    def check(self) -> None:
+        if not 1 <= len(self.layers) <= 64:
+            raise ProtocolError("must list 1-64 layers", field="layers")
+        if self.memory_kb < 0:
+            raise ProtocolError("must be >= 0", field="memory_kb")
+
+    @property
+    def selection(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(layer.modules for layer in self.layers)
+
+
+@dataclass(frozen=True)
 class DesiredState(Message):
     """What the cloud wants a device to run (retained on ``desired``)."""
 
@@ -251,14 +288,23 @@ class DesiredState(Message):
     serial: int
     artifacts: tuple[ArtifactRef, ...]
     issued_at: float = field(default_factory=time.time)
+    # With options, artifacts are the parts of a modular sub-model and the device picks
+    # the largest option its resources allow; without, it runs one whole program.
+    options: tuple[ModuleSet, ...] = ()
 
     def check(self) -> None:
         check_device_id(self.device_id)
         if self.serial < 0:
             raise ProtocolError("must be >= 0", field="serial")
-        if not 1 <= len(self.artifacts) <= 64:
-            raise ProtocolError("must list 1-64 artifacts", field="artifacts")
+        if not 1 <= len(self.artifacts) <= 256:
+            raise ProtocolError("must list 1-256 artifacts", field="artifacts")
         _check_ts(self.issued_at, "issued_at")
+        if len(self.options) > 16:
+            raise ProtocolError("must list at most 16 module sets", field="options")
+        if self.options and not all(a.part for a in self.artifacts):
+            raise ProtocolError(
+                "every artifact of a modular sub-model needs its part", field="artifacts"
+            )
 
 
 @dataclass(frozen=True)

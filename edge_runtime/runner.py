@@ -1,0 +1,151 @@
+"""What an agent serves: one whole program, or a modular sub-model under a budget policy."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from device_profiles import Budget
+from edge_runtime import protocol as wire
+from edge_runtime.artifacts import ArtifactStore
+from edge_runtime.backends import Backend, TensorSpec
+from edge_runtime.composer import part_names
+from edge_runtime.errors import BackendError, ProtocolError
+from edge_runtime.hotswap import SubModelServer
+from edge_runtime.monitor import Reading
+from edge_runtime.policy import Option, Policy
+
+log = logging.getLogger(__name__)
+
+
+class Runner(ABC):
+    """The serving side of an installed desired state."""
+
+    backend: str
+    input_spec: TensorSpec
+
+    @abstractmethod
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+    @property
+    @abstractmethod
+    def active(self) -> tuple[str, ...]:
+        """sha256 of the artifacts in service."""
+
+    @property
+    @abstractmethod
+    def detail(self) -> str: ...
+
+    def tick(self, reading: Reading) -> bool:
+        """React to a resource reading; True if what is served changed."""
+        return False
+
+    def close(self) -> None:  # noqa: B027 - an optional hook, most runners hold nothing
+        """Release what the runner holds."""
+
+    def evaluate(self, eval_set: tuple[np.ndarray, np.ndarray] | None) -> float | None:
+        """Smoke-test; with an eval set, return the accuracy on it. BackendError if the
+        outputs are not finite."""
+        if eval_set is None:
+            shape = tuple(1 if d == -1 else d for d in self.input_spec.shape)
+            x, y = np.zeros(shape, self.input_spec.dtype), None
+        else:
+            x, y = eval_set
+        scores = self.predict(x)
+        if not np.isfinite(scores).all():
+            raise BackendError("inference gave non-finite outputs")
+        return None if y is None else float((scores.argmax(axis=1) == y).mean())
+
+
+class ProgramRunner(Runner):
+    """One whole (fused) program."""
+
+    def __init__(
+        self, backend_name: str, backend: Backend, ref: wire.ArtifactRef, data: bytes
+    ) -> None:
+        self.backend, self.ref = backend_name, ref
+        self.program = backend.load(data)
+        self.input_spec = self.program.inputs[0]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.program.run(x)[0]
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return (self.ref.sha256,)
+
+    @property
+    def detail(self) -> str:
+        return f"serving {self.ref.name}"
+
+
+class ModularRunner(Runner):
+    """Per-module programs chained into the largest allowed module set that fits now."""
+
+    def __init__(
+        self,
+        backend_name: str,
+        backend: Backend,
+        store: ArtifactStore,
+        refs: list[wire.ArtifactRef],
+        options: tuple[wire.ModuleSet, ...],
+        budget: Budget,
+        reading: Reading,
+    ) -> None:
+        self.backend = backend_name
+        self.parts = {r.part: r.sha256 for r in refs}
+        for i, option in enumerate(options):
+            missing = [p for p in part_names(option.selection) if p not in self.parts]
+            if missing:
+                raise ProtocolError(
+                    f"module set {i} needs parts {missing} that are not offered", field="options"
+                )
+        self.policy = Policy([Option(o.selection, o.memory_kb) for o in options], budget)
+        self.server = SubModelServer(backend, store.read)
+        option = self.policy.decide(reading)
+        assert option is not None  # the first decision always picks one
+        self._swap(option)
+        self.input_spec = self.server.active.model.programs["stem"].inputs[0]
+
+    def _swap(self, option: Option) -> None:
+        needed = part_names(option.selection)
+        self.server.swap({p: self.parts[p] for p in needed}, option.selection)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.server.predict(x)
+
+    def tick(self, reading: Reading) -> bool:
+        previous = self.policy.current
+        option = self.policy.decide(reading)
+        if option is None:
+            return False
+        log.info(
+            "resources allow %.0f KB: switching to modules %s (%.0f KB)",
+            self.policy.last_allowed_kb,
+            option.selection,
+            option.memory_kb,
+        )
+        try:
+            self._swap(option)
+        except Exception:
+            self.policy.current = previous  # the previous set is still the one serving
+            raise
+        return True
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return tuple(self.server.active.parts.values())
+
+    @property
+    def detail(self) -> str:
+        option = self.policy.current
+        modules = [list(layer) for layer in option.selection]
+        return (
+            f"modules {modules} ({option.memory_kb:.0f} KB; "
+            f"{self.policy.last_allowed_kb:.0f} KB allowed now)"
+        )
+
+    def close(self) -> None:
+        self.server.close()
