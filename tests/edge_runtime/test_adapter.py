@@ -46,8 +46,16 @@ def stream_accuracy(adapter, shifted):
 
 
 def test_the_adapter_recovers_accuracy_on_a_shifted_stream_on_both_backends(shifted):
+    # Both trainers take the same steps up to float32 rounding (see below), which a few of
+    # the 140 held-out samples can feel after 200 steps; the mean over replay seeds cannot.
     results = {
-        kind: stream_accuracy(Adapter(make_trainer(kind, shifted), seed=3), shifted)
+        kind: np.mean(
+            [
+                stream_accuracy(Adapter(make_trainer(kind, shifted), seed=s), shifted)
+                for s in range(4)
+            ],
+            axis=0,
+        )
         for kind in ("numpy", "executorch")
     }
 
@@ -66,8 +74,10 @@ def test_both_trainers_take_the_same_sgd_steps(shifted):
         numpy_t.step(x, y)
         et_t.step(x, y)
 
-    for key in ("weight", "bias"):
-        np.testing.assert_allclose(numpy_t.weights()[key], et_t.weights()[key], atol=1e-5)
+    moved = np.abs(numpy_t.weights()["weight"] - shifted["weight"]).max()
+    assert moved > 1e-2
+    for key in ("weight", "bias"):  # float32 rounding apart, far below how far they moved
+        np.testing.assert_allclose(numpy_t.weights()[key], et_t.weights()[key], atol=1e-3 * moved)
 
 
 def test_updates_round_trip_and_bad_updates_change_nothing(shifted):
