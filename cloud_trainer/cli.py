@@ -11,6 +11,7 @@ from edge_runtime.exit_codes import ExitCode
 log = logging.getLogger(__name__)
 MODEL = Path("runs/model")
 ARTIFACTS = Path("runs/artifacts")
+KEYS = Path("runs/keys")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +77,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="modular",
         help="per-module programs and module sets, or one fused program",
     )
+    deploy.add_argument(
+        "--signing-key",
+        type=Path,
+        default=KEYS / "signing.key",
+        help="sign desired states with this key (default: %(default)s)",
+    )
+    deploy.add_argument(
+        "--unsigned", action="store_true", help="send unsigned states (development boards only)"
+    )
     deploy.set_defaults(func=_deploy)
+
+    keys = cmds.add_parser("keys", help="the ed25519 key pair that signs desired states")
+    keys_cmds = keys.add_subparsers(dest="keys_cmd", required=True)
+    init = keys_cmds.add_parser(
+        "init", help="create signing.key (0600, stays here) and signing.pub (for devices)"
+    )
+    init.add_argument("--dir", type=Path, default=KEYS, help="where (default: %(default)s)")
+    init.add_argument("--force", action="store_true", help="replace an existing key pair")
+    init.set_defaults(func=_keys_init)
 
 
 def parse_histogram(text: str | None):
@@ -158,11 +177,14 @@ def _select(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace) -> int:
     from cloud_trainer.coordinator import FleetCoordinator
+    from cloud_trainer.keys import load_signing_key
     from edge_runtime.artifacts import ArtifactStore
     from edge_runtime.mqtt import BrokerAddress
 
     devices = parse_devices(args.devices)
-    with FleetCoordinator(BrokerAddress.parse(args.broker), ArtifactStore(args.artifacts)) as fc:
+    key = None if args.unsigned else load_signing_key(args.signing_key)
+    address = BrokerAddress.parse(args.broker)
+    with FleetCoordinator(address, ArtifactStore(args.artifacts), signing_key=key) as fc:
         serials = deploy_fleet(
             fc, args.model, args.artifacts, devices, modular=args.delivery == "modular"
         )
@@ -170,6 +192,18 @@ def _deploy(args: argparse.Namespace) -> int:
         ok = wait_for_fleet(fc, serials, args.timeout)
         print_fleet(fc, [d for d, _ in devices])
     return ExitCode.OK if ok else ExitCode.TIMEOUT
+
+
+def _keys_init(args: argparse.Namespace) -> int:
+    from cloud_trainer.keys import init_keys
+
+    try:
+        private, public = init_keys(args.dir, force=args.force)
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from None
+    print(f"signing key: {private} (mode 600; keep it on the cloud)")
+    print(f"public key:  {public} (provision onto devices: eclm edge run --trust-key)")
+    return ExitCode.OK
 
 
 def deploy_fleet(
@@ -205,7 +239,7 @@ def deploy_fleet(
                 f"{selection.cost.memory_kb:.0f} KB {budget}",
                 flush=True,
             )
-        serials[device_id] = fc.assign(device_id, refs, options=options).serial
+        serials[device_id] = fc.assign(device_id, refs, options=options, target=profile.name).serial
     return serials
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as paho
 
+from cloud_trainer.keys import sign
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.errors import ProtocolError
@@ -29,8 +30,14 @@ class FleetCoordinator:
         *,
         client_id: str = "eclm-cloud",
         chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
+        signing_key=None,
+        ttl: float = 7 * 24 * 3600,
     ) -> None:
+        """``signing_key`` (see :mod:`cloud_trainer.keys`) signs every desired state, which
+        devices then refuse after ``ttl`` seconds."""
         self.address = address
+        self.signing_key = signing_key
+        self.ttl = ttl
         self.store = store
         self.chunk_size = chunk_size
         self.reported: dict[str, wire.ReportedState] = {}
@@ -78,15 +85,21 @@ class FleetCoordinator:
         artifacts: list[wire.ArtifactRef],
         *,
         options: tuple[wire.ModuleSet, ...] = (),
+        target: str = "",
     ) -> wire.DesiredState:
-        """Publish a new desired state for ``device_id`` (retained, serial always newer)."""
+        """Publish a new desired state for ``device_id`` and its profile ``target``
+        (retained, serial always newer, signed when the coordinator has a key)."""
         self._serial = max(self._serial + 1, int(time.time() * 1000))
         desired = wire.DesiredState(
             device_id=device_id,
             serial=self._serial,
             artifacts=tuple(artifacts),
             options=tuple(options),
+            target=target,
+            expires=time.time() + self.ttl,
         )
+        if self.signing_key is not None:
+            desired = sign(desired, self.signing_key)
         self.client.publish(
             wire.device_topic(device_id, "desired"), desired.encode(), qos=1, retain=True
         ).wait_for_publish(5)

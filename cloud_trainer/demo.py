@@ -44,6 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from broker.launcher import Broker
     from cloud_trainer.cli import deploy_fleet, parse_devices, print_fleet, wait_for_fleet
     from cloud_trainer.coordinator import FleetCoordinator
+    from cloud_trainer.keys import PRIVATE_NAME, init_keys, load_signing_key
     from cloud_trainer.pipeline import train_model
     from device_profiles import load_profile
     from edge_runtime.artifacts import ArtifactStore
@@ -65,7 +66,12 @@ def run_demo(args: argparse.Namespace) -> int:
             flush=True,
         )
         store = work / "artifacts"
-        with FleetCoordinator(BrokerAddress.parse(url), ArtifactStore(store)) as fc:
+        keys = work / "keys"
+        if not (keys / PRIVATE_NAME).exists():
+            init_keys(keys)
+        key = load_signing_key(keys / PRIVATE_NAME)
+        address = BrokerAddress.parse(url)
+        with FleetCoordinator(address, ArtifactStore(store), signing_key=key) as fc:
             agents = [_spawn_agent(d, p, url, work) for d, p in devices]
             print("[3/4] sub-models selected per device budget and exported:", flush=True)
             serials = deploy_fleet(
@@ -109,6 +115,8 @@ def _spawn_agent(device_id: str, profile: str, url: str, work: Path) -> subproce
         str(work / "devices" / device_id),
         "--eval-data",
         str(work / "model" / "test.npz"),
+        "--trust-key",
+        str(work / "keys" / "signing.pub"),
     ]
     with open(work / "logs" / f"{device_id}.log", "ab") as logfile:
         return subprocess.Popen(

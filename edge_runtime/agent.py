@@ -27,6 +27,7 @@ from edge_runtime.errors import ArtifactError, BackendError, EdgeError, Protocol
 from edge_runtime.monitor import PsutilSource, ResourceSource
 from edge_runtime.mqtt import BrokerAddress, connect, make_client
 from edge_runtime.runner import ModularRunner, ProgramRunner, Runner
+from edge_runtime.trust import Gate, load_public_key
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class AgentConfig:
     backend: str | None = None
     fetch_timeout: float = 10.0
     policy_interval: float = 5.0  # seconds between resource readings
+    trust_key: Path | None = None  # the cloud's public key; None accepts unsigned states
 
     def __post_init__(self) -> None:
         wire.check_device_id(self.device_id)
@@ -80,6 +82,13 @@ class EdgeAgent:
         self.resources = resources or PsutilSource()
         self.state = AgentState.NEW
         self.store = ArtifactStore(config.store_dir)
+        if config.trust_key is None:
+            log.warning("no trust key: accepting unsigned desired states (development only)")
+        self.gate = Gate(
+            load_public_key(config.trust_key) if config.trust_key else None,
+            self.store.root / "trust.json",
+            config.profile.name,
+        )
         self.runner: Runner | None = None
         self.eval_set = load_npz(config.eval_data) if config.eval_data else None
         self._report = wire.ReportedState(
@@ -213,15 +222,15 @@ class EdgeAgent:
     def _on_desired(self, desired: wire.DesiredState) -> None:
         if desired.device_id != self.config.device_id:
             raise ProtocolError("names another device", field="device_id", code="wrong-device")
-        if desired.serial <= self._applied_serial or (
-            self._fetch and desired.serial <= self._fetch.desired.serial
+        again = self.gate.check(desired)  # ProtocolError: refused, what runs keeps running
+        if again and desired.serial in (
+            self._applied_serial,
+            self._fetch.desired.serial if self._fetch else None,
         ):
-            log.info(
-                "desired serial %d is not newer than %d; ignored",
-                desired.serial,
-                self._applied_serial,
-            )
+            log.info("desired serial %d is applied or on its way; ignored", desired.serial)
             return
+        if not again:
+            self.gate.accept(desired)
         backend, refs = self._choose(desired)
         missing = [r for r in refs if not self.store.has(r.sha256)]
         if not missing:

@@ -27,6 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
     run.add_argument("--eval-data", type=Path, help=".npz with x, y to report accuracy on")
     run.add_argument(
+        "--trust-key",
+        type=Path,
+        help="the cloud's public key (signing.pub); without it unsigned states are accepted",
+    )
+    run.add_argument(
         "--backend",
         choices=("executorch", "litert"),
         help="force a backend instead of the profile's order",
@@ -50,6 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         store_dir=args.store or Path(".eclm") / args.device_id,
         eval_data=args.eval_data,
         backend=args.backend,
+        trust_key=args.trust_key,
     )
     agent = EdgeAgent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())

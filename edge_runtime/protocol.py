@@ -31,6 +31,7 @@ PHASES = ("idle", "downloading", "verifying", "installing", "active", "failed")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SIGNATURE = re.compile(r"^[0-9a-f]{128}$")
 _PART = re.compile(r"^(stem|head|adapter|layer\d{1,3}\.(router|block\d{1,3}))$")
 
 
@@ -291,6 +292,9 @@ class DesiredState(Message):
     # With options, artifacts are the parts of a modular sub-model and the device picks
     # the largest option its resources allow; without, it runs one whole program.
     options: tuple[ModuleSet, ...] = ()
+    target: str = ""  # the device profile it is meant for ("" = any, unsigned only)
+    expires: float = 0.0  # unix time after which the device refuses it (0 = never)
+    signature: str = ""  # ed25519 over the state with this field empty, hex
 
     def check(self) -> None:
         check_device_id(self.device_id)
@@ -301,6 +305,12 @@ class DesiredState(Message):
         _check_ts(self.issued_at, "issued_at")
         if len(self.options) > 16:
             raise ProtocolError("must list at most 16 module sets", field="options")
+        if self.target and not _ID.match(self.target):
+            raise ProtocolError("must be a profile name", field="target")
+        if self.expires < 0:
+            raise ProtocolError("must be >= 0", field="expires")
+        if self.signature and not _SIGNATURE.match(self.signature):
+            raise ProtocolError("must be 128 hex digits", field="signature")
         if self.options and not all(a.part for a in self.artifacts):
             raise ProtocolError(
                 "every artifact of a modular sub-model needs its part", field="artifacts"

@@ -29,6 +29,7 @@ def test_the_commands_the_issues_name_exist():
         ("cloud", "train"),
         ("cloud", "export"),
         ("cloud", "deploy"),
+        ("cloud", "keys", "init"),
     } <= set(PATHS)
 
 
@@ -95,3 +96,15 @@ def test_cloud_select_prints_the_choice_and_refuses_bad_input(modular, tmp_path,
     )
     assert main([*select, "--profile", str(tiny)]) == ExitCode.CONFIG
     assert "smallest possible is" in capsys.readouterr().err
+
+
+def test_keys_init_refuses_to_replace_a_key_and_deploy_needs_one(tmp_path, capsys):
+    assert main(["cloud", "keys", "init", "--dir", str(tmp_path)]) == ExitCode.OK
+    assert "signing.pub" in capsys.readouterr().out
+    assert main(["cloud", "keys", "init", "--dir", str(tmp_path)]) == ExitCode.CONFIG
+    assert "--force" in capsys.readouterr().err
+
+    missing = tmp_path / "nowhere.key"
+    deploy = ["cloud", "deploy", "--device", "a=rpi4", "--signing-key", str(missing)]
+    assert main(deploy) == ExitCode.CONFIG
+    assert str(missing) in capsys.readouterr().err

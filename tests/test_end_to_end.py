@@ -3,11 +3,14 @@
 import json
 import subprocess
 import sys
+import time
+from dataclasses import replace
 
 import pytest
 
 from cloud_trainer.cli import wait_for_fleet
 from cloud_trainer.coordinator import FleetCoordinator
+from cloud_trainer.keys import init_keys, load_signing_key, sign
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import FORMAT_OF
@@ -15,34 +18,44 @@ from edge_runtime.backends import FORMAT_OF
 DEVICES = {"pi5-e2e": "rpi5", "pi4-e2e": "rpi4"}
 
 
+def spawn(device_id, profile, url, tmp_path, exported):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "eclm",
+            "edge",
+            "run",
+            "--profile",
+            profile,
+            "--broker",
+            url,
+            "--device-id",
+            device_id,
+            "--store",
+            str(tmp_path / device_id),
+            "--eval-data",
+            str(exported["test_npz"]),
+            "--trust-key",
+            str(tmp_path / "keys" / "signing.pub"),
+        ],
+        stdout=open(tmp_path / f"{device_id}.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
 @pytest.fixture
 def fleet(mosquitto, address, exported, tmp_path):
+    private, _ = init_keys(tmp_path / "keys")
     procs = {
-        device_id: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "eclm",
-                "edge",
-                "run",
-                "--profile",
-                profile,
-                "--broker",
-                mosquitto.url,
-                "--device-id",
-                device_id,
-                "--store",
-                str(tmp_path / device_id),
-                "--eval-data",
-                str(exported["test_npz"]),
-            ],
-            stdout=open(tmp_path / f"{device_id}.log", "wb"),
-            stderr=subprocess.STDOUT,
-        )
+        device_id: spawn(device_id, profile, mosquitto.url, tmp_path, exported)
         for device_id, profile in DEVICES.items()
     }
     coordinator = FleetCoordinator(
-        address, ArtifactStore(exported["store"]), client_id="cloud-e2e"
+        address,
+        ArtifactStore(exported["store"]),
+        client_id="cloud-e2e",
+        signing_key=load_signing_key(private),
     ).start()
     yield coordinator, procs, tmp_path
     coordinator.stop()
@@ -52,11 +65,13 @@ def fleet(mosquitto, address, exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_devices_fetch_verify_run_and_report_accuracy(fleet, exported, collector_factory):
+def test_two_devices_fetch_verify_run_and_report_accuracy(
+    fleet, mosquitto, exported, collector_factory
+):
     coordinator, procs, tmp_path = fleet
     refs = list(exported["refs"].values())
 
-    serials = {d: coordinator.assign(d, refs).serial for d in DEVICES}
+    serials = {d: coordinator.assign(d, refs, target=p).serial for d, p in DEVICES.items()}
     ok = wait_for_fleet(coordinator, serials, timeout=90)
 
     logs = {d: (tmp_path / f"{d}.log").read_text() for d in DEVICES}
@@ -72,7 +87,7 @@ def test_two_devices_fetch_verify_run_and_report_accuracy(fleet, exported, colle
     # Bad input on the desired topic: each is refused with an event; the device keeps serving.
     events = collector_factory(wire.device_topic("pi5-e2e", "events"), client_id="e2e-events")
     desired_topic = wire.device_topic("pi5-e2e", "desired")
-    good = json.loads(coordinator.assign("pi5-e2e", refs).encode())
+    good = json.loads(coordinator.assign("pi5-e2e", refs, target="rpi5").encode())
     wait_for_fleet(coordinator, {"pi5-e2e": good["serial"]}, timeout=30)
     bad_payloads = [
         b"\x00garbage",
@@ -81,21 +96,53 @@ def test_two_devices_fetch_verify_run_and_report_accuracy(fleet, exported, colle
         json.dumps({**good, "v": 99}).encode(),
         b"{" + b" " * wire.MAX_CONTROL_BYTES + b"}",
     ]
+    # ... and states that parse but break the trust rules.
+    key, state = coordinator.signing_key, wire.decode(wire.DesiredState, json.dumps(good).encode())
+    bad_payloads += [
+        json.dumps({**good, "serial": good["serial"] + 1}).encode(),  # altered after signing
+        replace(state, serial=state.serial + 1, signature="").encode(),
+        sign(replace(state, serial=state.serial + 1, expires=time.time() - 1), key).encode(),
+        sign(replace(state, serial=state.serial + 1, target="rpi4"), key).encode(),
+        sign(replace(state, serial=state.serial - 5), key).encode(),
+    ]
     for payload in bad_payloads:
         events.publish(desired_topic, payload)
     got = events.wait_for(lambda t, p: len(events.messages) >= len(bad_payloads), timeout=15)
     assert got
     codes = [wire.decode(wire.Event, p).code for _, p in events.messages]
-    assert codes == ["malformed", "invalid", "wrong-device", "version", "too-large"]
+    assert codes == [
+        "malformed",
+        "invalid",
+        "wrong-device",
+        "version",
+        "too-large",
+        "bad-signature",
+        "unsigned",
+        "expired",
+        "wrong-target",
+        "replayed",
+    ]
+    assert coordinator.reported["pi5-e2e"].serial == good["serial"]
 
-    # A stale desired state (older serial) is ignored; a newer one installs from the store.
-    events.publish(desired_topic, json.dumps({**good, "serial": good["serial"] - 5}).encode())
-    newer = coordinator.assign("pi5-e2e", refs)
+    # A newer state installs from the store.
+    newer = coordinator.assign("pi5-e2e", refs, target="rpi5")
     assert wait_for_fleet(coordinator, {"pi5-e2e": newer.serial}, timeout=30)
     report = coordinator.reported["pi5-e2e"]
     assert report.phase == "active" and report.accuracy > 0.9
     assert all(proc.poll() is None for proc in procs.values())
     assert coordinator.rejected == {}
+
+    # Restarted, a device applies the retained state it accepted before, and still refuses
+    # an older one (the newest serial it accepted is on its disk).
+    procs["pi4-e2e"].terminate()
+    procs["pi4-e2e"].wait(10)
+    restart = time.time()
+    procs["pi4-e2e"] = spawn("pi4-e2e", "rpi4", mosquitto.url, tmp_path, exported)
+    assert coordinator.wait_until(
+        lambda c: c.reported["pi4-e2e"].ts > restart and c.reported["pi4-e2e"].phase == "active",
+        60,
+    )
+    assert coordinator.reported["pi4-e2e"].serial == serials["pi4-e2e"]
 
 
 @pytest.mark.slow

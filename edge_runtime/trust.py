@@ -1,0 +1,123 @@
+"""Which desired states a device accepts: signed by the cloud's ed25519 key, not expired,
+aimed at this board's profile, and with a serial newer than any it accepted before.
+
+The signature covers the desired state's canonical JSON with an empty ``signature``
+field. The highest accepted serial and the digest of that state are kept in a small file
+in the device's store, so a replayed older state is refused across restarts, while the
+state already accepted is applied again after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from edge_runtime import protocol as wire
+from edge_runtime.artifacts import atomic_write
+from edge_runtime.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+def signed_bytes(desired: wire.DesiredState) -> bytes:
+    """What the signature covers: the state's JSON with the signature left empty."""
+    return replace(desired, signature="").encode()
+
+
+def load_public_key(path: Path):
+    """The cloud's ed25519 public key from a PEM file; ValueError naming the file if not."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable PEM public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path}: expected an ed25519 public key, got {type(key).__name__}")
+    return key
+
+
+class Gate:
+    """Checks desired states against the trust rules and remembers what it accepted.
+
+    ``public_key`` None accepts unsigned states (development only; the agent says so).
+    """
+
+    def __init__(
+        self,
+        public_key,
+        state_path: Path,
+        profile: str,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.public_key = public_key
+        self.state_path = Path(state_path)
+        self.profile = profile
+        self.clock = clock
+        self.serial, self.digest = self._load()
+
+    def _load(self) -> tuple[int, str]:
+        try:
+            data = json.loads(self.state_path.read_text())
+            return int(data["serial"]), str(data["digest"])
+        except FileNotFoundError:
+            return -1, ""
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Unreadable memory of past serials: refuse nothing older than we can prove.
+            log.error("%s is unreadable (%s); starting from serial -1", self.state_path, exc)
+            return -1, ""
+
+    def check(self, desired: wire.DesiredState) -> bool:
+        """ProtocolError (with a code) if ``desired`` must be refused. Returns True if it is
+        the state accepted last (apply it again only if it is not applied yet)."""
+        if self.public_key is not None:
+            self._verify(desired)
+        if desired.expires and desired.expires < self.clock():
+            raise ProtocolError(
+                f"expired at {desired.expires:.0f} (now {self.clock():.0f})",
+                field="expires",
+                code="expired",
+            )
+        if (desired.target or self.public_key is not None) and desired.target != self.profile:
+            raise ProtocolError(
+                f"targets profile {desired.target!r}, this device is {self.profile!r}",
+                field="target",
+                code="wrong-target",
+            )
+        digest = hashlib.sha256(signed_bytes(desired)).hexdigest()
+        if desired.serial == self.serial and digest == self.digest:
+            return True
+        if desired.serial <= self.serial:
+            raise ProtocolError(
+                f"serial {desired.serial} is not newer than {self.serial}, accepted before",
+                field="serial",
+                code="replayed",
+            )
+        return False
+
+    def _verify(self, desired: wire.DesiredState) -> None:
+        from cryptography.exceptions import InvalidSignature
+
+        if not desired.signature:
+            raise ProtocolError("this device accepts only signed states", code="unsigned")
+        try:
+            self.public_key.verify(bytes.fromhex(desired.signature), signed_bytes(desired))
+        except InvalidSignature:
+            raise ProtocolError(
+                "does not verify with the provisioned key", field="signature", code="bad-signature"
+            ) from None
+
+    def accept(self, desired: wire.DesiredState) -> None:
+        """Remember ``desired`` as the newest accepted state (on disk before it is used)."""
+        digest = hashlib.sha256(signed_bytes(desired)).hexdigest()
+        atomic_write(
+            self.state_path, json.dumps({"serial": desired.serial, "digest": digest}).encode()
+        )
+        self.serial, self.digest = desired.serial, digest
