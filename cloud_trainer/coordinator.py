@@ -171,7 +171,8 @@ class FleetCoordinator:
         size = self.chunk_size
         for index in range(request.first_chunk, -(-len(data) // size)):
             topic = wire.chunk_topic(request.device_id, request.sha256, index)
-            self.client.publish(topic, data[index * size : (index + 1) * size], qos=1)
+            chunk = wire.pack_chunk(data[index * size : (index + 1) * size])
+            self.client.publish(topic, chunk, qos=1)
         log.info(
             "sent %s to %s from chunk %d",
             request.sha256[:12],

@@ -215,7 +215,7 @@ class EdgeAgent:
         if kind == "desired":
             self._on_desired(wire.decode(wire.DesiredState, payload))
         elif kind == "chunks" and len(rest) == 2 and rest[1].isdigit():
-            self._on_chunk(rest[0], int(rest[1]), payload)
+            self._on_chunk(rest[0], int(rest[1]), wire.unpack_chunk(payload))
         else:
             raise ProtocolError(f"unexpected topic {topic[:200]!r}", field="topic")
 
@@ -243,7 +243,7 @@ class EdgeAgent:
             serial=desired.serial,
             detail=f"fetching {len(missing)} artifacts ({sum(r.size for r in missing)} bytes)",
         )
-        self._request_chunks(0)
+        self._continue_fetch()
 
     def _choose(self, desired: wire.DesiredState) -> tuple[str, list[wire.ArtifactRef]]:
         """The first backend of the profile's order that can run what is offered, and the
@@ -273,22 +273,30 @@ class EdgeAgent:
             return
         fetch.current.add(index, data)
         self._last_progress = self.clock()
-        if not fetch.current.complete:
-            return
-        self._set_report(phase="verifying", detail=f"verifying {fetch.current.ref.name}")
-        try:
-            fetch.current.finish()
-        except ArtifactError as exc:
-            self._fetch = None
-            self._set_report(phase="failed", detail=str(exc)[:1000])
-            raise
-        if fetch.pending:
+        if fetch.current.complete:
+            self._continue_fetch()
+
+    def _continue_fetch(self) -> None:
+        """Ask for the current download's first missing chunk (a resumed download starts
+        after the chunks already held); when it has them all, verify it and go on to the
+        next artifact, then install."""
+        fetch = self._fetch
+        assert fetch is not None
+        while fetch.current.complete:
+            self._set_report(phase="verifying", detail=f"verifying {fetch.current.ref.name}")
+            try:
+                fetch.current.finish()
+            except ArtifactError as exc:
+                self._fetch = None
+                self._set_report(phase="failed", detail=str(exc)[:1000])
+                raise
+            if not fetch.pending:
+                self._fetch = None
+                self._install(fetch.desired, fetch.refs, fetch.backend)
+                return
             fetch.current = self.store.download(fetch.pending.pop(0))
             self._set_report(phase="downloading", detail=f"fetching {fetch.current.ref.name}")
-            self._request_chunks(0)
-            return
-        self._fetch = None
-        self._install(fetch.desired, fetch.refs, fetch.backend)
+        self._request_chunks(fetch.current.missing()[0])
 
     def _install(
         self, desired: wire.DesiredState, refs: list[wire.ArtifactRef], backend: str
@@ -311,7 +319,7 @@ class EdgeAgent:
                 runner = ProgramRunner(
                     backend, self._backends[backend], refs[0], self.store.read(refs[0].sha256)
                 )
-            accuracy = runner.evaluate(self.eval_set)
+            accuracy, latency = self._health_check(runner)
         except (BackendError, ArtifactError, ProtocolError) as exc:
             self._set_report(phase="failed", detail=str(exc)[:1000])
             self._reject("install-failed", str(exc), self._topic("desired"))
@@ -326,15 +334,31 @@ class EdgeAgent:
             active=runner.active,
             backend=backend,
             accuracy=accuracy,
-            detail=runner.detail,
+            detail=f"{runner.detail}; {latency:.1f} ms per sample",
         )
         log.info(
-            "%s %s on %s (accuracy %s)",
+            "%s %s on %s (accuracy %s, %.1f ms per sample)",
             self.config.device_id,
             runner.detail,
             backend,
             "n/a" if accuracy is None else f"{accuracy:.4f}",
+            latency,
         )
+
+    def _health_check(self, runner: Runner) -> tuple[float | None, float]:
+        """Accuracy on the eval set (None without one) and single-sample latency; a runner
+        with non-finite outputs or over the profile's latency budget is closed and refused."""
+        try:
+            accuracy, latency = runner.evaluate(self.eval_set), runner.latency_ms()
+            budget = self.config.profile.budget.latency_ms
+            if latency > budget:
+                raise BackendError(
+                    f"health check: {latency:.1f} ms per sample, budget {budget:g} ms"
+                )
+        except Exception:
+            runner.close()
+            raise
+        return accuracy, latency
 
     def _check_stall(self) -> None:
         fetch = self._fetch

@@ -4,6 +4,7 @@ Layout under the store root::
 
     objects/<sha256>        complete, verified program files (never modified in place)
     partial/<sha256>.part   a download in progress, written at chunk offsets
+    partial/<sha256>.chunks the chunks written so far and their hashes (for resuming)
 """
 
 from __future__ import annotations
@@ -85,13 +86,38 @@ class ArtifactStore:
 
 
 class Download:
-    """Chunks of one artifact arriving in any order, written at their offsets."""
+    """Chunks of one artifact arriving in any order, written at their offsets.
+
+    Each chunk written is recorded with its hash in a journal beside the partial file, so
+    a download interrupted by a restart resumes with the chunks whose bytes still match.
+    """
 
     def __init__(self, store: ArtifactStore, ref: ArtifactRef) -> None:
         self.store = store
         self.ref = ref
         self.part = store.root / "partial" / f"{ref.sha256}.part"
-        self.received: set[int] = set()
+        self.journal = store.root / "partial" / f"{ref.sha256}.chunks"
+        self.received = self._resume()
+
+    def _expected_size(self, index: int) -> int:
+        return min(self.ref.chunk_size, self.ref.size - index * self.ref.chunk_size)
+
+    def _resume(self) -> set[int]:
+        try:
+            entries = self.journal.read_text().split()
+            fh = open(self.part, "rb")
+        except FileNotFoundError:
+            return set()
+        held = set()
+        with fh:
+            for entry in entries:
+                index, _, digest = entry.partition(":")
+                if not index.isdigit() or int(index) >= self.ref.chunk_count:
+                    continue  # a torn last line
+                fh.seek(int(index) * self.ref.chunk_size)
+                if sha256_bytes(fh.read(self._expected_size(int(index)))) == digest:
+                    held.add(int(index))
+        return held
 
     @property
     def complete(self) -> bool:
@@ -105,13 +131,21 @@ class Download:
         ref = self.ref
         if not 0 <= index < ref.chunk_count:
             raise ArtifactError(f"chunk {index} is outside 0..{ref.chunk_count - 1}")
-        want = min(ref.chunk_size, ref.size - index * ref.chunk_size)
+        want = self._expected_size(index)
         if len(data) != want:
             raise ArtifactError(f"chunk {index} has {len(data)} bytes, expected {want}")
+        if index in self.received:
+            return  # a duplicate delivery
         mode = "r+b" if self.part.exists() else "wb"
         with open(self.part, mode) as fh:
             fh.seek(index * ref.chunk_size)
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with open(self.journal, "a") as fh:
+            fh.write(f"{index}:{sha256_bytes(data)}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         self.received.add(index)
 
     def finish(self) -> Path:
@@ -123,6 +157,7 @@ class Download:
             fh.flush()
             os.fsync(fh.fileno())
         actual = sha256_file(self.part)
+        self.journal.unlink(missing_ok=True)
         if actual != self.ref.sha256:
             self.part.unlink(missing_ok=True)
             self.received.clear()

@@ -2,12 +2,14 @@
 
 Control messages are JSON objects ``{"v": 1, "type": ..., <fields>}``. Every message is
 checked field by field when it is built and when it is decoded; a bad one raises
-:class:`ProtocolError` naming the field. Artifact chunks travel as raw bytes on their own
-topic. The cloud imports this module too, so both ends share one definition.
+:class:`ProtocolError` naming the field. Artifact chunks travel on their own topic as
+their sha256 followed by their bytes. The cloud imports this module too, so both ends
+share one definition.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -57,6 +59,21 @@ def device_topic(device_id: str, kind: str) -> str:
 def chunk_topic(device_id: str, sha256: str, index: int | str = "+") -> str:
     """Where chunk ``index`` of artifact ``sha256`` travels to ``device_id``."""
     return f"{TOPIC_ROOT}/devices/{check_device_id(device_id)}/chunks/{sha256}/{index}"
+
+
+def pack_chunk(data: bytes) -> bytes:
+    """A chunk on the wire: the sha256 of its bytes, then the bytes."""
+    return hashlib.sha256(data).digest() + data
+
+
+def unpack_chunk(payload: bytes) -> bytes:
+    """The bytes of a chunk whose own hash matches; ProtocolError (``chunk-hash``) if not."""
+    digest, data = payload[:32], payload[32:]
+    if len(digest) < 32 or hashlib.sha256(data).digest() != digest:
+        raise ProtocolError(
+            f"chunk of {len(payload)} bytes does not match its hash", code="chunk-hash"
+        )
+    return data
 
 
 def rollout_topic(rollout_id: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -45,18 +46,29 @@ class Runner(ABC):
     def close(self) -> None:  # noqa: B027 - an optional hook, most runners hold nothing
         """Release what the runner holds."""
 
+    def _one_sample(self) -> np.ndarray:
+        shape = tuple(1 if d == -1 else d for d in self.input_spec.shape)
+        return np.zeros((1, *shape[1:]), self.input_spec.dtype)
+
     def evaluate(self, eval_set: tuple[np.ndarray, np.ndarray] | None) -> float | None:
         """Smoke-test; with an eval set, return the accuracy on it. BackendError if the
         outputs are not finite."""
-        if eval_set is None:
-            shape = tuple(1 if d == -1 else d for d in self.input_spec.shape)
-            x, y = np.zeros(shape, self.input_spec.dtype), None
-        else:
-            x, y = eval_set
+        x, y = eval_set if eval_set is not None else (self._one_sample(), None)
         scores = self.predict(x)
         if not np.isfinite(scores).all():
             raise BackendError("inference gave non-finite outputs")
         return None if y is None else float((scores.argmax(axis=1) == y).mean())
+
+    def latency_ms(self, runs: int = 5) -> float:
+        """Median time of one single-sample inference, after a warm-up call."""
+        x = self._one_sample()
+        self.predict(x)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.predict(x)
+            times.append((time.perf_counter() - start) * 1e3)
+        return float(np.median(times))
 
 
 class ProgramRunner(Runner):

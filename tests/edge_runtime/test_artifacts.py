@@ -67,3 +67,32 @@ def test_corruption_on_disk_is_detected_on_read(tmp_path):
         store.read(sha)
     with pytest.raises(ArtifactError, match="not in the store"):
         store.read("1" * 64)
+
+
+def test_an_interrupted_download_resumes_with_the_chunks_whose_bytes_still_match(tmp_path):
+    first = ArtifactStore(tmp_path).download(ref())
+    for index in (0, 1, 2):
+        first.add(index, chunks()[index])
+    part = bytearray(first.part.read_bytes())
+    part[1024 + 7] ^= 0xFF  # chunk 1 damaged on disk after it was written
+    first.part.write_bytes(bytes(part))
+    with open(first.journal, "a") as fh:
+        fh.write("3:deadb")  # a line torn by the crash
+
+    resumed = ArtifactStore(tmp_path).download(ref())  # a restarted agent
+
+    assert resumed.missing() == [1, 3, 4]
+    for index in resumed.missing():
+        resumed.add(index, chunks()[index])
+    assert resumed.finish().read_bytes() == DATA
+    assert not list((tmp_path / "partial").iterdir())
+
+
+def test_a_chunk_is_checked_against_its_own_hash():
+    payload = wire.pack_chunk(b"abc" * 100)
+
+    assert wire.unpack_chunk(payload) == b"abc" * 100
+    for bad in (payload[:-1], payload[:20], b"", payload[:40] + b"!" + payload[41:]):
+        with pytest.raises(wire.ProtocolError) as info:
+            wire.unpack_chunk(bad)
+        assert info.value.code == "chunk-hash"
