@@ -7,6 +7,10 @@ import signal
 import threading
 from pathlib import Path
 
+from broker.access import Access
+
+ACCESS = Path(".eclm/access")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("broker", help="run or configure the MQTT broker")
@@ -24,8 +28,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(config)
     config.set_defaults(func=_config)
 
+    access = cmds.add_parser("access", help="TLS certificates and per-device credentials")
+    access_cmds = access.add_subparsers(dest="access_cmd", required=True)
+    init = access_cmds.add_parser("init", help="create a CA, a server certificate, the cloud user")
+    init.add_argument("--dir", type=Path, default=ACCESS, help="where (default: %(default)s)")
+    init.add_argument(
+        "--hostname",
+        action="append",
+        dest="hosts",
+        help="a name or IP devices reach the broker by; repeat (default: 127.0.0.1, localhost)",
+    )
+    init.add_argument("--force", action="store_true", help="replace an existing setup")
+    init.set_defaults(func=_access_init)
+    add = access_cmds.add_parser("add", help="give a device (or user) a new password")
+    add.add_argument("user", help="the device id (its MQTT username)")
+    add.add_argument("--dir", type=Path, default=ACCESS, help="(default: %(default)s)")
+    add.set_defaults(func=_access_add)
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--access",
+        type=Path,
+        help="an access directory (eclm broker access init): TLS only, passwords, device ACLs",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback)")
     parser.add_argument("--port", type=int, default=1883, help="0 picks a free port")
     parser.add_argument(
@@ -45,12 +71,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from broker.launcher import Broker
 
+    access = Access(args.access).check() if args.access else None
     broker = Broker(
         kind=args.kind,
         host=args.host,
         port=args.port,
         data_dir=args.data_dir,
         max_packet_size=args.max_packet_size,
+        password_file=access.password_file if access else None,
+        tls=access.tls if access else None,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -76,10 +105,40 @@ def _run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     from broker.config import BrokerConfig, render_acl, render_mosquitto_conf
 
+    access = Access(args.access).check() if args.access else None
     config = BrokerConfig(
-        port=args.port, host=args.host, data_dir=args.data_dir, max_packet_size=args.max_packet_size
+        port=args.port,
+        host=args.host,
+        data_dir=args.data_dir,
+        max_packet_size=args.max_packet_size,
+        password_file=access.password_file if access else None,
+        tls=access.tls if access else None,
     )
     print(render_mosquitto_conf(config))
     print("# --- acl (used when a password file is configured) ---")
     print(render_acl(config))
+    return 0
+
+
+def _access_init(args: argparse.Namespace) -> int:
+    try:
+        access = Access(args.dir).init(tuple(args.hosts or ("127.0.0.1", "localhost")), args.force)
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from None
+    print(f"CA for devices: {access.tls.cafile} (its key {access.dir / 'ca.key'}: keep it safe)")
+    print(f"server certificate: {access.tls.certfile}")
+    print(f"cloud credentials: {access.dir / 'credentials' / 'cloud.json'}")
+    print(f"next: eclm broker access add DEVICE_ID; eclm broker run --access {access.dir}")
+    return 0
+
+
+def _access_add(args: argparse.Namespace) -> int:
+    access = Access(args.dir).check()
+    password = access.add_user(args.user)
+    print(f"{args.user}: password in {access.dir / 'credentials' / (args.user + '.json')}")
+    print(
+        f"on the board: eclm edge run --device-id {args.user} "
+        f"--broker mqtts://{args.user}:{password}@BROKER:PORT --cafile ca.pem ..."
+    )
+    print("(a running broker reads new passwords on SIGHUP or restart)")
     return 0

@@ -47,13 +47,13 @@ def render_mosquitto_conf(config: BrokerConfig) -> str:
     """The text of ``mosquitto.conf``; with a password file, ``acl`` goes beside it."""
     auth = ""
     if config.password_file:
-        acl = config.data_dir / "acl"
-        auth = f"password_file {config.password_file}\nacl_file {acl}"
+        acl = (config.data_dir / "acl").resolve()
+        auth = f"password_file {config.password_file.resolve()}\nacl_file {acl}"
     tls = ""
     if config.tls:
         tls = (
-            f"cafile {config.tls.cafile}\ncertfile {config.tls.certfile}\n"
-            f"keyfile {config.tls.keyfile}\nrequire_certificate false"
+            f"cafile {config.tls.cafile.resolve()}\ncertfile {config.tls.certfile.resolve()}\n"
+            f"keyfile {config.tls.keyfile.resolve()}\nrequire_certificate false"
         )
     return Template((TEMPLATES / "mosquitto.conf").read_text()).substitute(
         generated_at=time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -57,36 +57,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     select.set_defaults(func=_select)
 
     deploy = cmds.add_parser("deploy", help="select, export and deliver sub-models to devices")
-    deploy.add_argument("--broker", default="mqtt://127.0.0.1:1883")
-    deploy.add_argument("--model", type=Path, default=MODEL)
-    deploy.add_argument("--artifacts", type=Path, default=ARTIFACTS)
-    deploy.add_argument(
-        "--device",
-        action="append",
-        required=True,
-        dest="devices",
-        metavar="ID=PROFILE",
-        help="a device and its profile; repeat for several",
-    )
+    _broker_args(deploy)
+    _fleet_args(deploy)
     deploy.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for every device to be active"
     )
-    deploy.add_argument(
-        "--delivery",
-        choices=("modular", "fused"),
-        default="modular",
-        help="per-module programs and module sets, or one fused program",
-    )
-    deploy.add_argument(
-        "--signing-key",
-        type=Path,
-        default=KEYS / "signing.key",
-        help="sign desired states with this key (default: %(default)s)",
-    )
-    deploy.add_argument(
-        "--unsigned", action="store_true", help="send unsigned states (development boards only)"
-    )
     deploy.set_defaults(func=_deploy)
+
+    rollout = cmds.add_parser("rollout", help="staged rollouts: canary, waves, abort on failures")
+    rollout_cmds = rollout.add_subparsers(dest="rollout_cmd", required=True)
+    start = rollout_cmds.add_parser("start", help="roll a new sub-model out wave by wave")
+    start.add_argument("rollout_id", help="a name for this rollout (letters, digits, _ . -)")
+    _broker_args(start)
+    _fleet_args(start)
+    start.add_argument("--canary", type=int, default=1, help="devices in the first wave")
+    start.add_argument(
+        "--waves",
+        default="0.25,0.5,1",
+        help="cumulative share of the devices after each wave (default: %(default)s)",
+    )
+    start.add_argument("--max-failure-rate", type=float, default=0.2)
+    start.add_argument(
+        "--min-reports", type=int, default=2, help="devices that must answer before aborting"
+    )
+    start.add_argument("--wave-timeout", type=float, default=120.0, help="seconds per wave")
+    start.set_defaults(func=_rollout_start)
+    for name, func, text in (
+        ("status", _rollout_status, "print a rollout's state (retained on rollouts/ID)"),
+        ("abort", _rollout_abort, "ask the cloud running a rollout to abort it"),
+    ):
+        cmd = rollout_cmds.add_parser(name, help=text)
+        cmd.add_argument("rollout_id")
+        _broker_args(cmd)
+        cmd.set_defaults(func=func)
 
     keys = cmds.add_parser("keys", help="the ed25519 key pair that signs desired states")
     keys_cmds = keys.add_subparsers(dest="keys_cmd", required=True)
@@ -96,6 +99,128 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--dir", type=Path, default=KEYS, help="where (default: %(default)s)")
     init.add_argument("--force", action="store_true", help="replace an existing key pair")
     init.set_defaults(func=_keys_init)
+
+
+def _broker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        default="mqtt://127.0.0.1:1883",
+        help="mqtt[s]://[user:password@]host:port (default: %(default)s)",
+    )
+    parser.add_argument("--cafile", help="CA certificate for mqtts://")
+
+
+def _fleet_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--artifacts", type=Path, default=ARTIFACTS)
+    parser.add_argument(
+        "--device",
+        action="append",
+        required=True,
+        dest="devices",
+        metavar="ID=PROFILE",
+        help="a device and its profile; repeat for several",
+    )
+    parser.add_argument(
+        "--delivery",
+        choices=("modular", "fused"),
+        default="modular",
+        help="per-module programs and module sets, or one fused program",
+    )
+    parser.add_argument(
+        "--signing-key",
+        type=Path,
+        default=KEYS / "signing.key",
+        help="sign desired states with this key (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--unsigned", action="store_true", help="send unsigned states (development boards only)"
+    )
+
+
+def _coordinator(args: argparse.Namespace):
+    """A FleetCoordinator for the command's broker, signing unless ``--unsigned``."""
+    from cloud_trainer.coordinator import FleetCoordinator
+    from cloud_trainer.keys import load_signing_key
+    from edge_runtime.artifacts import ArtifactStore
+    from edge_runtime.mqtt import BrokerAddress
+
+    address = BrokerAddress.parse(args.broker, cafile=args.cafile)
+    key = None if args.unsigned else load_signing_key(args.signing_key)
+    return FleetCoordinator(address, ArtifactStore(args.artifacts), signing_key=key)
+
+
+def _client(args: argparse.Namespace):
+    """A plain connected MQTT client for a one-off look or request."""
+    import os
+
+    from edge_runtime.mqtt import BrokerAddress, connect, make_client
+
+    address = BrokerAddress.parse(args.broker, cafile=args.cafile)
+    client = make_client(f"eclm-cli-{os.getpid()}", address)
+    connect(client, address)
+    client.loop_start()
+    return client
+
+
+def _rollout_start(args: argparse.Namespace) -> int:
+    from cloud_trainer.rollout import Rollout, RolloutPlan
+
+    plan = RolloutPlan(
+        canary=args.canary,
+        waves=tuple(float(w) for w in args.waves.split(",")),
+        max_failure_rate=args.max_failure_rate,
+        min_reports=args.min_reports,
+        wave_timeout=args.wave_timeout,
+    )
+    devices = parse_devices(args.devices)
+    with _coordinator(args) as fc:
+        targets = plan_fleet(
+            args.model, args.artifacts, devices, modular=args.delivery == "modular"
+        )
+        final = Rollout(fc, args.rollout_id, targets, plan).run(
+            lambda line: print(line, flush=True)
+        )
+        print_fleet(fc, [d for d, _ in devices])
+    print(f"rollout {final.rollout_id}: {final.state} {final.reason}".rstrip())
+    return ExitCode.OK if final.state == "succeeded" else ExitCode.ABORTED
+
+
+def _rollout_status(args: argparse.Namespace) -> int:
+    import json
+    import threading
+
+    from edge_runtime import protocol as wire
+
+    topic = wire.rollout_topic(args.rollout_id)
+    got: list[bytes] = []
+    arrived = threading.Event()
+    client = _client(args)
+    client.on_message = lambda c, u, m: (got.append(m.payload), arrived.set())
+    client.subscribe(topic, qos=1)
+    arrived.wait(3)  # a retained state arrives at once
+    client.loop_stop()
+    client.disconnect()
+    if not got:
+        print(f"no rollout {args.rollout_id} on this broker")
+        return ExitCode.CONFIG
+    state = wire.decode(wire.RolloutState, got[0])
+    print(json.dumps(json.loads(state.encode()), indent=2))
+    return ExitCode.OK
+
+
+def _rollout_abort(args: argparse.Namespace) -> int:
+    from edge_runtime import protocol as wire
+
+    client = _client(args)
+    client.publish(wire.rollout_abort_topic(args.rollout_id), b"{}", qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+    print(
+        f"asked the cloud to abort rollout {args.rollout_id}; "
+        "it stops and returns the devices it reached"
+    )
+    return ExitCode.OK
 
 
 def parse_histogram(text: str | None):
@@ -176,15 +301,8 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from cloud_trainer.coordinator import FleetCoordinator
-    from cloud_trainer.keys import load_signing_key
-    from edge_runtime.artifacts import ArtifactStore
-    from edge_runtime.mqtt import BrokerAddress
-
     devices = parse_devices(args.devices)
-    key = None if args.unsigned else load_signing_key(args.signing_key)
-    address = BrokerAddress.parse(args.broker)
-    with FleetCoordinator(address, ArtifactStore(args.artifacts), signing_key=key) as fc:
+    with _coordinator(args) as fc:
         serials = deploy_fleet(
             fc, args.model, args.artifacts, devices, modular=args.delivery == "modular"
         )
@@ -206,21 +324,15 @@ def _keys_init(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def deploy_fleet(
-    fc,
-    model_dir: Path,
-    store_dir: Path,
-    devices: list[tuple[str, str]],
-    *,
-    modular: bool = False,
-) -> dict[str, int]:
-    """Select and export each device's sub-model and set its desired state: one fused
-    program, or (``modular``) per-module programs and the module sets it may switch
-    between as its resources change."""
+def plan_fleet(model_dir: Path, store_dir: Path, devices: list[tuple[str, str]], *, modular: bool):
+    """Select and export each device's sub-model: one fused program, or (``modular``)
+    per-module programs and the module sets it may switch between as its resources
+    change. Prints one line per device."""
     from cloud_trainer.pipeline import plan_device, plan_device_modular
+    from cloud_trainer.rollout import Target
     from device_profiles import load_profile
 
-    serials = {}
+    targets = {}
     for device_id, profile_name in devices:
         profile = load_profile(profile_name)
         budget = f"of {profile.budget.model_memory_kb} KB"
@@ -233,14 +345,24 @@ def deploy_fleet(
         else:
             selection, refs = plan_device(model_dir, store_dir, profile)
             options = ()
-            print(
-                f"{device_id} ({profile.name}): modules "
-                f"{list(map(list, selection.modules))}, "
-                f"{selection.cost.memory_kb:.0f} KB {budget}",
-                flush=True,
-            )
-        serials[device_id] = fc.assign(device_id, refs, options=options, target=profile.name).serial
-    return serials
+            modules = list(map(list, selection.modules))
+            kb = selection.cost.memory_kb
+            print(f"{device_id} ({profile.name}): modules {modules}, {kb:.0f} KB {budget}")
+        targets[device_id] = Target(tuple(refs), tuple(options), profile.name)
+    return targets
+
+
+def deploy_fleet(
+    fc, model_dir: Path, store_dir: Path, devices: list[tuple[str, str]], *, modular: bool = False
+) -> dict[str, int]:
+    """Plan each device's sub-model (see :func:`plan_fleet`) and set its desired state."""
+    targets = plan_fleet(model_dir, store_dir, devices, modular=modular)
+    return {
+        device_id: fc.assign(
+            device_id, list(t.artifacts), options=t.options, target=t.profile
+        ).serial
+        for device_id, t in targets.items()
+    }
 
 
 def wait_for_fleet(fc, serials: dict[str, int], timeout: float) -> bool:

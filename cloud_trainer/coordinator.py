@@ -41,6 +41,8 @@ class FleetCoordinator:
         self.store = store
         self.chunk_size = chunk_size
         self.reported: dict[str, wire.ReportedState] = {}
+        self.desired: dict[str, wire.DesiredState] = {}  # retained, as the broker holds it
+        self.abort_requests: set[str] = set()  # rollout ids an operator asked to abort
         self.online: dict[str, bool] = {}
         self.events: list[wire.Event] = []
         self.rejected: Counter[str] = Counter()
@@ -123,12 +125,20 @@ class FleetCoordinator:
         if reason_code.is_failure:
             log.error("broker refused the cloud connection: %s", reason_code)
             return
+        kinds = ("desired", "reported", "status", "fetch", "events")
         client.subscribe(
-            [(wire.all_devices_topic(k), 1) for k in ("reported", "status", "fetch", "events")]
+            [(wire.all_devices_topic(k), 1) for k in kinds] + [(wire.rollout_abort_topic("+"), 1)]
         )
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         try:
+            if msg.topic.startswith(f"{wire.TOPIC_ROOT}/rollouts/"):
+                rollout_id = msg.topic.split("/")[3]
+                log.warning("abort requested for rollout %s", rollout_id)
+                with self._changed:
+                    self.abort_requests.add(wire.check_device_id(rollout_id))
+                    self._changed.notify_all()
+                return
             device_id, kind, _ = wire.parse_device_topic(msg.topic)
             if kind == "fetch":
                 request = wire.decode(wire.FetchRequest, msg.payload)
@@ -136,7 +146,9 @@ class FleetCoordinator:
                 self._fetches.put(request)
                 return
             with self._changed:
-                if kind == "reported":
+                if kind == "desired":
+                    self.desired[device_id] = wire.decode(wire.DesiredState, msg.payload)
+                elif kind == "reported":
                     report = wire.decode(wire.ReportedState, msg.payload)
                     self._check_sender(report.device_id, device_id)
                     self.reported[device_id] = report

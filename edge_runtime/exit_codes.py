@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     CONFIG = 3
     BROKER_UNREACHABLE = 4
     TIMEOUT = 5
+    ABORTED = 6
     INTERRUPTED = 130
 
 
@@ -22,6 +23,7 @@ HELP: dict[ExitCode, str] = {
     ExitCode.CONFIG: "A profile, config or data file is invalid; the message names the field.",
     ExitCode.BROKER_UNREACHABLE: "The MQTT broker could not be reached or refused the login.",
     ExitCode.TIMEOUT: "Devices did not reach the desired state in time.",
+    ExitCode.ABORTED: "A rollout was aborted; the devices it reached got their previous state.",
     ExitCode.INTERRUPTED: "Stopped by Ctrl-C.",
 }
 

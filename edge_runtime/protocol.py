@@ -81,6 +81,11 @@ def rollout_topic(rollout_id: str) -> str:
     return f"{TOPIC_ROOT}/rollouts/{check_device_id(rollout_id)}"
 
 
+def rollout_abort_topic(rollout_id: str) -> str:
+    """Where an operator asks the cloud to abort rollout ``rollout_id``."""
+    return f"{rollout_topic(rollout_id)}/abort"
+
+
 def all_devices_topic(kind: str) -> str:
     """A wildcard subscription to one kind of topic of every device."""
     if kind not in DEVICE_KINDS:
@@ -410,4 +415,39 @@ class Event(Message):
             raise ProtocolError("must be 1-64 characters", field="code")
         if len(self.reason) > 2000 or len(self.topic) > 512:
             raise ProtocolError("too long", field="reason" if len(self.reason) > 2000 else "topic")
+        _check_ts(self.ts)
+
+
+ROLLOUT_STATES = ("running", "succeeded", "aborted")
+
+
+@dataclass(frozen=True)
+class RolloutState(Message):
+    """Where a rollout stands (retained on ``rollouts/{rollout_id}``)."""
+
+    type: ClassVar[str] = "rollout"
+    rollout_id: str
+    state: str
+    wave: int  # 0 = canary
+    devices: tuple[str, ...]  # every device the rollout targets
+    updated: tuple[str, ...] = ()  # given the new state so far
+    succeeded: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    reverted: tuple[str, ...] = ()
+    reason: str = ""
+    ts: float = field(default_factory=time.time)
+
+    def check(self) -> None:
+        check_device_id(self.rollout_id)
+        if self.state not in ROLLOUT_STATES:
+            raise ProtocolError(f"must be one of {ROLLOUT_STATES}", field="state")
+        if self.wave < 0:
+            raise ProtocolError("must be >= 0", field="wave")
+        if len(self.devices) > 1000:
+            raise ProtocolError("at most 1000 devices per rollout", field="devices")
+        for name in ("devices", "updated", "succeeded", "failed", "reverted"):
+            for device_id in getattr(self, name):
+                check_device_id(device_id)
+        if len(self.reason) > 2000:
+            raise ProtocolError("too long", field="reason")
         _check_ts(self.ts)

@@ -30,6 +30,9 @@ def test_the_commands_the_issues_name_exist():
         ("cloud", "export"),
         ("cloud", "deploy"),
         ("cloud", "keys", "init"),
+        ("cloud", "rollout", "start"),
+        ("cloud", "rollout", "status"),
+        ("cloud", "rollout", "abort"),
     } <= set(PATHS)
 
 

@@ -28,7 +28,7 @@ def test_an_interrupted_download_resumes_and_a_damaged_chunk_is_fetched_again(
         partial.add(index, data[index * ref.chunk_size : (index + 1) * ref.chunk_size])
 
     spy = collector_factory(
-        wire.device_topic(device, "fetch"), wire.device_topic(device, "events"), client_id="spy"
+        *(wire.device_topic(device, k) for k in ("fetch", "events", "status")), client_id="spy"
     )
     agent = EdgeAgent(
         AgentConfig(
@@ -42,6 +42,7 @@ def test_an_interrupted_download_resumes_and_a_damaged_chunk_is_fetched_again(
     ).start()
     coordinator = FleetCoordinator(address, ArtifactStore(exported["store"]), client_id="c-r")
     try:
+        assert spy.wait_for(lambda t, p: t.endswith("/status"))  # subscribed before this
         # A chunk that arrives damaged (a flipped byte) before the cloud sends anything.
         good = wire.pack_chunk(data[held * ref.chunk_size : (held + 1) * ref.chunk_size])
         spy.publish(wire.chunk_topic(device, ref.sha256, held), good[:-1] + b"\x00")

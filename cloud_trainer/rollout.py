@@ -1,0 +1,162 @@
+"""Staged rollouts: a canary first, then growing waves, stopped by failures.
+
+Each wave sets the new desired state of its devices and waits until every one of them
+reports it active or failed (a device that does not answer within the wave timeout counts
+as failed). Once at least ``min_reports`` devices have answered, a failure rate at or above
+``max_failure_rate`` aborts the rollout, and every device it updated gets its previous
+desired state back. The state is published, retained, on ``rollouts/{id}`` after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+
+from cloud_trainer.coordinator import FleetCoordinator
+from edge_runtime import protocol as wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    canary: int = 1  # devices in wave 0
+    waves: tuple[float, ...] = (0.25, 0.5, 1.0)  # cumulative share of the fleet after each
+    max_failure_rate: float = 0.2
+    min_reports: int = 2
+    wave_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.canary < 1:
+            raise ValueError(f"canary: must be >= 1, got {self.canary}")
+        if not self.waves or any(not 0 < w <= 1 for w in self.waves) or self.waves[-1] != 1:
+            raise ValueError(f"waves: shares in (0, 1] ending with 1, got {self.waves}")
+        if list(self.waves) != sorted(self.waves):
+            raise ValueError(f"waves: must grow, got {self.waves}")
+        if not 0 < self.max_failure_rate <= 1:
+            raise ValueError(f"max_failure_rate: must be in (0, 1], got {self.max_failure_rate}")
+
+    def batches(self, devices: list[str]) -> list[list[str]]:
+        """The devices of each wave, canary first; no wave is empty."""
+        cut = [min(self.canary, len(devices))]
+        cut += [max(cut[0], math.ceil(share * len(devices))) for share in self.waves]
+        bounds = sorted(set(cut))
+        return [devices[a:b] for a, b in zip([0, *bounds], bounds, strict=False) if b > a]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one device should run after the rollout."""
+
+    artifacts: tuple[wire.ArtifactRef, ...]
+    options: tuple[wire.ModuleSet, ...] = ()
+    profile: str = ""
+
+
+class Rollout:
+    """Drives one rollout through ``coordinator`` (which must be started)."""
+
+    def __init__(
+        self,
+        coordinator: FleetCoordinator,
+        rollout_id: str,
+        targets: dict[str, Target],
+        plan: RolloutPlan = RolloutPlan(),
+        *,
+        settle: float = 2.0,
+    ) -> None:
+        wire.check_device_id(rollout_id)
+        if not targets:
+            raise ValueError("a rollout needs at least one device")
+        self.fc = coordinator
+        self.plan = plan
+        self.targets = targets
+        # The broker hands the retained desired states over right after connecting.
+        coordinator.wait_until(lambda c: all(d in c.desired for d in targets), settle)
+        self.previous = {d: coordinator.desired.get(d) for d in targets}
+        self.state = wire.RolloutState(
+            rollout_id=rollout_id, state="running", wave=0, devices=tuple(targets)
+        )
+
+    def run(self, progress=print) -> wire.RolloutState:
+        """Roll out wave by wave; return the final state (succeeded or aborted)."""
+        self._publish()
+        for wave, batch in enumerate(self.plan.batches(list(self.targets))):
+            self.state = replace(self.state, wave=wave)
+            serials = {d: self._assign(d, self.targets[d]) for d in batch}
+            self.state = replace(self.state, updated=self.state.updated + tuple(batch))
+            self._publish()
+            self._wait(serials)
+            s = self.state
+            progress(
+                f"wave {wave}: {len(batch)} devices; {len(s.succeeded)} succeeded, "
+                f"{len(s.failed)} failed of {len(s.devices)}"
+            )
+            reason = self._should_abort()
+            if reason:
+                return self._abort(reason, progress)
+        self.state = replace(self.state, state="succeeded", reason="")
+        self._publish()
+        return self.state
+
+    def _assign(self, device_id: str, target: Target) -> int:
+        desired = self.fc.assign(
+            device_id, list(target.artifacts), options=target.options, target=target.profile
+        )
+        return desired.serial
+
+    def _wait(self, serials: dict[str, int]) -> None:
+        def answered(c: FleetCoordinator, device_id: str) -> str | None:
+            report = c.reported.get(device_id)
+            if report and report.serial == serials[device_id]:
+                return {"active": "ok", "failed": "failed"}.get(report.phase)
+            return None
+
+        rid = self.state.rollout_id
+        self.fc.wait_until(
+            lambda c: rid in c.abort_requests or all(answered(c, d) for d in serials),
+            self.plan.wave_timeout,
+        )
+        ok = tuple(d for d in serials if answered(self.fc, d) == "ok")
+        bad = tuple(d for d in serials if d not in ok)
+        self.state = replace(
+            self.state, succeeded=self.state.succeeded + ok, failed=self.state.failed + bad
+        )
+
+    def _should_abort(self) -> str:
+        if self.state.rollout_id in self.fc.abort_requests:
+            return "aborted by an operator"
+        s = self.state
+        reported = len(s.succeeded) + len(s.failed)
+        rate = len(s.failed) / reported if reported else 0.0
+        if reported >= self.plan.min_reports and rate >= self.plan.max_failure_rate:
+            return (
+                f"failure rate {rate:.0%} of {reported} devices reached the limit "
+                f"{self.plan.max_failure_rate:.0%} (failed: {', '.join(s.failed)})"
+            )
+        return ""
+
+    def _abort(self, reason: str, progress) -> wire.RolloutState:
+        progress(f"aborting: {reason}")
+        log.warning("rollout %s aborted: %s", self.state.rollout_id, reason)
+        reverted = []
+        for device_id in self.state.updated:
+            before = self.previous[device_id]
+            if before is None:
+                continue  # nothing ran there before; it keeps what it serves
+            self._assign(device_id, Target(before.artifacts, before.options, before.target))
+            reverted.append(device_id)
+        self.state = replace(
+            self.state, state="aborted", reason=reason[:2000], reverted=tuple(reverted)
+        )
+        self._publish()
+        progress(f"returned {len(reverted)} devices to their previous state")
+        return self.state
+
+    def _publish(self) -> None:
+        self.state = replace(self.state, ts=time.time())
+        self.fc.client.publish(
+            wire.rollout_topic(self.state.rollout_id), self.state.encode(), qos=1, retain=True
+        ).wait_for_publish(5)
