@@ -68,19 +68,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    """What `run` and `config` share: listener, limits and, with --access, TLS and logins."""
+    access = Access(args.access).check() if args.access else None
+    return {
+        "host": args.host,
+        "port": args.port,
+        "data_dir": args.data_dir,
+        "max_packet_size": args.max_packet_size,
+        "password_file": access.password_file if access else None,
+        "tls": access.tls if access else None,
+    }
+
+
 def _run(args: argparse.Namespace) -> int:
     from broker.launcher import Broker
 
-    access = Access(args.access).check() if args.access else None
-    broker = Broker(
-        kind=args.kind,
-        host=args.host,
-        port=args.port,
-        data_dir=args.data_dir,
-        max_packet_size=args.max_packet_size,
-        password_file=access.password_file if access else None,
-        tls=access.tls if access else None,
-    )
+    broker = Broker(kind=args.kind, **_settings(args))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with broker:
@@ -105,15 +109,7 @@ def _run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     from broker.config import BrokerConfig, render_acl, render_mosquitto_conf
 
-    access = Access(args.access).check() if args.access else None
-    config = BrokerConfig(
-        port=args.port,
-        host=args.host,
-        data_dir=args.data_dir,
-        max_packet_size=args.max_packet_size,
-        password_file=access.password_file if access else None,
-        tls=access.tls if access else None,
-    )
+    config = BrokerConfig(**_settings(args))
     print(render_mosquitto_conf(config))
     print("# --- acl (used when a password file is configured) ---")
     print(render_acl(config))

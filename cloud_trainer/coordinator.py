@@ -16,6 +16,7 @@ from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.errors import ProtocolError
 from edge_runtime.mqtt import BrokerAddress, connect, make_client
+from edge_runtime.trust import signed_bytes
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ class FleetCoordinator:
             return
         kinds = ("desired", "reported", "status", "fetch", "events")
         client.subscribe(
-            [(wire.all_devices_topic(k), 1) for k in kinds] + [(wire.rollout_abort_topic("+"), 1)]
+            [(wire.all_devices_topic(k), 1) for k in kinds]
+            + [(f"{wire.TOPIC_ROOT}/rollouts/+/abort", 1)]
         )
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
@@ -147,7 +149,10 @@ class FleetCoordinator:
                 return
             with self._changed:
                 if kind == "desired":
-                    self.desired[device_id] = wire.decode(wire.DesiredState, msg.payload)
+                    desired = wire.decode(wire.DesiredState, msg.payload)
+                    self._check_sender(desired.device_id, device_id)
+                    self._check_signed(desired)
+                    self.desired[device_id] = desired
                 elif kind == "reported":
                     report = wire.decode(wire.ReportedState, msg.payload)
                     self._check_sender(report.device_id, device_id)
@@ -162,6 +167,19 @@ class FleetCoordinator:
         except ProtocolError as exc:
             self.rejected[exc.code] += 1
             log.warning("rejected message on %s: %s", msg.topic[:200], exc)
+
+    def _check_signed(self, desired: wire.DesiredState) -> None:
+        """Only states this coordinator's key signed count as what a device had (a rollout
+        re-signs them when it rolls back)."""
+        if self.signing_key is None:
+            return
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            signature = bytes.fromhex(desired.signature)
+            self.signing_key.public_key().verify(signature, signed_bytes(desired))
+        except (ValueError, InvalidSignature):
+            raise ProtocolError("not signed by this cloud's key", code="bad-signature") from None
 
     @staticmethod
     def _check_sender(claimed: str, topic_device: str) -> None:

@@ -177,6 +177,7 @@ class EdgeAgent:
     # --- worker thread ------------------------------------------------------------------
 
     def _work(self) -> None:
+        self._restore()
         while True:
             try:
                 item = self._inbox.get(timeout=0.5)
@@ -329,6 +330,10 @@ class EdgeAgent:
             previous.close()
         self._applied_serial = desired.serial
         self._last_tick = self.clock()
+        try:  # what to serve after a restart, whatever the retained desired state says
+            atomic_write(self._active_path, desired.encode())
+        except OSError as exc:
+            log.warning("cannot save the active state: %s", exc)
         self._set_report(
             phase="active",
             active=runner.active,
@@ -344,6 +349,28 @@ class EdgeAgent:
             "n/a" if accuracy is None else f"{accuracy:.4f}",
             latency,
         )
+
+    @property
+    def _active_path(self) -> Path:
+        return self.store.root / "active.json"
+
+    def _restore(self) -> None:
+        """Serve the last state that passed its health check, before any new one arrives:
+        a restart (even in the middle of an update) comes back to a working set."""
+        try:
+            desired = wire.decode(wire.DesiredState, self._active_path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ProtocolError) as exc:
+            log.error("cannot restore the active state from %s: %s", self._active_path, exc)
+            return
+        try:
+            backend, refs = self._choose(desired)
+            if all(self.store.has(r.sha256) for r in refs):
+                log.info("restoring serial %d from %s", desired.serial, self._active_path)
+                self._install(desired, refs, backend)
+        except (ProtocolError, ArtifactError, BackendError) as exc:
+            log.error("cannot restore serial %d: %s", desired.serial, exc)
 
     def _health_check(self, runner: Runner) -> tuple[float | None, float]:
         """Accuracy on the eval set (None without one) and single-sample latency; a runner

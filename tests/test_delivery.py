@@ -2,6 +2,7 @@
 damaged on the way is refused and fetched again, and a program that does not pass its
 health check on the board is refused."""
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -86,6 +87,78 @@ def test_a_program_over_the_latency_budget_fails_its_health_check(exported, addr
         report = coordinator.reported["pi4-slow"]
         assert "health check" in report.detail and "budget 0.0001 ms" in report.detail
         assert report.active == () and agent.runner is None
+    finally:
+        agent.stop()
+        coordinator.stop()
+
+
+@pytest.mark.slow
+def test_a_restart_after_a_failed_update_comes_back_serving_the_last_good_set(
+    exported, address, tmp_path
+):
+    ref = exported["refs"]["tflite"]
+    x = np.load(exported["test_npz"])["x"][:4]
+    config, coordinator = _one_board("pi4-ab", exported, address, tmp_path)
+    agent = EdgeAgent(config).start()
+    try:
+        good = coordinator.assign("pi4-ab", [ref])
+        assert coordinator.wait_until(lambda c: _phase(c, "pi4-ab", good.serial) == "active", 60)
+        broken = coordinator.add_artifact("broken", b"\x01" * 3000, "tflite")
+        bad = coordinator.assign("pi4-ab", [broken])  # retained: a restart sees it again
+        assert coordinator.wait_until(lambda c: _phase(c, "pi4-ab", bad.serial) == "failed", 60)
+        expected = agent.predict(x)
+        agent.stop()
+
+        restarted = time.time()
+        agent = EdgeAgent(config).start()  # the same board, restarted
+
+        assert coordinator.wait_until(
+            lambda c: (
+                c.reported["pi4-ab"].ts > restarted and _phase(c, "pi4-ab", bad.serial) == "failed"
+            ),
+            60,
+        )
+        assert agent.runner is not None
+        np.testing.assert_allclose(agent.predict(x), expected, rtol=1e-5, atol=1e-5)
+        assert coordinator.reported["pi4-ab"].active == (ref.sha256,)
+    finally:
+        agent.stop()
+        coordinator.stop()
+
+
+def _one_board(device_id, exported, address, tmp_path):
+    """An rpi4 agent's config and a started coordinator serving the exported programs."""
+    config = AgentConfig(device_id, load_profile("rpi4"), address, tmp_path / device_id)
+    store = ArtifactStore(exported["store"])
+    return config, FleetCoordinator(address, store, client_id=f"c-{device_id}").start()
+
+
+def _phase(coordinator, device_id, serial):
+    report = coordinator.reported.get(device_id)
+    return report.phase if report and report.serial == serial else None
+
+
+@pytest.mark.slow
+def test_a_device_offline_while_its_desired_state_changes_converges_on_reconnect(
+    exported, address, tmp_path
+):
+    config, coordinator = _one_board("pi4-away", exported, address, tmp_path)
+    agent = EdgeAgent(config).start()
+    try:
+        first = coordinator.assign("pi4-away", [exported["refs"]["tflite"]])
+        assert coordinator.wait_until(lambda c: _phase(c, "pi4-away", first.serial) == "active", 60)
+        agent.stop()
+        assert coordinator.wait_until(lambda c: not c.online["pi4-away"], 10)
+        both = [exported["refs"]["tflite"], exported["refs"]["pte"]]
+        second = coordinator.assign("pi4-away", both)  # while the board is away
+
+        agent = EdgeAgent(config).start()
+
+        # The deadline the delivery issue sets for convergence after reconnecting.
+        assert coordinator.wait_until(
+            lambda c: _phase(c, "pi4-away", second.serial) == "active", 10
+        )
+        assert coordinator.online["pi4-away"]
     finally:
         agent.stop()
         coordinator.stop()

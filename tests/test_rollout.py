@@ -14,20 +14,18 @@ DEVICES = [f"fleet-{i}" for i in range(4)]
 PLAN = RolloutPlan(canary=1, waves=(0.5, 1.0), max_failure_rate=0.5, min_reports=2)
 
 
+def start_agents(devices, address, tmp_path):
+    """Real agents in this process, one per device id, serving LiteRT programs."""
+    profile = load_profile("rpi4")
+    return [
+        EdgeAgent(AgentConfig(d, profile, address, tmp_path / d, backend="litert")).start()
+        for d in devices
+    ]
+
+
 @pytest.fixture
 def fleet(exported, address, tmp_path):
-    agents = [
-        EdgeAgent(
-            AgentConfig(
-                device_id=d,
-                profile=load_profile("rpi4"),
-                broker=address,
-                store_dir=tmp_path / d,
-                backend="litert",
-            )
-        ).start()
-        for d in DEVICES
-    ]
+    agents = start_agents(DEVICES, address, tmp_path)
     coordinator = FleetCoordinator(
         address, ArtifactStore(exported["store"]), client_id="cloud-rollout"
     ).start()
@@ -104,3 +102,52 @@ def test_an_operator_abort_stops_the_rollout_after_the_current_wave(fleet, colle
 
     assert final.state == "aborted" and final.reason == "aborted by an operator"
     assert final.updated == (DEVICES[0],) and final.reverted == (DEVICES[0],)
+
+
+@pytest.mark.slow
+def test_twenty_devices_with_thirty_percent_failing_abort_and_roll_back(
+    exported, address, tmp_path
+):
+    devices = [f"wide-{i:02d}" for i in range(20)]
+    failing = set(devices[2::3][:6])  # 30%, spread over the fleet
+    agents = start_agents(devices, address, tmp_path)
+    coordinator = FleetCoordinator(
+        address, ArtifactStore(exported["store"]), client_id="cloud-wide"
+    ).start()
+    try:
+        v1 = exported["refs"]["tflite"]
+        before = {d: coordinator.assign(d, [v1]).serial for d in devices}
+        assert coordinator.wait_until(
+            lambda c: all(_active_on(c, d, s) for d, s in before.items()), 90
+        )
+        broken = coordinator.add_artifact("broken", b"\x00" * 4096, "tflite")
+        targets = {d: Target((broken if d in failing else v1,)) for d in devices}
+        plan = RolloutPlan(canary=1, waves=(0.25, 0.5, 1.0), max_failure_rate=0.2, min_reports=3)
+
+        final = Rollout(coordinator, "wide-1", targets, plan).run(lambda line: None)
+
+        started = set(final.updated)
+        assert final.state == "aborted" and final.wave == 1
+        assert started == set(devices[:5]) and set(final.failed) == started & failing
+        assert set(final.reverted) == started
+        assert coordinator.wait_until(
+            lambda c: all(
+                c.reported[d].serial > before[d] and c.reported[d].phase == "active"
+                for d in started
+            ),
+            30,
+        )
+        for d in devices:
+            assert coordinator.reported[d].active == (v1.sha256,), d
+            if d not in started:  # outside the waves that started: nothing new arrived
+                assert coordinator.reported[d].serial == before[d]
+                assert coordinator.desired[d].serial == before[d]
+    finally:
+        coordinator.stop()
+        for agent in agents:
+            agent.stop()
+
+
+def _active_on(coordinator, device_id, serial):
+    report = coordinator.reported.get(device_id)
+    return report is not None and report.serial == serial and report.phase == "active"
