@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start = rollout_cmds.add_parser("start", help="roll a new sub-model out wave by wave")
     start.add_argument("rollout_id", help="a name for this rollout (letters, digits, _ . -)")
     _broker_args(start)
-    _fleet_args(start)
+    _fleet_args(start, by_profile=True)
     start.add_argument("--canary", type=int, default=1, help="devices in the first wave")
     start.add_argument(
         "--waves",
@@ -110,17 +110,25 @@ def _broker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cafile", help="CA certificate for mqtts://")
 
 
-def _fleet_args(parser: argparse.ArgumentParser) -> None:
+def _fleet_args(parser: argparse.ArgumentParser, *, by_profile: bool = False) -> None:
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--artifacts", type=Path, default=ARTIFACTS)
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--device",
         action="append",
-        required=True,
         dest="devices",
         metavar="ID=PROFILE",
         help="a device and its profile; repeat for several",
     )
+    if by_profile:
+        which.add_argument(
+            "--profile",
+            action="append",
+            dest="profiles",
+            metavar="NAME",
+            help="every device that last reported this profile; repeat for several",
+        )
     parser.add_argument(
         "--delivery",
         choices=("modular", "fused"),
@@ -173,8 +181,10 @@ def _rollout_start(args: argparse.Namespace) -> int:
         min_reports=args.min_reports,
         wave_timeout=args.wave_timeout,
     )
-    devices = parse_devices(args.devices)
     with _coordinator(args) as fc:
+        devices = parse_devices(args.devices) if args.devices else reporting(fc, args.profiles)
+        if not devices:
+            raise ValueError(f"no device on this broker has reported profile {args.profiles}")
         targets = plan_fleet(
             args.model, args.artifacts, devices, modular=args.delivery == "modular"
         )
@@ -184,6 +194,14 @@ def _rollout_start(args: argparse.Namespace) -> int:
         print_fleet(fc, [d for d, _ in devices])
     print(f"rollout {final.rollout_id}: {final.state} {final.reason}".rstrip())
     return ExitCode.OK if final.state == "succeeded" else ExitCode.ABORTED
+
+
+def reporting(fc, profiles: list[str], settle: float = 2.0) -> list[tuple[str, str]]:
+    """(device, profile) of every device whose retained report names one of ``profiles``."""
+    import time
+
+    time.sleep(settle)  # retained reports arrive right after connecting
+    return sorted((d, r.profile) for d, r in fc.reported.items() if r.profile in profiles)
 
 
 def _rollout_status(args: argparse.Namespace) -> int:

@@ -132,7 +132,6 @@ def test_two_devices_fetch_verify_run_and_report_accuracy(
     assert all(proc.poll() is None for proc in procs.values())
     # The cloud saw the same junk on the desired topic and kept only what it signed.
     assert coordinator.desired["pi5-e2e"] == newer
-    assert coordinator.rejected["bad-signature"] == 2 and coordinator.rejected["malformed"] == 1
 
     # Restarted, a device applies the retained state it accepted before, and still refuses
     # an older one (the newest serial it accepted is on its disk).

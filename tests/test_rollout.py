@@ -151,3 +151,25 @@ def test_twenty_devices_with_thirty_percent_failing_abort_and_roll_back(
 def _active_on(coordinator, device_id, serial):
     report = coordinator.reported.get(device_id)
     return report is not None and report.serial == serial and report.phase == "active"
+
+
+@pytest.mark.slow
+def test_the_cli_rolls_out_to_every_device_of_a_profile_and_reports_it(
+    fleet, modular, mosquitto, capsys
+):
+    from eclm.cli import main
+
+    coordinator, _, before = fleet
+    common = ["--broker", mosquitto.url]
+    start = ["cloud", "rollout", "start", "cli-1", *common, "--model", str(modular["model_dir"])]
+    start += ["--artifacts", str(modular["store"]), "--profile", "rpi4", "--unsigned"]
+
+    assert main([*start, "--delivery", "fused", "--waves", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "wave 1: 3 devices; 4 succeeded, 0 failed of 4" in out
+    assert "rollout cli-1: succeeded" in out
+    assert all(coordinator.reported[d].serial > before[d] for d in DEVICES)
+
+    assert main(["cloud", "rollout", "status", "cli-1", *common]) == 0
+    assert '"state": "succeeded"' in capsys.readouterr().out
+    assert main(["cloud", "rollout", "status", "nothing-here", *common]) == 3
