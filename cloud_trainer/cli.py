@@ -127,7 +127,7 @@ def _fleet_args(parser: argparse.ArgumentParser, *, by_profile: bool = False) ->
             action="append",
             dest="profiles",
             metavar="NAME",
-            help="every device that last reported this profile; repeat for several",
+            help="every online device that reported this profile; repeat for several",
         )
     parser.add_argument(
         "--delivery",
@@ -197,11 +197,14 @@ def _rollout_start(args: argparse.Namespace) -> int:
 
 
 def reporting(fc, profiles: list[str], settle: float = 2.0) -> list[tuple[str, str]]:
-    """(device, profile) of every device whose retained report names one of ``profiles``."""
+    """(device, profile) of every online device whose retained report names one of
+    ``profiles`` (offline ones would only count as failures; they converge later)."""
     import time
 
-    time.sleep(settle)  # retained reports arrive right after connecting
-    return sorted((d, r.profile) for d, r in fc.reported.items() if r.profile in profiles)
+    time.sleep(settle)  # retained reports and statuses arrive right after connecting
+    return sorted(
+        (d, r.profile) for d, r in fc.reported.items() if r.profile in profiles and fc.online.get(d)
+    )
 
 
 def _rollout_status(args: argparse.Namespace) -> int:
