@@ -47,6 +47,7 @@ class FleetCoordinator:
         self.online: dict[str, bool] = {}
         self.events: list[wire.Event] = []
         self.rejected: Counter[str] = Counter()
+        self.chunks_sent = 0
         self._serial = int(time.time() * 1000)  # grows across restarts without stored state
         self._changed = threading.Condition()
         self._fetches: queue.Queue[wire.FetchRequest | None] = queue.Queue()
@@ -197,15 +198,17 @@ class FleetCoordinator:
         if not self.store.has(request.sha256):
             log.warning("%s asked for unknown artifact %s", request.device_id, request.sha256[:12])
             return
-        data = self.store.read(request.sha256)
-        size = self.chunk_size
-        for index in range(request.first_chunk, -(-len(data) // size)):
-            topic = wire.chunk_topic(request.device_id, request.sha256, index)
-            chunk = wire.pack_chunk(data[index * size : (index + 1) * size])
-            self.client.publish(topic, chunk, qos=1)
-        log.info(
-            "sent %s to %s from chunk %d",
-            request.sha256[:12],
-            request.device_id,
+        size, sha = self.chunk_size, request.sha256
+        total = -(-self.store.path(sha).stat().st_size // size)
+        last = total if request.count == 0 else min(total, request.first_chunk + request.count)
+        for index in range(request.first_chunk, last):
+            chunk = wire.pack_chunk(self.store.read_chunk(sha, index, size))
+            self.client.publish(wire.chunk_topic(request.device_id, sha, index), chunk, qos=1)
+            self.chunks_sent += 1
+        log.debug(
+            "sent chunks %d..%d of %s to %s",
             request.first_chunk,
+            last - 1,
+            sha[:12],
+            request.device_id,
         )

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +49,14 @@ class AgentConfig:
     eval_data: Path | None = None
     backend: str | None = None
     fetch_timeout: float = 10.0
+    fetch_window: int = 2  # chunks asked for and not yet arrived: what a cut can cost
     policy_interval: float = 5.0  # seconds between resource readings
     trust_key: Path | None = None  # the cloud's public key; None accepts unsigned states
 
     def __post_init__(self) -> None:
         wire.check_device_id(self.device_id)
+        if self.fetch_window < 1:
+            raise ValueError(f"fetch_window: must be >= 1, got {self.fetch_window}")
 
 
 @dataclass
@@ -65,6 +68,8 @@ class _Fetch:
     refs: list[wire.ArtifactRef]
     pending: list[wire.ArtifactRef]
     current: Download
+    asked: list[int] = field(default_factory=list)  # chunks of ``current`` on their way
+    queue: list[int] = field(default_factory=list)  # chunks of ``current`` not asked for
 
 
 class EdgeAgent:
@@ -99,6 +104,8 @@ class EdgeAgent:
             phase="idle",
         )
         self._applied_serial = -1
+        self._active_shas: set[str] = set()
+        self.duplicate_chunks = 0  # chunks that arrived again (after a cut, say)
         self._fetch: _Fetch | None = None
         self._last_progress = 0.0
         self._last_tick = 0.0
@@ -272,15 +279,17 @@ class EdgeAgent:
         if fetch is None or fetch.current.ref.sha256 != sha:
             log.debug("chunk %d of %s arrived with no download for it", index, sha[:12])
             return
-        fetch.current.add(index, data)
+        if not fetch.current.add(index, data):
+            self.duplicate_chunks += 1
         self._last_progress = self.clock()
-        if fetch.current.complete:
-            self._continue_fetch()
+        if index in fetch.asked:
+            fetch.asked.remove(index)
+        self._continue_fetch()
 
     def _continue_fetch(self) -> None:
-        """Ask for the current download's first missing chunk (a resumed download starts
-        after the chunks already held); when it has them all, verify it and go on to the
-        next artifact, then install."""
+        """Keep ``fetch_window`` chunks of the current download on their way (a resumed
+        download asks only for the chunks it lacks); when it has them all, verify it and go
+        on to the next artifact, then install."""
         fetch = self._fetch
         assert fetch is not None
         while fetch.current.complete:
@@ -296,8 +305,15 @@ class EdgeAgent:
                 self._install(fetch.desired, fetch.refs, fetch.backend)
                 return
             fetch.current = self.store.download(fetch.pending.pop(0))
+            fetch.asked, fetch.queue = [], []
             self._set_report(phase="downloading", detail=f"fetching {fetch.current.ref.name}")
-        self._request_chunks(fetch.current.missing()[0])
+        if not fetch.asked and not fetch.queue:
+            fetch.queue = fetch.current.missing()
+        while len(fetch.asked) < self.config.fetch_window and fetch.queue:
+            index = fetch.queue.pop(0)
+            if index not in fetch.current.received:
+                self._request_chunk(index)
+                fetch.asked.append(index)
 
     def _install(
         self, desired: wire.DesiredState, refs: list[wire.ArtifactRef], backend: str
@@ -334,6 +350,12 @@ class EdgeAgent:
             atomic_write(self._active_path, desired.encode())
         except OSError as exc:
             log.warning("cannot save the active state: %s", exc)
+        else:  # keep this set and the one before it (a rollback needs no download)
+            shas = {r.sha256 for r in refs}
+            removed = self.store.prune(shas | self._active_shas)
+            self._active_shas = shas
+            if removed:
+                log.info("removed %d artifacts no longer needed", len(removed))
         self._set_report(
             phase="active",
             active=runner.active,
@@ -368,6 +390,8 @@ class EdgeAgent:
             backend, refs = self._choose(desired)
             if all(self.store.has(r.sha256) for r in refs):
                 log.info("restoring serial %d from %s", desired.serial, self._active_path)
+                # Nothing held is pruned yet: what arrived for the next state stays.
+                self._active_shas = self.store.names()
                 self._install(desired, refs, backend)
         except (ProtocolError, ArtifactError, BackendError) as exc:
             log.error("cannot restore serial %d: %s", desired.serial, exc)
@@ -390,20 +414,22 @@ class EdgeAgent:
     def _check_stall(self) -> None:
         fetch = self._fetch
         if fetch and self.clock() - self._last_progress > self.config.fetch_timeout:
-            missing = fetch.current.missing()
             log.warning(
-                "download of %s stalled; asking again from chunk %d",
+                "download of %s stalled; asking again for chunks %s",
                 fetch.current.ref.name,
-                missing[0],
+                fetch.asked,
             )
-            self._request_chunks(missing[0])
+            for index in fetch.asked:
+                self._request_chunk(index)
+            self._last_progress = self.clock()
 
-    def _request_chunks(self, first: int) -> None:
+    def _request_chunk(self, index: int) -> None:
         assert self._fetch is not None
         request = wire.FetchRequest(
             device_id=self.config.device_id,
             sha256=self._fetch.current.ref.sha256,
-            first_chunk=first,
+            first_chunk=index,
+            count=1,
         )
         self.client.publish(self._topic("fetch"), request.encode(), qos=1)
         self._last_progress = self.clock()

@@ -80,6 +80,28 @@ class ArtifactStore:
             raise ArtifactError(f"artifact {sha256[:12]} is corrupt on disk (hash mismatch)")
         return data
 
+    def names(self) -> set[str]:
+        """The sha256 of every complete artifact held."""
+        return {path.name for path in (self.root / "objects").iterdir()}
+
+    def prune(self, keep: set[str]) -> list[str]:
+        """Delete every complete artifact not named in ``keep`` (partial downloads stay, to
+        be resumed); return the names deleted."""
+        removed = sorted(self.names() - keep)
+        for name in removed:
+            self.path(name).unlink(missing_ok=True)
+        return removed
+
+    def read_chunk(self, sha256: str, index: int, chunk_size: int) -> bytes:
+        """Chunk ``index`` of an artifact, read without hashing the whole file (the device
+        checks each chunk's hash and the whole file's); empty past the end."""
+        try:
+            with open(self.path(sha256), "rb") as fh:
+                fh.seek(index * chunk_size)
+                return fh.read(chunk_size)
+        except FileNotFoundError:
+            raise ArtifactError(f"artifact {sha256[:12]} is not in the store") from None
+
     def download(self, ref: ArtifactRef) -> Download:
         """Start or resume the chunked download of ``ref``."""
         return Download(self, ref)
@@ -126,8 +148,9 @@ class Download:
     def missing(self) -> list[int]:
         return [i for i in range(self.ref.chunk_count) if i not in self.received]
 
-    def add(self, index: int, data: bytes) -> None:
-        """Write chunk ``index``; ArtifactError if it lies outside the declared size."""
+    def add(self, index: int, data: bytes) -> bool:
+        """Write chunk ``index``; False if it was already held. ArtifactError if it lies
+        outside the declared size."""
         ref = self.ref
         if not 0 <= index < ref.chunk_count:
             raise ArtifactError(f"chunk {index} is outside 0..{ref.chunk_count - 1}")
@@ -135,7 +158,7 @@ class Download:
         if len(data) != want:
             raise ArtifactError(f"chunk {index} has {len(data)} bytes, expected {want}")
         if index in self.received:
-            return  # a duplicate delivery
+            return False  # a duplicate delivery
         mode = "r+b" if self.part.exists() else "wb"
         with open(self.part, mode) as fh:
             fh.seek(index * ref.chunk_size)
@@ -147,6 +170,7 @@ class Download:
             fh.flush()
             os.fsync(fh.fileno())
         self.received.add(index)
+        return True
 
     def finish(self) -> Path:
         """Verify the whole file's hash and move it into the store."""

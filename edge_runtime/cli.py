@@ -24,7 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--device-id", required=True, help="this device's id (its MQTT identity)")
     run.add_argument("--cafile", help="CA certificate for mqtts://")
-    run.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
+    run.add_argument(
+        "--store",
+        type=Path,
+        help="the agent's own artifact store; it deletes what it no longer needs "
+        "(default: .eclm/<device-id>)",
+    )
     run.add_argument("--eval-data", type=Path, help=".npz with x, y to report accuracy on")
     run.add_argument(
         "--trust-key",

@@ -384,18 +384,22 @@ class Status(Message):
 
 @dataclass(frozen=True)
 class FetchRequest(Message):
-    """A device asks for the chunks of one artifact, from ``first_chunk`` on."""
+    """A device asks for ``count`` chunks of one artifact from ``first_chunk`` on (0: all
+    the rest). Devices ask for a few at a time, so a cut connection costs a few chunks."""
 
     type: ClassVar[str] = "fetch"
     device_id: str
     sha256: str
     first_chunk: int = 0
+    count: int = 0
 
     def check(self) -> None:
         check_device_id(self.device_id)
         _check_sha(self.sha256, "sha256")
         if self.first_chunk < 0:
             raise ProtocolError("must be >= 0", field="first_chunk")
+        if self.count < 0:
+            raise ProtocolError("must be >= 0", field="count")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,95 @@
+"""A 20 MB program through a broker that takes packets of 256 KiB at most, once over a
+steady link and once over one cut five times: a cut costs at most two chunks sent again."""
+
+import threading
+
+import pytest
+import torch
+from netproxy import CutProxy
+from torch import nn
+
+from cloud_trainer.coordinator import FleetCoordinator
+from cloud_trainer.export import export_litert
+from device_profiles import load_profile
+from edge_runtime.agent import AgentConfig, EdgeAgent
+from edge_runtime.artifacts import ArtifactStore
+from edge_runtime.mqtt import BrokerAddress
+
+CHUNK = 128 * 1024
+
+
+def big_program(seed: int) -> bytes:
+    """A real LiteRT program of about 22 MB (a wide MLP on 8x8 digits)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(64, 2304), nn.ReLU(), nn.Linear(2304, 2304), nn.Linear(2304, 10))
+    return export_litert(net, torch.zeros(1, 64), name=f"wide-{seed}")
+
+
+def cut_while_downloading(agent: EdgeAgent, proxy: CutProxy, chunks: int, cuts: int) -> None:
+    """Cut the link each time another 1/(cuts+2) of the chunks has arrived."""
+    for k in range(1, cuts + 1):
+        while True:
+            fetch = agent._fetch
+            if fetch is not None and len(fetch.current.received) >= k * chunks // (cuts + 2):
+                break
+            threading.Event().wait(0.005)
+        proxy.cut()
+
+
+@pytest.mark.slow
+def test_a_20_mb_program_arrives_whole_through_a_steady_and_a_cut_link(
+    mosquitto, address, tmp_path
+):
+    conf = (mosquitto.data_dir / "mosquitto.conf").read_text()
+    assert "max_packet_size 262144" in conf
+    programs = [big_program(seed) for seed in (0, 1)]
+    assert all(len(p) >= 20_000_000 for p in programs)
+    proxy = CutProxy(address.port)
+    coordinator = FleetCoordinator(
+        address, ArtifactStore(tmp_path / "cloud"), client_id="c-big", chunk_size=CHUNK
+    ).start()
+    agent = EdgeAgent(
+        AgentConfig(
+            "pi4-big",
+            load_profile("rpi4"),
+            BrokerAddress("127.0.0.1", proxy.port),
+            tmp_path / "device",
+            backend="litert",
+        )
+    ).start()
+    try:
+        results = []
+        for program, cuts in zip(programs, (0, 5), strict=True):
+            ref = coordinator.add_artifact(f"wide-{cuts}.tflite", program, "tflite")
+            sent_before, duplicates_before = coordinator.chunks_sent, agent.duplicate_chunks
+            cutter = threading.Thread(
+                target=cut_while_downloading, args=(agent, proxy, ref.chunk_count, cuts)
+            )
+            desired = coordinator.assign("pi4-big", [ref])
+            cutter.start()
+            assert coordinator.wait_until(
+                lambda c, s=desired.serial: (
+                    (r := c.reported.get("pi4-big")) is not None
+                    and r.serial == s
+                    and r.phase == "active"
+                ),
+                120,
+            ), coordinator.reported.get("pi4-big")
+            cutter.join()
+            assert agent.report.active == (ref.sha256,)
+            assert agent.store.read(ref.sha256) == program
+            results.append(
+                (
+                    coordinator.chunks_sent - sent_before - ref.chunk_count,
+                    agent.duplicate_chunks - duplicates_before,
+                )
+            )
+        assert results[0] == (0, 0)
+        assert proxy.cuts == 5
+        resent, duplicated = results[1]
+        print(f"5 cuts over {ref.chunk_count} chunks: {resent} re-sent, {duplicated} duplicated")
+        assert resent <= 2 * proxy.cuts and duplicated <= 2 * proxy.cuts
+    finally:
+        agent.stop()
+        coordinator.stop()
+        proxy.close()
