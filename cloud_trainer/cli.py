@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     start = rollout_cmds.add_parser("start", help="roll a new sub-model out wave by wave")
     start.add_argument("rollout_id", help="a name for this rollout (letters, digits, _ . -)")
     _broker_args(start)
-    _fleet_args(start, by_profile=True)
+    _fleet_args(start, by_report=True)
     start.add_argument("--canary", type=int, default=1, help="devices in the first wave")
     start.add_argument(
         "--waves",
@@ -110,24 +110,32 @@ def _broker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cafile", help="CA certificate for mqtts://")
 
 
-def _fleet_args(parser: argparse.ArgumentParser, *, by_profile: bool = False) -> None:
+def _fleet_args(parser: argparse.ArgumentParser, *, by_report: bool = False) -> None:
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--artifacts", type=Path, default=ARTIFACTS)
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument(
+    parser.add_argument(
         "--device",
         action="append",
         dest="devices",
         metavar="ID=PROFILE",
+        required=not by_report,
         help="a device and its profile; repeat for several",
     )
-    if by_profile:
-        which.add_argument(
+    if by_report:
+        parser.add_argument(
             "--profile",
             action="append",
             dest="profiles",
             metavar="NAME",
             help="every online device that reported this profile; repeat for several",
+        )
+        parser.add_argument(
+            "--label",
+            action="append",
+            dest="labels",
+            metavar="KEY=VALUE",
+            help="only online devices that carry this label (eclm edge run --label); "
+            "repeat to require several",
         )
     parser.add_argument(
         "--delivery",
@@ -174,6 +182,8 @@ def _client(args: argparse.Namespace):
 def _rollout_start(args: argparse.Namespace) -> int:
     from cloud_trainer.rollout import Rollout, RolloutPlan
 
+    if bool(args.devices) == bool(args.profiles or args.labels):
+        raise ValueError("name devices with --device ID=PROFILE, or pick them by --profile/--label")
     plan = RolloutPlan(
         canary=args.canary,
         waves=tuple(float(w) for w in args.waves.split(",")),
@@ -182,9 +192,15 @@ def _rollout_start(args: argparse.Namespace) -> int:
         wave_timeout=args.wave_timeout,
     )
     with _coordinator(args) as fc:
-        devices = parse_devices(args.devices) if args.devices else reporting(fc, args.profiles)
+        if args.devices:
+            devices = parse_devices(args.devices)
+        else:
+            devices = reporting(fc, args.profiles, args.labels)
         if not devices:
-            raise ValueError(f"no device on this broker has reported profile {args.profiles}")
+            raise ValueError(
+                f"no online device reported profile {args.profiles or 'any'} "
+                f"with labels {args.labels or 'any'}"
+            )
         targets = plan_fleet(
             args.model, args.artifacts, devices, modular=args.delivery == "modular"
         )
@@ -196,14 +212,21 @@ def _rollout_start(args: argparse.Namespace) -> int:
     return ExitCode.OK if final.state == "succeeded" else ExitCode.ABORTED
 
 
-def reporting(fc, profiles: list[str], settle: float = 2.0) -> list[tuple[str, str]]:
+def reporting(
+    fc, profiles: list[str] | None, labels: list[str] | None, settle: float = 2.0
+) -> list[tuple[str, str]]:
     """(device, profile) of every online device whose retained report names one of
-    ``profiles`` (offline ones would only count as failures; they converge later)."""
+    ``profiles`` (any, if None) and carries every one of ``labels``. Offline devices would
+    only count as failures; they converge when they come back."""
     import time
 
     time.sleep(settle)  # retained reports and statuses arrive right after connecting
     return sorted(
-        (d, r.profile) for d, r in fc.reported.items() if r.profile in profiles and fc.online.get(d)
+        (d, r.profile)
+        for d, r in fc.reported.items()
+        if fc.online.get(d)
+        and (not profiles or r.profile in profiles)
+        and set(labels or ()) <= set(r.labels)
     )
 
 

@@ -52,9 +52,11 @@ class AgentConfig:
     fetch_window: int = 2  # chunks asked for and not yet arrived: what a cut can cost
     policy_interval: float = 5.0  # seconds between resource readings
     trust_key: Path | None = None  # the cloud's public key; None accepts unsigned states
+    labels: tuple[str, ...] = ()  # key=value, for rollouts to pick devices by
 
     def __post_init__(self) -> None:
         wire.check_device_id(self.device_id)
+        wire.check_labels(self.labels)
         if self.fetch_window < 1:
             raise ValueError(f"fetch_window: must be >= 1, got {self.fetch_window}")
 
@@ -100,6 +102,7 @@ class EdgeAgent:
             device_id=config.device_id,
             profile=config.profile.name,
             backends=config.profile.backends,
+            labels=config.labels,
             serial=0,
             phase="idle",
         )

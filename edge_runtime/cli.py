@@ -37,6 +37,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the cloud's public key (signing.pub); without it unsigned states are accepted",
     )
     run.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        dest="labels",
+        metavar="KEY=VALUE",
+        help="a label rollouts can pick this device by (site=lab, ring=beta); repeatable",
+    )
+    run.add_argument(
         "--backend",
         choices=("executorch", "litert"),
         help="force a backend instead of the profile's order",
@@ -61,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         backend=args.backend,
         trust_key=args.trust_key,
+        labels=tuple(args.labels),
     )
     agent = EdgeAgent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())

@@ -33,11 +33,23 @@ PHASES = ("idle", "downloading", "verifying", "installing", "active", "failed")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}=[A-Za-z0-9_.-]{0,64}$")
+MAX_LABELS = 16
 _SIGNATURE = re.compile(r"^[0-9a-f]{128}$")
 _PART = re.compile(r"^(stem|head|adapter|layer\d{1,3}\.(router|block\d{1,3}))$")
 
 
 # --- topics -------------------------------------------------------------------------------
+
+
+def check_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """``key=value`` labels a device carries (site, ring, owner...); ProtocolError if not."""
+    if len(labels) > MAX_LABELS:
+        raise ProtocolError(f"at most {MAX_LABELS} labels", field="labels")
+    for label in labels:
+        if not isinstance(label, str) or not _LABEL.match(label):
+            raise ProtocolError(f"{str(label)[:80]!r} is not key=value", field="labels")
+    return labels
 
 
 def check_device_id(device_id: str) -> str:
@@ -353,10 +365,12 @@ class ReportedState(Message):
     backend: str | None = None
     accuracy: float | None = None
     detail: str = ""
+    labels: tuple[str, ...] = ()
     ts: float = field(default_factory=time.time)
 
     def check(self) -> None:
         check_device_id(self.device_id)
+        check_labels(self.labels)
         if self.phase not in PHASES:
             raise ProtocolError(f"must be one of {PHASES}", field="phase")
         for sha in self.active:

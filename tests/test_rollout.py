@@ -11,15 +11,19 @@ from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore
 
 DEVICES = [f"fleet-{i}" for i in range(4)]
+RINGS = (("ring=beta", "site=lab"), ("ring=stable",))
 PLAN = RolloutPlan(canary=1, waves=(0.5, 1.0), max_failure_rate=0.5, min_reports=2)
 
 
 def start_agents(devices, address, tmp_path):
-    """Real agents in this process, one per device id, serving LiteRT programs."""
+    """Real agents in this process, one per device id, serving LiteRT programs; every
+    other one is labelled ring=beta."""
     profile = load_profile("rpi4")
     return [
-        EdgeAgent(AgentConfig(d, profile, address, tmp_path / d, backend="litert")).start()
-        for d in devices
+        EdgeAgent(
+            AgentConfig(d, profile, address, tmp_path / d, backend="litert", labels=RINGS[i % 2])
+        ).start()
+        for i, d in enumerate(devices)
     ]
 
 
@@ -154,7 +158,7 @@ def _active_on(coordinator, device_id, serial):
 
 
 @pytest.mark.slow
-def test_the_cli_rolls_out_to_every_device_of_a_profile_and_reports_it(
+def test_the_cli_rolls_out_to_the_devices_of_a_profile_and_label_and_reports_it(
     fleet, modular, mosquitto, capsys
 ):
     from eclm.cli import main
@@ -163,12 +167,15 @@ def test_the_cli_rolls_out_to_every_device_of_a_profile_and_reports_it(
     common = ["--broker", mosquitto.url]
     start = ["cloud", "rollout", "start", "cli-1", *common, "--model", str(modular["model_dir"])]
     start += ["--artifacts", str(modular["store"]), "--profile", "rpi4", "--unsigned"]
+    beta = ["--label", "ring=beta", "--label", "site=lab"]
 
-    assert main([*start, "--delivery", "fused", "--waves", "1"]) == 0
+    assert main([*start, *beta, "--delivery", "fused", "--waves", "1"]) == 0
     out = capsys.readouterr().out
-    assert "wave 1: 3 devices; 4 succeeded, 0 failed of 4" in out
+    assert "wave 1: 1 devices; 2 succeeded, 0 failed of 2" in out
     assert "rollout cli-1: succeeded" in out
-    assert all(coordinator.reported[d].serial > before[d] for d in DEVICES)
+    for i, d in enumerate(DEVICES):  # only the beta ring moved
+        assert (coordinator.reported[d].serial > before[d]) == (i % 2 == 0), d
+    assert main([*start, "--label", "ring=nowhere"]) == 3
 
     assert main(["cloud", "rollout", "status", "cli-1", *common]) == 0
     assert '"state": "succeeded"' in capsys.readouterr().out

@@ -28,14 +28,38 @@ def desired(**over):
             active=(SHA,),
             backend="litert",
             accuracy=0.97,
+            labels=("ring=beta", "site=lab-2"),
         ),
         wire.Status(device_id="d", online=False),
-        wire.FetchRequest(device_id="d", sha256=SHA, first_chunk=3),
+        wire.FetchRequest(device_id="d", sha256=SHA, first_chunk=3, count=2),
         wire.Event(device_id="d", code="invalid", reason="x", topic="t"),
     ],
 )
 def test_every_message_round_trips(message):
     assert wire.decode(type(message), message.encode()) == message
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ("ring",),
+        ("=beta",),
+        ("ring=beta gamma",),
+        ("a/b=c",),
+        (1,),
+        tuple(f"k{i}=v" for i in range(17)),
+    ],
+)
+def test_bad_labels_are_refused(labels):
+    with pytest.raises(ProtocolError, match="labels"):
+        wire.ReportedState(
+            device_id="d",
+            profile="rpi4",
+            backends=("litert",),
+            serial=1,
+            phase="idle",
+            labels=labels,
+        ).check()
 
 
 def test_topics_follow_the_contract():

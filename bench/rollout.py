@@ -1,0 +1,145 @@
+"""Rolling a 1 MB module out to N agents, against the broker's raw fan-out of the bytes.
+
+    python bench/rollout.py [--devices 50] [--size-kb 1024] [--chunk-kb 128]
+
+One Mosquitto on loopback. First N real edge agents (in this process, one MQTT connection
+each) get a real LiteRT program of about 1 MB through a staged rollout (canary, then the
+rest): desired state, chunked windowed fetch with hashes, verify, load, health check,
+report. Then N ``mosquitto_sub`` processes get the same bytes in the same chunks from
+``mosquitto_pub`` (QoS 1), which is what the broker alone costs. Ends with one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import print_json  # noqa: E402
+
+
+def program(size_kb: int) -> bytes:
+    """A LiteRT program of about ``size_kb`` (a wide MLP on 8x8 digits)."""
+    import torch
+    from torch import nn
+
+    from cloud_trainer.export import export_litert
+
+    width = max(16, size_kb * 1024 // (4 * (64 + 10)))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+    return export_litert(net, torch.zeros(1, 64), name="bench-rollout")
+
+
+def roll_out(broker, data: bytes, devices: int, chunk: int, work: Path) -> float:
+    """Seconds from the rollout's start until every agent serves the program."""
+    from cloud_trainer.coordinator import FleetCoordinator
+    from cloud_trainer.rollout import Rollout, RolloutPlan, Target
+    from device_profiles import load_profile
+    from edge_runtime.agent import AgentConfig, EdgeAgent
+    from edge_runtime.artifacts import ArtifactStore
+    from edge_runtime.mqtt import BrokerAddress
+
+    logging.getLogger("edge_runtime.agent").setLevel(logging.ERROR)  # one line per agent
+    address = BrokerAddress.parse(broker.url)
+    profile = load_profile("rpi4")
+    ids = [f"bench-{i:03d}" for i in range(devices)]
+    agents = []
+    for n, device_id in enumerate(ids, 1):
+        config = AgentConfig(device_id, profile, address, work / device_id, backend="litert")
+        agents.append(EdgeAgent(config).start())
+        print(f"\ragents connected: {n}/{devices}", end="", flush=True)
+    print()
+    coordinator = FleetCoordinator(
+        address, ArtifactStore(work / "cloud"), client_id="bench-cloud", chunk_size=chunk
+    ).start()
+    try:
+        ref = coordinator.add_artifact("wide.tflite", data, "tflite")
+        plan = RolloutPlan(canary=1, waves=(1.0,), wave_timeout=600)
+        rollout = Rollout(coordinator, "bench", {d: Target((ref,)) for d in ids}, plan, settle=0)
+        start = time.perf_counter()
+        final = rollout.run(lambda line: print(f"  {line}", flush=True))
+        seconds = time.perf_counter() - start
+        if final.state != "succeeded":
+            raise SystemExit(f"the rollout did not succeed: {final.state} {final.reason}")
+        return seconds
+    finally:
+        coordinator.stop()
+        for agent in agents:
+            agent.stop()
+
+
+def fan_out(broker, data: bytes, devices: int, chunk: int, work: Path) -> float:
+    """Seconds for mosquitto_pub to get the chunks of ``data`` to ``devices`` subscribers."""
+    pub, sub = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
+    if not pub or not sub:
+        raise SystemExit("mosquitto_pub/mosquitto_sub missing: apt-get install mosquitto-clients")
+    parts = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    files = []
+    for i, part in enumerate(parts):
+        files.append(work / f"chunk-{i}")
+        files[-1].write_bytes(part)
+    host = ["-h", broker.host, "-p", str(broker.port), "-q", "1"]
+    subscribers = [
+        subprocess.Popen(
+            [sub, *host, "-t", "bench/fanout/#", "-C", str(len(parts)), "-i", f"fan-{i}"],
+            stdout=subprocess.DEVNULL,
+        )
+        for i in range(devices)
+    ]
+    time.sleep(2.0)  # let every subscriber connect and subscribe
+    if any(s.poll() is not None for s in subscribers):
+        raise SystemExit("a mosquitto_sub exited early")
+    start = time.perf_counter()
+    for i, path in enumerate(files):
+        subprocess.run([pub, *host, "-t", f"bench/fanout/{i}", "-f", str(path)], check=True)
+    for s in subscribers:
+        s.wait(timeout=600)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=50, help="agents (default: %(default)s)")
+    parser.add_argument("--size-kb", type=int, default=1024, help="module size (default: 1024)")
+    parser.add_argument("--chunk-kb", type=int, default=128, help="chunk size (default: 128)")
+    args = parser.parse_args()
+    from broker.launcher import Broker
+
+    data = program(args.size_kb)
+    chunk = args.chunk_kb * 1024
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Broker(kind="mosquitto", data_dir=Path(tmp) / "b") as broker,
+    ):
+        work = Path(tmp)
+        print(
+            f"module: {len(data) / 1e6:.2f} MB in {-(-len(data) // chunk)} chunks; "
+            f"{args.devices} devices; {broker.kind} on port {broker.port}"
+        )
+        rollout_s = roll_out(broker, data, args.devices, chunk, work)
+        print(f"rollout (canary, then the rest; verify, load, health check): {rollout_s:.2f} s")
+        fanout_s = fan_out(broker, data, args.devices, chunk, work)
+        print(f"mosquitto_pub -> {args.devices} x mosquitto_sub, same chunks: {fanout_s:.2f} s")
+        print(f"rollout / raw fan-out: {rollout_s / fanout_s:.1f}x")
+    print_json(
+        {
+            "devices": args.devices,
+            "module_bytes": len(data),
+            "chunk_bytes": chunk,
+            "rollout_s": round(rollout_s, 3),
+            "fanout_s": round(fanout_s, 3),
+            "ratio": round(rollout_s / fanout_s, 2),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
