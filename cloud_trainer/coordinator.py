@@ -134,6 +134,7 @@ class FleetCoordinator:
         )
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        self.client.traffic.add("received", msg.topic, msg.payload)
         try:
             if msg.topic.startswith(f"{wire.TOPIC_ROOT}/rollouts/"):
                 rollout_id = msg.topic.split("/")[3]

@@ -91,10 +91,12 @@ class EdgeAgent:
         self.store = ArtifactStore(config.store_dir)
         if config.trust_key is None:
             log.warning("no trust key: accepting unsigned desired states (development only)")
+        saved = self._saved_active()
         self.gate = Gate(
             load_public_key(config.trust_key) if config.trust_key else None,
             self.store.root / "trust.json",
             config.profile.name,
+            floor=saved.serial if saved else -1,
         )
         self.runner: Runner | None = None
         self.eval_set = load_npz(config.eval_data) if config.eval_data else None
@@ -182,6 +184,7 @@ class EdgeAgent:
         log.info("%s connected to %s", self.config.device_id, self.config.broker)
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        self.client.traffic.add("received", msg.topic, msg.payload)
         self._inbox.put((msg.topic, msg.payload))
 
     # --- worker thread ------------------------------------------------------------------
@@ -379,15 +382,21 @@ class EdgeAgent:
     def _active_path(self) -> Path:
         return self.store.root / "active.json"
 
+    def _saved_active(self) -> wire.DesiredState | None:
+        """The last state that passed its health check, as saved on disk."""
+        try:
+            return wire.decode(wire.DesiredState, self._active_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ProtocolError) as exc:
+            log.error("cannot read the active state from %s: %s", self._active_path, exc)
+            return None
+
     def _restore(self) -> None:
         """Serve the last state that passed its health check, before any new one arrives:
         a restart (even in the middle of an update) comes back to a working set."""
-        try:
-            desired = wire.decode(wire.DesiredState, self._active_path.read_bytes())
-        except FileNotFoundError:
-            return
-        except (OSError, ProtocolError) as exc:
-            log.error("cannot restore the active state from %s: %s", self._active_path, exc)
+        desired = self._saved_active()
+        if desired is None:
             return
         try:
             backend, refs = self._choose(desired)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ssl
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 
-from edge_runtime.errors import BrokerUnreachable
+from edge_runtime.errors import BrokerUnreachable, ProtocolError
+from edge_runtime.protocol import parse_device_topic
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,55 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-def make_client(client_id: str, address: BrokerAddress) -> paho.Client:
+class Traffic:
+    """Bytes (topic and payload) and messages a client sent and received, by topic kind
+    (``desired``, ``chunks``, ``fetch``... for device topics; ``rollouts``; ``other``).
+    Counts what the application hands over, not QoS retries or MQTT headers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes: Counter[tuple[str, str]] = Counter()  # (direction, kind) -> bytes
+        self.messages: Counter[tuple[str, str]] = Counter()
+
+    def add(self, direction: str, topic: str, payload: bytes | None) -> None:
+        size = len(topic.encode()) + len(payload or b"")
+        kind = _kind(topic)
+        with self._lock:
+            self.bytes[direction, kind] += size
+            self.messages[direction, kind] += 1
+
+    def total(self, direction: str, kind: str | None = None) -> int:
+        with self._lock:
+            return sum(
+                n for (d, k), n in self.bytes.items() if d == direction and kind in (None, k)
+            )
+
+
+def _kind(topic: str) -> str:
+    try:
+        return parse_device_topic(topic)[1]
+    except ProtocolError:
+        parts = topic.split("/")
+        return parts[2] if len(parts) > 2 and parts[:2] == ["eclm", "v1"] else "other"
+
+
+class Client(paho.Client):
+    """A paho client that counts what it publishes; handlers call ``traffic.add`` with
+    what arrives."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.traffic = Traffic()
+
+    def publish(self, topic, payload=None, qos=0, retain=False, properties=None):
+        data = payload.encode() if isinstance(payload, str) else payload
+        self.traffic.add("sent", topic, data if isinstance(data, bytes | bytearray) else None)
+        return super().publish(topic, payload, qos, retain, properties)
+
+
+def make_client(client_id: str, address: BrokerAddress) -> Client:
     """A paho client (MQTT 3.1.1, persistent session) set up for ``address``."""
-    client = paho.Client(
+    client = Client(
         paho.CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=False,

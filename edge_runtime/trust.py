@@ -47,6 +47,8 @@ class Gate:
     """Checks desired states against the trust rules and remembers what it accepted.
 
     ``public_key`` None accepts unsigned states (development only; the agent says so).
+    ``floor`` is the serial of the state the device serves: if ``state_path`` is ever
+    unreadable, nothing at or below it is accepted again.
     """
 
     def __init__(
@@ -55,9 +57,11 @@ class Gate:
         state_path: Path,
         profile: str,
         *,
+        floor: int = -1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.public_key = public_key
+        self.floor = floor
         self.state_path = Path(state_path)
         self.profile = profile
         self.clock = clock
@@ -70,9 +74,14 @@ class Gate:
         except FileNotFoundError:
             return -1, ""
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            # Unreadable memory of past serials: refuse nothing older than we can prove.
-            log.error("%s is unreadable (%s); starting from serial -1", self.state_path, exc)
-            return -1, ""
+            # Unreadable memory of past serials: the active state's serial is what we can prove.
+            log.error(
+                "%s is unreadable (%s); accepting only serials above %d, the active state's",
+                self.state_path,
+                exc,
+                self.floor,
+            )
+            return self.floor, ""
 
     def check(self, desired: wire.DesiredState) -> bool:
         """ProtocolError (with a code) if ``desired`` must be refused. Returns True if it is

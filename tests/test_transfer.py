@@ -85,6 +85,13 @@ def test_a_20_mb_program_arrives_whole_through_a_steady_and_a_cut_link(
                 )
             )
         assert results[0] == (0, 0)
+        # What crossed the broker, counted on both sides (both transfers, with the cuts).
+        cloud, device = coordinator.client.traffic, agent.client.traffic
+        chunk_bytes = device.total("received", "chunks")
+        assert chunk_bytes >= sum(map(len, programs))
+        assert chunk_bytes <= cloud.total("sent", "chunks") + 10 * CHUNK
+        assert cloud.total("received", "fetch") >= device.total("sent", "fetch") > 0
+        print(f"chunks: {chunk_bytes} bytes down, fetch: {device.total('sent', 'fetch')} up")
         assert proxy.cuts == 5
         resent, duplicated = results[1]
         print(f"5 cuts over {ref.chunk_count} chunks: {resent} re-sent, {duplicated} duplicated")

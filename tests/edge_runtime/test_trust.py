@@ -99,13 +99,15 @@ def test_without_a_key_unsigned_states_pass_but_the_other_rules_hold(tmp_path):
     assert refused(gate, state(expires=time.time() - 5)) == "expired"
 
 
-def test_an_unreadable_trust_file_is_reported_and_starts_afresh(tmp_path, caplog):
+def test_an_unreadable_trust_file_falls_back_to_the_active_states_serial(tmp_path, caplog):
     path = tmp_path / "trust.json"
     path.write_text("{not json")
 
-    gate = Gate(None, path, "rpi4")
-
-    assert gate.serial == -1 and "unreadable" in caplog.text
+    assert Gate(None, path, "rpi4").serial == -1 and "unreadable" in caplog.text
+    gate = Gate(None, path, "rpi4", floor=7)
+    assert gate.serial == 7
+    assert refused(gate, state(serial=7)) == "replayed"
+    assert gate.check(state(serial=8)) is False
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
