@@ -105,7 +105,8 @@ def _broker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--broker",
         default="mqtt://127.0.0.1:1883",
-        help="mqtt[s]://[user:password@]host:port (default: %(default)s)",
+        help="mqtt[s]://[user[:password]@]host:port; a password left out comes from "
+        "$ECLM_BROKER_PASSWORD (default: %(default)s)",
     )
     parser.add_argument("--cafile", help="CA certificate for mqtts://")
 

@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--broker",
         default="mqtt://127.0.0.1:1883",
-        help="mqtt://[user:pass@]host:port or mqtts://... (default: %(default)s)",
+        help="mqtt[s]://[user[:password]@]host:port; a password left out comes from "
+        "$ECLM_BROKER_PASSWORD (default: %(default)s)",
     )
     run.add_argument("--device-id", required=True, help="this device's id (its MQTT identity)")
     run.add_argument("--cafile", help="CA certificate for mqtts://")

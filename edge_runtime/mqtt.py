@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import threading
 from collections import Counter
@@ -12,6 +13,12 @@ import paho.mqtt.client as paho
 
 from edge_runtime.errors import BrokerUnreachable, ProtocolError
 from edge_runtime.protocol import parse_device_topic
+
+PASSWORD_ENV = "ECLM_BROKER_PASSWORD"
+
+
+def password_from_env(username: str | None) -> str | None:
+    return os.environ.get(PASSWORD_ENV) if username else None
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,9 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str, *, cafile: str | None = None) -> BrokerAddress:
-        """Parse ``mqtt://[user:pass@]host[:port]`` or ``mqtts://...``."""
+        """Parse ``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://...``. With a user and no
+        password in the URL, the password comes from ``$ECLM_BROKER_PASSWORD`` (so it does not
+        show in the process list)."""
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"broker URL must look like mqtt://host:port, got {url!r}")
@@ -41,7 +50,7 @@ class BrokerAddress:
             port,
             tls,
             unquote(parts.username) if parts.username else None,
-            unquote(parts.password) if parts.password else None,
+            unquote(parts.password) if parts.password else password_from_env(parts.username),
             cafile,
         )
 

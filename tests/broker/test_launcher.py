@@ -7,6 +7,14 @@ from broker import Broker, BrokerConfig, render_acl, render_mosquitto_conf
 from edge_runtime.mqtt import BrokerAddress
 
 
+def test_a_password_can_come_from_the_environment_instead_of_the_url(monkeypatch):
+    monkeypatch.setenv("ECLM_BROKER_PASSWORD", "s3cret")
+
+    assert BrokerAddress.parse("mqtts://pi4-a@broker:8883").password == "s3cret"
+    assert BrokerAddress.parse("mqtts://pi4-a:inline@broker").password == "inline"
+    assert BrokerAddress.parse("mqtt://broker").password is None
+
+
 def roundtrip(url: str, retain: bool = False) -> bytes | None:
     address = BrokerAddress.parse(url)
     got: list[bytes] = []
