@@ -130,6 +130,7 @@ class SubModelServer:
                 if sha256_bytes(data) != sha:  # a truncated file may still parse
                     raise ArtifactError(f"{name}: bytes do not match sha256 {sha[:12]}")
                 program = self.backend.load(data)
+                time.sleep(0)  # a backend that holds the GIL while loading: let serving in
             programs[name] = program
         slot.model = ComposedModel(programs, slot.selection)
         slot.load_ms = (time.perf_counter() - start) * 1e3
