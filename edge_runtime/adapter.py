@@ -119,28 +119,33 @@ class Adapter:
     def load_update(self, data: bytes) -> None:
         """Replace the weights with an update; ProtocolError if it does not fit or is not
         finite. The current weights stay on any error."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
+        self.trainer.set_weights(check_update(data, self.trainer.weights()))
 
-        if len(data) > MAX_UPDATE_BYTES:
+
+def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors update, if they are exactly ``like``'s names, shapes and
+    dtype (float32) and all finite; ProtocolError (with a code) otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    if len(data) > MAX_UPDATE_BYTES:
+        raise ProtocolError(
+            f"update is {len(data)} bytes, limit {MAX_UPDATE_BYTES}", code="too-large"
+        )
+    try:
+        weights = load(data)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ProtocolError(f"not a safetensors update: {exc}", code="malformed") from None
+    if set(weights) != set(like):
+        raise ProtocolError(
+            f"expected tensors {sorted(like)}, got {sorted(weights)}", field="update"
+        )
+    for key, value in weights.items():
+        if value.shape != like[key].shape or value.dtype != np.float32:
             raise ProtocolError(
-                f"update is {len(data)} bytes, limit {MAX_UPDATE_BYTES}", code="too-large"
+                f"expected float32 {like[key].shape}, got {value.dtype} {value.shape}",
+                field=key,
             )
-        try:
-            weights = load(data)
-        except (SafetensorError, ValueError, OSError) as exc:
-            raise ProtocolError(f"not a safetensors update: {exc}", code="malformed") from None
-        current = self.trainer.weights()
-        if set(weights) != set(current):
-            raise ProtocolError(
-                f"expected tensors {sorted(current)}, got {sorted(weights)}", field="update"
-            )
-        for key, value in weights.items():
-            if value.shape != current[key].shape or value.dtype != np.float32:
-                raise ProtocolError(
-                    f"expected float32 {current[key].shape}, got {value.dtype} {value.shape}",
-                    field=key,
-                )
-            if not np.isfinite(value).all():
-                raise ProtocolError("has non-finite values", field=key, code="not-finite")
-        self.trainer.set_weights(weights)
+        if not np.isfinite(value).all():
+            raise ProtocolError("has non-finite values", field=key, code="not-finite")
+    return weights

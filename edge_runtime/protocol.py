@@ -9,6 +9,7 @@ share one definition.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -414,6 +415,40 @@ class FetchRequest(Message):
             raise ProtocolError("must be >= 0", field="first_chunk")
         if self.count < 0:
             raise ProtocolError("must be >= 0", field="count")
+
+
+@dataclass(frozen=True)
+class AdapterUpdate(Message):
+    """A device's adapter after training on ``samples`` labelled samples of ``domain``
+    (safetensors bytes in base64) and their label histogram; on ``updates``."""
+
+    type: ClassVar[str] = "adapter-update"
+    device_id: str
+    domain: str
+    base: str  # what the adapter sits on (the serial of the desired state it served)
+    samples: int
+    histogram: tuple[int, ...]
+    weights: str
+    ts: float = field(default_factory=time.time)
+
+    def check(self) -> None:
+        check_device_id(self.device_id)
+        if not _ID.match(self.domain):
+            raise ProtocolError("must be a short id", field="domain")
+        if not _ID.match(self.base):
+            raise ProtocolError("must be a short id", field="base")
+        if not 0 < len(self.histogram) <= 1000 or any(n < 0 for n in self.histogram):
+            raise ProtocolError("must be 1-1000 counts >= 0", field="histogram")
+        if self.samples <= 0 or sum(self.histogram) != self.samples:
+            raise ProtocolError("must be > 0 and the histogram's total", field="samples")
+        try:
+            base64.b64decode(self.weights, validate=True)
+        except ValueError:
+            raise ProtocolError("must be base64", field="weights") from None
+        _check_ts(self.ts)
+
+    def tensors(self) -> bytes:
+        return base64.b64decode(self.weights)
 
 
 @dataclass(frozen=True)

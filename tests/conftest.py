@@ -109,3 +109,26 @@ def modular(tmp_path_factory):
         "records": records,
         "net": load_model(root / "model"),
     }
+
+
+@pytest.fixture(scope="session")
+def shifted(modular):
+    """Features of rotated digits through the frozen full model, and the cloud's head."""
+    import numpy as np
+    import torch
+
+    from cloud_trainer.domains import apply
+
+    net = modular["net"]
+    test = np.load(modular["model_dir"] / "test.npz")
+    x = apply("rotate", test["x"])
+    with torch.no_grad():
+        features = net.features(torch.from_numpy(x)).numpy()
+    fc = net.head.fc
+    return {
+        "features": features,
+        "labels": test["y"],
+        "fc": fc,
+        "weight": fc.weight.detach().numpy(),
+        "bias": fc.bias.detach().numpy(),
+    }

@@ -1,29 +1,9 @@
 import numpy as np
 import pytest
-import torch
 
 from cloud_trainer.adapter_export import export_adapter_training
-from cloud_trainer.domains import apply
 from edge_runtime.adapter import Adapter, NumpyTrainer
 from edge_runtime.errors import ProtocolError
-
-
-@pytest.fixture(scope="module")
-def shifted(modular):
-    """Features of rotated digits through the frozen full model, and the cloud's head."""
-    net = modular["net"]
-    test = np.load(modular["model_dir"] / "test.npz")
-    x = apply("rotate", test["x"])
-    with torch.no_grad():
-        features = net.features(torch.from_numpy(x)).numpy()
-    fc = net.head.fc
-    return {
-        "features": features,
-        "labels": test["y"],
-        "fc": fc,
-        "weight": fc.weight.detach().numpy(),
-        "bias": fc.bias.detach().numpy(),
-    }
 
 
 def make_trainer(kind, shifted, lr=0.01):
