@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as paho
 
+from cloud_trainer.aggregation import DomainAggregator
 from cloud_trainer.keys import sign
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
@@ -33,11 +34,14 @@ class FleetCoordinator:
         chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
         signing_key=None,
         ttl: float = 7 * 24 * 3600,
+        aggregator: DomainAggregator | None = None,
     ) -> None:
         """``signing_key`` (see :mod:`cloud_trainer.keys`) signs every desired state, which
-        devices then refuse after ``ttl`` seconds."""
+        devices then refuse after ``ttl`` seconds; ``aggregator`` takes the devices' adapter
+        updates (ignored without one)."""
         self.address = address
         self.signing_key = signing_key
+        self.aggregator = aggregator
         self.ttl = ttl
         self.store = store
         self.chunk_size = chunk_size
@@ -127,7 +131,7 @@ class FleetCoordinator:
         if reason_code.is_failure:
             log.error("broker refused the cloud connection: %s", reason_code)
             return
-        kinds = ("desired", "reported", "status", "fetch", "events")
+        kinds = ("desired", "reported", "status", "fetch", "events", "updates")
         client.subscribe(
             [(wire.all_devices_topic(k), 1) for k in kinds]
             + [(f"{wire.TOPIC_ROOT}/rollouts/+/abort", 1)]
@@ -165,9 +169,15 @@ class FleetCoordinator:
                     event = wire.decode(wire.Event, msg.payload)
                     self.events.append(event)
                     log.warning("event from %s: %s: %s", device_id, event.code, event.reason)
+                elif kind == "updates" and self.aggregator is not None:
+                    update = wire.decode(wire.AdapterUpdate, msg.payload)
+                    self._check_sender(update.device_id, device_id)
+                    self.aggregator.add(update)
                 self._changed.notify_all()
         except ProtocolError as exc:
-            self.rejected[exc.code] += 1
+            with self._changed:
+                self.rejected[exc.code] += 1
+                self._changed.notify_all()
             log.warning("rejected message on %s: %s", msg.topic[:200], exc)
 
     def _check_signed(self, desired: wire.DesiredState) -> None:

@@ -103,3 +103,39 @@ def test_an_update_message_is_checked_field_by_field():
     ):
         with pytest.raises(ProtocolError):
             wire.AdapterUpdate(**{**ok.__dict__, **change}).check()
+
+
+@pytest.mark.slow
+def test_the_coordinator_aggregates_updates_devices_send_over_mosquitto(
+    shifted, address, collector_factory, tmp_path
+):
+    from cloud_trainer.coordinator import FleetCoordinator
+    from edge_runtime.artifacts import ArtifactStore
+
+    head = {"weight": shifted["weight"], "bias": shifted["bias"]}
+    coordinator = FleetCoordinator(
+        address,
+        ArtifactStore(tmp_path),
+        client_id="c-updates",
+        aggregator=DomainAggregator(head),
+    ).start()
+    device = collector_factory(client_id="pi4-upd")
+    try:
+        labels = np.arange(10).repeat(2)
+        nan = {**head, "bias": np.full_like(head["bias"], np.nan)}
+        for sender, message in (
+            ("pi4-upd", update("pi4-upd", head, labels)),
+            ("pi4-upd", update("pi4-upd", nan, labels)),
+            ("pi4-upd", update("pi4-other", head, labels, domain="noise")),  # not its own
+            ("pi4-upd", b"{truncated"),
+        ):
+            payload = message if isinstance(message, bytes) else message.encode()
+            device.publish(wire.device_topic(sender, "updates"), payload)
+        assert coordinator.wait_until(lambda c: sum(c.rejected.values()) == 3, 10)
+        assert coordinator.aggregator.domains() == ["rotate"]
+        mean, samples = coordinator.aggregator.aggregate("rotate")
+        assert samples == 20
+        np.testing.assert_allclose(mean["weight"], head["weight"])
+        assert coordinator.rejected["not-finite"] == 1 and coordinator.rejected["malformed"] == 1
+    finally:
+        coordinator.stop()
