@@ -51,7 +51,6 @@ class FleetCoordinator:
         self.online: dict[str, bool] = {}
         self.events: list[wire.Event] = []
         self.rejected: Counter[str] = Counter()
-        self.chunks_sent = 0
         self._serial = int(time.time() * 1000)  # grows across restarts without stored state
         self._changed = threading.Condition()
         self._fetches: queue.Queue[wire.FetchRequest | None] = queue.Queue()
@@ -215,7 +214,6 @@ class FleetCoordinator:
         for index in range(request.first_chunk, last):
             chunk = wire.pack_chunk(self.store.read_chunk(sha, index, size))
             self.client.publish(wire.chunk_topic(request.device_id, sha, index), chunk, qos=1)
-            self.chunks_sent += 1
         log.debug(
             "sent chunks %d..%d of %s to %s",
             request.first_chunk,

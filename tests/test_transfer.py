@@ -26,6 +26,10 @@ def big_program(seed: int) -> bytes:
     return export_litert(net, torch.zeros(1, 64), name=f"wide-{seed}")
 
 
+def chunks_sent(coordinator) -> int:
+    return coordinator.client.traffic.messages["sent", "chunks"]
+
+
 def cut_while_downloading(agent: EdgeAgent, proxy: CutProxy, chunks: int, cuts: int) -> None:
     """Cut the link each time another 1/(cuts+2) of the chunks has arrived (gives up after
     two minutes; the test then counts too few cuts)."""
@@ -64,7 +68,7 @@ def test_a_20_mb_program_arrives_whole_through_a_steady_and_a_cut_link(
         results = []
         for program, cuts in zip(programs, (0, 5), strict=True):
             ref = coordinator.add_artifact(f"wide-{cuts}.tflite", program, "tflite")
-            sent_before, duplicates_before = coordinator.chunks_sent, agent.duplicate_chunks
+            sent_before, duplicates_before = chunks_sent(coordinator), agent.duplicate_chunks
             cutter = threading.Thread(
                 target=cut_while_downloading, args=(agent, proxy, ref.chunk_count, cuts)
             )
@@ -83,7 +87,7 @@ def test_a_20_mb_program_arrives_whole_through_a_steady_and_a_cut_link(
             assert agent.store.read(ref.sha256) == program
             results.append(
                 (
-                    coordinator.chunks_sent - sent_before - ref.chunk_count,
+                    chunks_sent(coordinator) - sent_before - ref.chunk_count,
                     agent.duplicate_chunks - duplicates_before,
                 )
             )
