@@ -9,11 +9,13 @@ so the same samples give the same weights. Updates travel as safetensors bytes.
 
 from __future__ import annotations
 
+import base64
 from abc import ABC, abstractmethod
 
 import numpy as np
 
 from edge_runtime.errors import ProtocolError
+from edge_runtime.protocol import AdapterUpdate
 
 WEIGHT, BIAS = "weight", "bias"
 MAX_UPDATE_BYTES = 4 * 1024 * 1024
@@ -90,6 +92,7 @@ class Adapter:
         self._count = 0  # samples seen; the buffer holds the newest buffer_size of them
         self._rng = np.random.default_rng(seed)
         self.samples_trained = 0
+        self.histogram = np.zeros(len(trainer.weights()[BIAS]), np.int64)  # labels trained on
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         return self.trainer.logits(features)
@@ -108,6 +111,7 @@ class Adapter:
             idx = self._rng.integers(0, held, self.batch)
             loss = self.trainer.step(self._x[idx], self._y[idx])
         self.samples_trained += len(labels)
+        np.add.at(self.histogram, labels, 1)
         return loss
 
     def export_update(self) -> bytes:
@@ -115,6 +119,18 @@ class Adapter:
         from safetensors.numpy import save
 
         return save(self.trainer.weights())
+
+    def update_message(self, device_id: str, domain: str, base: str) -> AdapterUpdate:
+        """What the device uploads on ``updates``: the weights, and the samples and labels
+        they were trained on (ProtocolError before any sample)."""
+        return AdapterUpdate(
+            device_id=device_id,
+            domain=domain,
+            base=base,
+            samples=self.samples_trained,
+            histogram=tuple(int(n) for n in self.histogram),
+            weights=base64.b64encode(self.export_update()).decode(),
+        )
 
     def load_update(self, data: bytes) -> None:
         """Replace the weights with an update; ProtocolError if it does not fit or is not

@@ -39,7 +39,9 @@ def test_updates_of_three_devices_in_a_domain_average_into_one_that_serves_a_fou
         for i in range(0, len(y), 8):
             adapter.observe(f[i : i + 8], y[i : i + 8])
         alone.append(accuracy(adapter.trainer.weights(), shifted, held_out))
-        aggregator.add(update(f"pi4-{device}", adapter.trainer.weights(), y))
+        message = adapter.update_message(f"pi4-{device}", "rotate", base="1")
+        assert message.histogram == tuple(np.bincount(y, minlength=10))
+        aggregator.add(wire.decode(wire.AdapterUpdate, message.encode()))
 
     mean, samples = aggregator.aggregate("rotate")
     newcomer = Adapter(NumpyTrainer(shifted["weight"], shifted["bias"]))
