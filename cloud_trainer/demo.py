@@ -6,10 +6,10 @@ import argparse
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from edge_runtime.cli import run_command
 from edge_runtime.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
@@ -99,25 +99,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _spawn_agent(device_id: str, profile: str, url: str, work: Path) -> subprocess.Popen:
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "eclm",
-        "edge",
-        "run",
-        "--profile",
+    cmd = run_command(
         profile,
-        "--broker",
         url,
-        "--device-id",
         device_id,
-        "--store",
-        str(work / "devices" / device_id),
-        "--eval-data",
-        str(work / "model" / "test.npz"),
-        "--trust-key",
-        str(work / "keys" / "signing.pub"),
-    ]
+        work / "devices" / device_id,
+        eval_data=work / "model" / "test.npz",
+        trust_key=work / "keys" / "signing.pub",
+    )
     with open(work / "logs" / f"{device_id}.log", "ab") as logfile:
         return subprocess.Popen(
             cmd,

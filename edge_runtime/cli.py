@@ -57,6 +57,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_status)
 
 
+def run_command(
+    profile: str,
+    broker: str,
+    device_id: str,
+    store: Path,
+    *,
+    eval_data: Path | None = None,
+    trust_key: Path | None = None,
+    backend: str | None = None,
+) -> list[str]:
+    """The argv that starts ``eclm edge run`` with this interpreter (for launchers)."""
+    import sys
+
+    cmd = [sys.executable, "-m", "eclm", "edge", "run", "--profile", profile, "--broker", broker]
+    cmd += ["--device-id", device_id, "--store", str(store)]
+    for flag, value in (
+        ("--eval-data", eval_data),
+        ("--trust-key", trust_key),
+        ("--backend", backend),
+    ):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
 def _run(args: argparse.Namespace) -> int:
     from device_profiles import load_profile
     from edge_runtime.agent import AgentConfig, EdgeAgent

@@ -7,7 +7,6 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,14 +15,14 @@ from cloud_trainer.coordinator import FleetCoordinator
 from cloud_trainer.pipeline import export_fused_for
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore, sha256_file
+from edge_runtime.cli import run_command
 
 KILLS = 50
 DEVICE = "pi4-crash"
 
 
 def start_agent(url: str, store, log) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "eclm", "edge", "run", "--profile", "rpi4", "--broker", url]
-    cmd += ["--device-id", DEVICE, "--store", str(store), "--backend", "litert"]
+    cmd = run_command("rpi4", url, DEVICE, store, backend="litert")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 import time
 from dataclasses import replace
 
@@ -14,34 +13,22 @@ from cloud_trainer.keys import init_keys, load_signing_key, sign
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import FORMAT_OF
+from edge_runtime.cli import run_command
 
 DEVICES = {"pi5-e2e": "rpi5", "pi4-e2e": "rpi4"}
 
 
 def spawn(device_id, profile, url, tmp_path, exported):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "eclm",
-            "edge",
-            "run",
-            "--profile",
-            profile,
-            "--broker",
-            url,
-            "--device-id",
-            device_id,
-            "--store",
-            str(tmp_path / device_id),
-            "--eval-data",
-            str(exported["test_npz"]),
-            "--trust-key",
-            str(tmp_path / "keys" / "signing.pub"),
-        ],
-        stdout=open(tmp_path / f"{device_id}.log", "ab"),
-        stderr=subprocess.STDOUT,
+    cmd = run_command(
+        profile,
+        url,
+        device_id,
+        tmp_path / device_id,
+        eval_data=exported["test_npz"],
+        trust_key=tmp_path / "keys" / "signing.pub",
     )
+    log = open(tmp_path / f"{device_id}.log", "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture
@@ -151,21 +138,7 @@ def test_a_device_that_cannot_reach_the_broker_exits_with_a_clear_message(tmp_pa
     from broker import free_port
 
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eclm",
-            "edge",
-            "run",
-            "--profile",
-            "rpi4",
-            "--broker",
-            f"mqtt://127.0.0.1:{free_port()}",
-            "--device-id",
-            "lonely",
-            "--store",
-            str(tmp_path / "s"),
-        ],
+        run_command("rpi4", f"mqtt://127.0.0.1:{free_port()}", "lonely", tmp_path / "s"),
         capture_output=True,
         text=True,
         timeout=60,
