@@ -35,6 +35,7 @@ class DomainAggregator:
         self.like = like
         self.max_norm = max_norm
         self.rejected: Counter[str] = Counter()
+        self.accepted = 0
         self._latest: dict[str, dict[str, Contribution]] = {}  # domain -> device -> latest
         self._lock = threading.Lock()
 
@@ -61,6 +62,7 @@ class DomainAggregator:
         contribution = Contribution(weights, update.samples, np.array(update.histogram))
         with self._lock:
             self._latest.setdefault(update.domain, {})[update.device_id] = contribution
+            self.accepted += 1
         log.info(
             "update from %s for %s (%d samples) accepted",
             update.device_id,
@@ -71,6 +73,10 @@ class DomainAggregator:
     def domains(self) -> list[str]:
         with self._lock:
             return sorted(self._latest)
+
+    def contributors(self, domain: str) -> set[str]:
+        with self._lock:
+            return set(self._latest.get(domain, {}))
 
     def aggregate(self, domain: str) -> tuple[dict[str, np.ndarray], int] | None:
         """The sample-weighted mean of the devices' latest adapters for ``domain`` and the

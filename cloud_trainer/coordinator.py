@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import queue
 import threading
@@ -51,6 +52,7 @@ class FleetCoordinator:
         self.online: dict[str, bool] = {}
         self.events: list[wire.Event] = []
         self.rejected: Counter[str] = Counter()
+        self.offers = 0  # warm starts sent to devices entering a domain others adapted to
         self._serial = int(time.time() * 1000)  # grows across restarts without stored state
         self._changed = threading.Condition()
         self._fetches: queue.Queue[wire.FetchRequest | None] = queue.Queue()
@@ -161,7 +163,10 @@ class FleetCoordinator:
                 elif kind == "reported":
                     report = wire.decode(wire.ReportedState, msg.payload)
                     self._check_sender(report.device_id, device_id)
+                    before = self.reported.get(device_id)
                     self.reported[device_id] = report
+                    if report.domain and (before is None or before.domain != report.domain):
+                        self._offer(device_id, report.domain)
                 elif kind == "status":
                     self.online[device_id] = wire.decode(wire.Status, msg.payload).online
                 elif kind == "events":
@@ -178,6 +183,30 @@ class FleetCoordinator:
                 self.rejected[exc.code] += 1
                 self._changed.notify_all()
             log.warning("rejected message on %s: %s", msg.topic[:200], exc)
+
+    def _offer(self, device_id: str, domain: str) -> None:
+        """Send the aggregate for ``domain`` to a device entering it, if other devices
+        adapted to it and this one has not sent its own."""
+        if self.aggregator is None or device_id in self.aggregator.contributors(domain):
+            return
+        aggregate = self.aggregator.aggregate(domain)
+        if aggregate is None:
+            return
+        from safetensors.numpy import save
+
+        weights, samples = aggregate
+        offer = wire.AdapterOffer(
+            device_id=device_id,
+            domain=domain,
+            samples=samples,
+            weights=base64.b64encode(save(weights)).decode(),
+            expires=time.time() + self.ttl,
+        )
+        if self.signing_key is not None:
+            offer = sign(offer, self.signing_key)
+        self.client.publish(wire.device_topic(device_id, "adapter"), offer.encode(), qos=1)
+        self.offers += 1
+        log.info("sent %s the %s adapter of %d samples", device_id, domain, samples)
 
     def _check_signed(self, desired: wire.DesiredState) -> None:
         """Only states this coordinator's key signed count as what a device had (a rollout

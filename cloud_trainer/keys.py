@@ -11,7 +11,6 @@ import stat
 from dataclasses import replace
 from pathlib import Path
 
-from edge_runtime import protocol as wire
 from edge_runtime.trust import signed_bytes
 
 PRIVATE_NAME, PUBLIC_NAME = "signing.key", "signing.pub"
@@ -66,6 +65,6 @@ def load_signing_key(path: Path):
     return key
 
 
-def sign(desired: wire.DesiredState, key) -> wire.DesiredState:
-    """``desired`` with its signature filled in."""
-    return replace(desired, signature=key.sign(signed_bytes(desired)).hex())
+def sign(message, key):
+    """``message`` (a DesiredState or an AdapterOffer) with its signature filled in."""
+    return replace(message, signature=key.sign(signed_bytes(message)).hex())

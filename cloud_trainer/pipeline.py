@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -196,13 +197,14 @@ def plan_device_modular(
     scales=BUDGET_SCALES,
 ):
     """The module sets a device may switch between (its selection at its full budget, and
-    selections at smaller shares of that selection's size, for when the board runs short)
-    and the per-part programs they need, for each format its profile can run. Returns
-    ``(options, refs)`` for a modular desired state."""
+    selections at smaller shares of that selection's size, down to the smallest sub-model
+    there is, for when the board runs short) and the per-part programs they need, for each
+    format its profile can run. Returns ``(options, refs)`` for a modular desired state."""
     from dataclasses import replace
 
+    from cloud_trainer.costs import cost_table
     from cloud_trainer.modular_export import export_modular
-    from cloud_trainer.selection import SelectionError
+    from cloud_trainer.selection import SelectionError, smallest_memory_kb
     from edge_runtime.backends import FORMAT_OF
     from edge_runtime.composer import part_names
 
@@ -217,9 +219,14 @@ def plan_device_modular(
         except SelectionError:
             if not selections:
                 raise
-            continue
+            break
         if not selections:
             ceiling = chosen.cost.memory_kb
+        selections.setdefault(chosen.modules, chosen.cost.memory_kb)
+    smallest = math.ceil(smallest_memory_kb(cost_table(load_model(model_dir), profile)))
+    if min(selections.values()) > smallest:  # the last resort when memory runs out
+        budget = replace(profile.budget, model_memory_kb=smallest)
+        chosen = select_for(model_dir, replace(profile, budget=budget), histogram, domain=domain)
         selections.setdefault(chosen.modules, chosen.cost.memory_kb)
     options = tuple(
         wire.ModuleSet(
@@ -230,12 +237,26 @@ def plan_device_modular(
     needed = {p for modules in selections for p in part_names(modules)}
     variants = [(FORMAT_OF[b], "fp32") for b in profile.backends]
     calib = np.load(model_dir / "test.npz")["x"]
-    records = export_modular(
-        load_model(model_dir), calib, ArtifactStore(store_dir), variants=variants
-    )
+    net = load_model(model_dir)
+    records = export_modular(net, calib, ArtifactStore(store_dir), variants=variants)
     refs = [
         replace(r.ref, part=r.part)
         for r in records
         if r.part in needed and r.variant.endswith("fp32")
     ]
-    return options, refs
+    return options, [*refs, head_ref(net, ArtifactStore(store_dir))]
+
+
+def head_ref(net, store: ArtifactStore) -> wire.ArtifactRef:
+    """The head's weights as safetensors, stored: where a device's adapters start from."""
+    from safetensors.numpy import save
+
+    fc = net.head.fc
+    data = save({"weight": fc.weight.detach().numpy(), "bias": fc.bias.detach().numpy()})
+    return wire.ArtifactRef(
+        name="adapter-head",
+        sha256=store.put(data),
+        size=len(data),
+        format="safetensors",
+        part="adapter",
+    )

@@ -28,7 +28,7 @@ class ScenarioSpec:
     mix_len: int = 30  # mean steps a device keeps one label mix
     alpha: float = 0.3  # Dirichlet concentration of label mixes (smaller: more skewed)
     memory_mb: float = 512.0  # free memory most of the time
-    low_memory_mb: float = 96.0  # free memory during a drop
+    low_memory_mb: float = 1.0  # free memory during a drop (scaled to the digits model's size)
     drop_len: int = 8  # mean steps a memory drop lasts (about one per stream)
     seed: int = 0
 

@@ -104,6 +104,11 @@ def _pareto(items: list[tuple[float, Cost, tuple]]) -> list[tuple[float, Cost, t
     return kept
 
 
+def smallest_memory_kb(costs: CostTable) -> float:
+    """The memory of the smallest sub-model there is (the smallest module per layer)."""
+    return costs.fixed.memory_kb + sum(min(c.memory_kb for c in layer) for layer in costs.modules)
+
+
 def _too_small(costs: CostTable, budget: Budget) -> str:
     smallest = costs.fixed
     fastest = costs.fixed

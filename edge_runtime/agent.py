@@ -20,10 +20,12 @@ import paho.mqtt.client as paho
 
 from device_profiles import DeviceProfile
 from edge_runtime import protocol as wire
+from edge_runtime.adapter import BIAS, WEIGHT, check_update
 from edge_runtime.artifacts import ArtifactStore, Download, atomic_write
 from edge_runtime.backends import FORMAT_OF, Backend, get_backend
 from edge_runtime.data import load_npz
 from edge_runtime.errors import ArtifactError, BackendError, EdgeError, ProtocolError
+from edge_runtime.learning import Learner, LearnerConfig
 from edge_runtime.monitor import PsutilSource, ResourceSource
 from edge_runtime.mqtt import BrokerAddress, connect, make_client
 from edge_runtime.runner import ModularRunner, ProgramRunner, Runner
@@ -53,6 +55,7 @@ class AgentConfig:
     policy_interval: float = 5.0  # seconds between resource readings
     trust_key: Path | None = None  # the cloud's public key; None accepts unsigned states
     labels: tuple[str, ...] = ()  # key=value, for rollouts to pick devices by
+    learning: LearnerConfig = LearnerConfig()  # the adapter heads trained on the device
 
     def __post_init__(self) -> None:
         wire.check_device_id(self.device_id)
@@ -111,6 +114,11 @@ class EdgeAgent:
         self._applied_serial = -1
         self._active_shas: set[str] = set()
         self.duplicate_chunks = 0  # chunks that arrived again (after a cut, say)
+        self.learner: Learner | None = None  # with a modular sub-model that brings a head
+        self.uploads = 0
+        self.warm_starts = 0
+        self.offers_received = 0
+        self.budget_violations = 0  # readings after which the sub-model stayed too large
         self._fetch: _Fetch | None = None
         self._last_progress = 0.0
         self._last_tick = 0.0
@@ -169,6 +177,60 @@ class EdgeAgent:
             raise EdgeError("no program is active yet")
         return runner.predict(x)
 
+    def infer(self, x: np.ndarray, domain: str) -> np.ndarray:
+        """Class scores for a batch seen in ``domain`` (the context the input comes from:
+        camera, site, sensor mode), through that domain's adapter when the device adapts.
+        Entering another domain uploads what the device learned in the one it leaves and
+        tells the cloud, which may send a warm start."""
+        runner, learner = self.runner, self.learner
+        if runner is None:
+            raise EdgeError("no program is active yet")
+        if learner is None:
+            return runner.predict(x)
+        left = learner.enter(domain)
+        if left is not None:
+            self._upload(left)
+        if self._report.domain != domain:
+            self._set_report(domain=domain)
+        return learner.logits(runner.features(x))
+
+    def learn(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Train the current domain's adapter on labelled samples (after predicting them);
+        uploads on schedule and reports a label mix that moved."""
+        runner, learner = self.runner, self.learner
+        if runner is None or learner is None:
+            return
+        features = runner.features(x) if len(y) else np.zeros((0, 1), np.float32)
+        if learner.learn(features, y):
+            self._upload(learner.domain)
+        mix = learner.mix_shifted()
+        if mix is not None:
+            self._set_report(mix=tuple(round(float(p), 4) for p in mix))
+
+    def _upload(self, domain: str) -> None:
+        update = self.learner.update(domain, self.config.device_id, str(self._applied_serial))
+        self.client.publish(self._topic("updates"), update.encode(), qos=1)
+        self.uploads += 1
+        log.info("uploaded the %s adapter (%d samples)", domain, update.samples)
+
+    def tick(self) -> bool:
+        """Read the resources and let the sub-model follow them; True if it changed."""
+        runner = self.runner
+        if runner is None:
+            return False
+        self._last_tick = self.clock()
+        try:
+            changed = runner.tick(self.resources.read())
+        except (BackendError, ArtifactError) as exc:  # the previous set keeps serving
+            self._reject("swap-failed", str(exc), self._topic("reported"))
+            return False
+        finally:
+            if runner.over_budget:
+                self.budget_violations += 1
+        if changed:
+            self._set_report(active=runner.active, detail=runner.detail)
+        return changed
+
     # --- MQTT callbacks (network thread: queue only) --------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -176,7 +238,11 @@ class EdgeAgent:
             log.error("broker refused the connection: %s", reason_code)
             return
         client.subscribe(
-            [(self._topic("desired"), 1), (wire.chunk_topic(self.config.device_id, "+", "+"), 1)]
+            [
+                (self._topic("desired"), 1),
+                (self._topic("adapter"), 1),
+                (wire.chunk_topic(self.config.device_id, "+", "+"), 1),
+            ]
         )
         online = wire.Status(device_id=self.config.device_id, online=True).encode()
         client.publish(self._topic("status"), online, qos=1, retain=True)
@@ -212,15 +278,8 @@ class EdgeAgent:
 
     def _idle(self) -> None:
         self._check_stall()
-        runner = self.runner
-        if runner is None or self.clock() - self._last_tick < self.config.policy_interval:
-            return
-        self._last_tick = self.clock()
-        try:
-            if runner.tick(self.resources.read()):
-                self._set_report(active=runner.active, detail=runner.detail)
-        except (BackendError, ArtifactError) as exc:  # the previous set keeps serving
-            self._reject("swap-failed", str(exc), self._topic("reported"))
+        if self.clock() - self._last_tick >= self.config.policy_interval:
+            self.tick()
 
     def _handle(self, topic: str, payload: bytes) -> None:
         device_id, kind, rest = wire.parse_device_topic(topic)
@@ -228,6 +287,8 @@ class EdgeAgent:
             raise ProtocolError(f"message for device {device_id}", field="topic")
         if kind == "desired":
             self._on_desired(wire.decode(wire.DesiredState, payload))
+        elif kind == "adapter":
+            self._on_offer(wire.decode(wire.AdapterOffer, payload))
         elif kind == "chunks" and len(rest) == 2 and rest[1].isdigit():
             self._on_chunk(rest[0], int(rest[1]), wire.unpack_chunk(payload))
         else:
@@ -259,6 +320,17 @@ class EdgeAgent:
         )
         self._continue_fetch()
 
+    def _on_offer(self, offer: wire.AdapterOffer) -> None:
+        self.offers_received += 1
+        if offer.device_id != self.config.device_id:
+            raise ProtocolError("names another device", field="device_id", code="wrong-device")
+        self.gate.check_offer(offer)
+        if self.learner is None:
+            log.info("adapter offer for %s ignored: this device does not adapt", offer.domain)
+        elif self.learner.warm_start(offer.domain, offer.tensors(), offer.samples):
+            self.warm_starts += 1
+            log.info("warm start for %s (%d samples of other devices)", offer.domain, offer.samples)
+
     def _choose(self, desired: wire.DesiredState) -> tuple[str, list[wire.ArtifactRef]]:
         """The first backend of the profile's order that can run what is offered, and the
         artifacts it needs: one whole program, or every part of a modular sub-model."""
@@ -272,7 +344,9 @@ class EdgeAgent:
             except BackendError as exc:
                 log.warning("backend %s is unusable here: %s", name, exc)
                 continue
-            return name, refs if desired.options else refs[:1]
+            if not desired.options:
+                return name, refs[:1]
+            return name, refs + [a for a in desired.artifacts if a.format == "safetensors"]
         formats = sorted({a.format for a in desired.artifacts})
         raise ProtocolError(
             f"no artifact this device can run: offered {formats}, backends {list(order)}",
@@ -347,6 +421,13 @@ class EdgeAgent:
             self._set_report(phase="failed", detail=str(exc)[:1000])
             self._reject("install-failed", str(exc), self._topic("desired"))
             return
+        try:
+            self._adapt_on(runner, refs)
+        except (ProtocolError, ArtifactError, BackendError) as exc:
+            runner.close()
+            self._set_report(phase="failed", detail=f"adapter: {exc}"[:1000])
+            self._reject("install-failed", str(exc), self._topic("desired"))
+            return
         previous, self.runner = self.runner, runner
         if previous is not None:
             previous.close()
@@ -377,6 +458,31 @@ class EdgeAgent:
             "n/a" if accuracy is None else f"{accuracy:.4f}",
             latency,
         )
+
+    def _adapt_on(self, runner: Runner, refs: list[wire.ArtifactRef]) -> None:
+        """Start (or rebase) the learner on the head the desired state brings, if its
+        shape fits the sub-model's features."""
+        head = next((r for r in refs if r.part == "adapter" and r.format == "safetensors"), None)
+        if head is None:
+            return
+        like = self.learner.base if self.learner else None
+        data = self.store.read(head.sha256)
+        if like is None:
+            from safetensors import SafetensorError
+            from safetensors.numpy import load
+
+            try:
+                like = load(data)
+            except (SafetensorError, ValueError) as exc:
+                raise ProtocolError(f"adapter head: {exc}", field="adapter") from None
+        base = check_update(data, like)
+        features = runner.features(runner.one_sample()).shape[1]
+        if set(base) != {WEIGHT, BIAS} or base[WEIGHT].shape[1] != features:
+            raise ProtocolError(f"adapter head does not fit {features} features", field="adapter")
+        if self.learner is None:
+            self.learner = Learner(base, self.config.learning)
+        else:
+            self.learner.rebase(base)
 
     @property
     def _active_path(self) -> Path:

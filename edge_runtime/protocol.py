@@ -28,8 +28,18 @@ MAX_CONTROL_BYTES = 64 * 1024
 DEFAULT_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 128 * 1024
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
-DEVICE_KINDS = ("desired", "reported", "status", "telemetry", "updates", "fetch", "events")
-FORMATS = ("pte", "tflite")
+DEVICE_KINDS = (
+    "desired",
+    "reported",
+    "status",
+    "telemetry",
+    "updates",
+    "adapter",
+    "fetch",
+    "events",
+)
+# safetensors: weights (where adapters start), not a program
+FORMATS = ("pte", "tflite", "safetensors")
 PHASES = ("idle", "downloading", "verifying", "installing", "active", "failed")
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -367,11 +377,17 @@ class ReportedState(Message):
     accuracy: float | None = None
     detail: str = ""
     labels: tuple[str, ...] = ()
+    domain: str = ""  # the data domain the device sees now ("" before it serves)
+    mix: tuple[float, ...] = ()  # the label mix of its latest labels (() before it has any)
     ts: float = field(default_factory=time.time)
 
     def check(self) -> None:
         check_device_id(self.device_id)
         check_labels(self.labels)
+        if self.domain and not _ID.match(self.domain):
+            raise ProtocolError("must be a short id", field="domain")
+        if len(self.mix) > 1000 or any(not 0.0 <= p <= 1.0 for p in self.mix):
+            raise ProtocolError("must be at most 1000 shares in [0, 1]", field="mix")
         if self.phase not in PHASES:
             raise ProtocolError(f"must be one of {PHASES}", field="phase")
         for sha in self.active:
@@ -441,6 +457,39 @@ class AdapterUpdate(Message):
             raise ProtocolError("must be 1-1000 counts >= 0", field="histogram")
         if self.samples <= 0 or sum(self.histogram) != self.samples:
             raise ProtocolError("must be > 0 and the histogram's total", field="samples")
+        try:
+            base64.b64decode(self.weights, validate=True)
+        except ValueError:
+            raise ProtocolError("must be base64", field="weights") from None
+        _check_ts(self.ts)
+
+    def tensors(self) -> bytes:
+        return base64.b64decode(self.weights)
+
+
+@dataclass(frozen=True)
+class AdapterOffer(Message):
+    """The cloud's aggregate of other devices' adapters for ``domain``, trained on
+    ``samples`` labelled samples, for a device entering that domain; on ``adapter``,
+    signed like a desired state."""
+
+    type: ClassVar[str] = "adapter-offer"
+    device_id: str
+    domain: str
+    samples: int
+    weights: str
+    expires: float = 0.0
+    signature: str = ""
+    ts: float = field(default_factory=time.time)
+
+    def check(self) -> None:
+        check_device_id(self.device_id)
+        if not _ID.match(self.domain):
+            raise ProtocolError("must be a short id", field="domain")
+        if self.samples <= 0:
+            raise ProtocolError("must be > 0", field="samples")
+        if self.signature and not _SIGNATURE.match(self.signature):
+            raise ProtocolError("must be 128 hex digits (ed25519)", field="signature")
         try:
             base64.b64decode(self.weights, validate=True)
         except ValueError:

@@ -13,7 +13,7 @@ from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import Backend, TensorSpec
 from edge_runtime.composer import part_names
-from edge_runtime.errors import BackendError, ProtocolError
+from edge_runtime.errors import BackendError, EdgeError, ProtocolError
 from edge_runtime.hotswap import SubModelServer
 from edge_runtime.monitor import Reading
 from edge_runtime.policy import Option, Policy
@@ -43,17 +43,26 @@ class Runner(ABC):
         """React to a resource reading; True if what is served changed."""
         return False
 
+    @property
+    def over_budget(self) -> bool:
+        """True if what is served is larger than the last reading allowed."""
+        return False
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """What an adapter head reads; EdgeError if this runner has no such seam."""
+        raise EdgeError(f"{type(self).__name__} serves a whole program: no features")
+
     def close(self) -> None:  # noqa: B027 - an optional hook, most runners hold nothing
         """Release what the runner holds."""
 
-    def _one_sample(self) -> np.ndarray:
+    def one_sample(self) -> np.ndarray:
         shape = tuple(1 if d == -1 else d for d in self.input_spec.shape)
         return np.zeros((1, *shape[1:]), self.input_spec.dtype)
 
     def evaluate(self, eval_set: tuple[np.ndarray, np.ndarray] | None) -> float | None:
         """Smoke-test; with an eval set, return the accuracy on it. BackendError if the
         outputs are not finite."""
-        x, y = eval_set if eval_set is not None else (self._one_sample(), None)
+        x, y = eval_set if eval_set is not None else (self.one_sample(), None)
         scores = self.predict(x)
         if not np.isfinite(scores).all():
             raise BackendError("inference gave non-finite outputs")
@@ -61,7 +70,7 @@ class Runner(ABC):
 
     def latency_ms(self, runs: int = 5) -> float:
         """Median time of one single-sample inference, after a warm-up call."""
-        x = self._one_sample()
+        x = self.one_sample()
         self.predict(x)
         times = []
         for _ in range(runs):
@@ -107,7 +116,7 @@ class ModularRunner(Runner):
         reading: Reading,
     ) -> None:
         self.backend = backend_name
-        self.parts = {r.part: r.sha256 for r in refs}
+        self.parts = {r.part: r.sha256 for r in refs if r.format != "safetensors"}
         for i, option in enumerate(options):
             missing = [p for p in part_names(option.selection) if p not in self.parts]
             if missing:
@@ -127,6 +136,13 @@ class ModularRunner(Runner):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.server.predict(x)
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        return self.server.features(x)
+
+    @property
+    def over_budget(self) -> bool:
+        return self.policy.over_budget
 
     def tick(self, reading: Reading) -> bool:
         previous = self.policy.current

@@ -24,9 +24,9 @@ from edge_runtime.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 
-def signed_bytes(desired: wire.DesiredState) -> bytes:
-    """What the signature covers: the state's JSON with the signature left empty."""
-    return replace(desired, signature="").encode()
+def signed_bytes(message: wire.DesiredState | wire.AdapterOffer) -> bytes:
+    """What the signature covers: the message's JSON with the signature left empty."""
+    return replace(message, signature="").encode()
 
 
 def load_public_key(path: Path):
@@ -111,7 +111,14 @@ class Gate:
             )
         return False
 
-    def _verify(self, desired: wire.DesiredState) -> None:
+    def check_offer(self, offer: wire.AdapterOffer) -> None:
+        """ProtocolError (with a code) if an adapter offer is unsigned, forged or expired."""
+        if self.public_key is not None:
+            self._verify(offer)
+        if offer.expires and offer.expires < self.clock():
+            raise ProtocolError(f"expired at {offer.expires:.0f}", field="expires", code="expired")
+
+    def _verify(self, desired: wire.DesiredState | wire.AdapterOffer) -> None:
         from cryptography.exceptions import InvalidSignature
 
         if not desired.signature:

@@ -1,0 +1,156 @@
+"""On-device adaptation: one adapter head per data domain on the served sub-model's
+features, trained prequentially (predict, then learn from the labels that arrive).
+
+The learner says when to upload (on leaving a domain it learned in, and on a schedule
+once enough new labels arrived), takes warm starts the cloud aggregated from other
+devices for a domain it has not learned in yet, and notices when the label mix it sees
+moves away from the one it last reported.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.adapter import BIAS, WEIGHT, Adapter, NumpyTrainer, check_update
+from edge_runtime.protocol import AdapterUpdate
+
+BASE_DOMAIN = "clean"
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    lr: float = 0.05
+    batch: int = 32
+    steps_per_batch: int = 4  # SGD steps per batch of labels that arrives
+    buffer_size: int = 256
+    upload_every: int = 10  # learn() calls between scheduled uploads
+    min_new_samples: int = 8  # labels an adapter must have learned from since its last upload
+    mix_window: int = 48  # latest labels the current label mix is estimated from
+    mix_shift: float = 0.35  # total variation distance from the reported mix that is a shift
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        for name in ("batch", "steps_per_batch", "buffer_size", "upload_every", "mix_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.mix_shift <= 1:
+            raise ValueError(f"mix_shift: must be in (0, 1], got {self.mix_shift}")
+
+
+class Learner:
+    """``base`` is the cloud's head (``weight`` (classes, features), ``bias``): every
+    domain's adapter starts from it unless the cloud sends a warm start."""
+
+    def __init__(
+        self, base: dict[str, np.ndarray], config: LearnerConfig = LearnerConfig(), *, seed=0
+    ) -> None:
+        self.config = config
+        self.base = {k: np.asarray(v, np.float32) for k, v in base.items()}
+        self.seed = seed
+        self.domain = BASE_DOMAIN
+        self.bank: dict[str, Adapter] = {}
+        self.warm: dict[str, int] = {}  # domain -> samples behind the warm start it took
+        self._uploaded: dict[str, int] = {}  # domain -> samples_trained at its last upload
+        self._calls = 0
+        self._recent: list[int] = []
+        self.reported_mix: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def classes(self) -> int:
+        return self.base[BIAS].shape[0]
+
+    def _adapter(self, domain: str) -> Adapter:
+        adapter = self.bank.get(domain)
+        if adapter is None:
+            c = self.config
+            trainer = NumpyTrainer(self.base[WEIGHT], self.base[BIAS], lr=c.lr)
+            adapter = Adapter(
+                trainer,
+                buffer_size=c.buffer_size,
+                batch=c.batch,
+                steps_per_batch=c.steps_per_batch,
+                seed=self.seed + len(self.bank),
+            )
+            self.bank[domain] = adapter
+        return adapter
+
+    def enter(self, domain: str) -> str | None:
+        """Switch to ``domain``'s adapter; returns the domain left if it has labels to
+        upload (a shift upload), else None."""
+        with self._lock:
+            if domain == self.domain:
+                return None
+            left, self.domain = self.domain, domain
+            return left if self._due(left) else None
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._adapter(self.domain).logits(features)
+
+    def learn(self, features: np.ndarray, labels: np.ndarray) -> bool:
+        """Train the current domain's adapter; True if a scheduled upload is due."""
+        with self._lock:
+            self._calls += 1
+            if len(labels):
+                self._adapter(self.domain).observe(features, labels)
+                self._recent = (self._recent + [int(y) for y in labels])[-self.config.mix_window :]
+            return self._calls % self.config.upload_every == 0 and self._due(self.domain)
+
+    def _due(self, domain: str) -> bool:
+        adapter = self.bank.get(domain)
+        if adapter is None:
+            return False
+        new = adapter.samples_trained - self._uploaded.get(domain, 0)
+        return new >= self.config.min_new_samples
+
+    def update(self, domain: str, device_id: str, base: str) -> AdapterUpdate:
+        """The upload for ``domain`` (ProtocolError if it learned nothing there)."""
+        with self._lock:
+            adapter = self._adapter(domain)
+            self._uploaded[domain] = adapter.samples_trained
+            return adapter.update_message(device_id, domain, base)
+
+    def warm_start(self, domain: str, data: bytes, samples: int) -> bool:
+        """Take the cloud's aggregate for ``domain`` unless this device already learned
+        there (its own adapter knows its label mix). ProtocolError if it does not fit."""
+        with self._lock:
+            adapter = self._adapter(domain)
+            if adapter.samples_trained > 0:
+                return False
+            adapter.load_update(data)
+            self.warm[domain] = samples
+            return True
+
+    def rebase(self, base: dict[str, np.ndarray]) -> None:
+        """A new head from the cloud: domains this device has not learned in start from it."""
+        checked = check_update_dict(base, self.base)
+        with self._lock:
+            self.base = checked
+            for domain in [d for d, a in self.bank.items() if a.samples_trained == 0]:
+                del self.bank[domain]
+                self.warm.pop(domain, None)
+
+    def mix_shifted(self) -> np.ndarray | None:
+        """The current label mix if it moved ``mix_shift`` away from the one last reported
+        (or none was); the caller reports it and it becomes the reference."""
+        with self._lock:
+            if len(self._recent) < self.config.mix_window:
+                return None
+            mix = np.bincount(self._recent, minlength=self.classes) / len(self._recent)
+            ref = self.reported_mix
+            if ref is not None and 0.5 * np.abs(mix - ref).sum() < self.config.mix_shift:
+                return None
+            self.reported_mix = mix
+            return mix
+
+
+def check_update_dict(weights: dict[str, np.ndarray], like: dict[str, np.ndarray]):
+    """``weights`` if they have ``like``'s names, shapes, float32 and are finite."""
+    from safetensors.numpy import save
+
+    return dict(check_update(save({k: np.asarray(v) for k, v in weights.items()}), like))
