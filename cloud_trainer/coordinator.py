@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import queue
 import threading
@@ -199,7 +198,7 @@ class FleetCoordinator:
             device_id=device_id,
             domain=domain,
             samples=samples,
-            weights=base64.b64encode(save(weights)).decode(),
+            weights=save(weights),
             expires=time.time() + self.ttl,
         )
         if self.signing_key is not None:

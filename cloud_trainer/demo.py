@@ -1,4 +1,10 @@
-"""``eclm demo``: broker, cloud and edge devices on this machine, end to end."""
+"""``eclm demo``: broker, cloud and edge devices on this machine, end to end.
+
+By default a short adaptation scenario (see :mod:`cloud_trainer.experiment`): a few real
+edge agents adapt on shifting streams while the cloud aggregates, next to the baselines;
+it prints the table and where the report and plot went. ``--delivery-only`` instead
+starts ``eclm edge run`` processes and shows signed delivery of their sub-models.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +23,28 @@ DEFAULT_DEVICES = "pi5-01=rpi5,zero-01=rpi-zero-2w"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="run the fleet demo: broker, cloud, two edge devices")
+    parser = sub.add_parser(
+        "demo",
+        help="run the fleet demo: edge devices adapting on shifting data, against baselines",
+    )
+    parser.add_argument("--devices", type=int, default=4, help="edge agents (default: 4)")
+    parser.add_argument("--steps", type=int, default=50, help="stream steps (default: 50)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--devices", default=DEFAULT_DEVICES, help="comma list of id=profile (default: %(default)s)"
+        "--domains", default="noise,rotate,contrast", help="shifts (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--tune", action="store_true", help="tune the baselines on another seed first (slower)"
+    )
+    parser.add_argument(
+        "--delivery-only",
+        action="store_true",
+        help="instead: start `eclm edge run` processes and show signed delivery",
+    )
+    parser.add_argument(
+        "--fleet",
+        default=DEFAULT_DEVICES,
+        help="with --delivery-only: comma list of id=profile (default: %(default)s)",
     )
     parser.add_argument("--broker", help="use this broker URL instead of starting one")
     parser.add_argument("--broker-kind", choices=("auto", "mosquitto", "amqtt"), default="auto")
@@ -33,14 +58,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--delivery",
         choices=("modular", "fused"),
         default="modular",
-        help="per-module programs the device swaps between as its resources "
-        "change, or one fused program (default: %(default)s)",
+        help="with --delivery-only: per-module programs the device swaps between as its "
+        "resources change, or one fused program (default: %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.delivery_only:
+        return run_delivery(args)
+    from dataclasses import replace
+
+    from cloud_trainer.adaptation_report import table
+    from cloud_trainer.experiment import Settings, run_with_broker
+    from cloud_trainer.scenario import ScenarioSpec
+
+    spec = ScenarioSpec(
+        devices=args.devices,
+        steps=args.steps,
+        seed=args.seed,
+        domains=tuple(args.domains.split(",")),
+    )
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="eclm-demo-"))
+    report, (json_path, png_path) = run_with_broker(
+        replace(Settings(spec=spec), tune=args.tune),
+        work,
+        url=args.broker,
+        broker_kind=args.broker_kind,
+        epochs=args.epochs,
+    )
+    print(f"\n{table(report['methods'])}\n")
+    print(
+        f"{report['uploads']} adapter uploads, {report['warm_starts']} warm starts from the "
+        f"cloud, {sum(report['rejected_updates'].values())} updates refused; "
+        f"{report['seconds']:.0f} s"
+    )
+    print(f"report: {json_path}\nplot:   {png_path}\noutputs: {work}")
+    return ExitCode.OK
+
+
+def run_delivery(args: argparse.Namespace) -> int:
     from broker.launcher import Broker
     from cloud_trainer.cli import deploy_fleet, parse_devices, print_fleet, wait_for_fleet
     from cloud_trainer.coordinator import FleetCoordinator
@@ -50,7 +108,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from edge_runtime.artifacts import ArtifactStore
     from edge_runtime.mqtt import BrokerAddress
 
-    devices = parse_devices(args.devices.split(","))
+    devices = parse_devices(args.fleet.split(","))
     for _, profile in devices:
         load_profile(profile)  # a bad name stops here, before anything starts
     work = args.workdir or Path(tempfile.mkdtemp(prefix="eclm-demo-"))

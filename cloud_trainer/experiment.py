@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 
 ADAPTIVE = "adaptive (ECLM)"
 PROFILES = ("rpi4", "rpi-zero-2w", "rpi5", "android-phone")
-# What each baseline may be tuned over, on a separate seed.
+# What each method's settings are tuned over, on a separate seed (the adaptive system's
+# learner in a rehearsal without the broker: same learner, aggregation and warm starts).
 GRIDS = {
-    "on-device only": [{"lr": lr, "hidden": h} for lr in (0.03, 0.1, 0.3) for h in (0, 32)],
-    "FedAvg": [{"lr": lr, "steps": 2} for lr in (0.003, 0.01, 0.03)],
+    ADAPTIVE: [{"lr": lr, "steps_per_batch": s} for lr in (0.01, 0.02, 0.05) for s in (4, 8)],
+    "on-device only": [{"lr": lr, "hidden": h} for lr in (0.1, 0.3, 0.5) for h in (32, 64)],
+    "FedAvg": [{"lr": lr, "steps": 2} for lr in (0.01, 0.03, 0.1)],
 }
 
 
@@ -161,10 +163,7 @@ def newcomer(net, selection, aggregates: dict, x, y, learning: LearnerConfig, se
 
     from cloud_trainer.domains import apply
 
-    head = {
-        "weight": net.head.fc.weight.detach().numpy(),
-        "bias": net.head.fc.bias.detach().numpy(),
-    }
+    head = _head(net)
     rng = np.random.default_rng([seed, 99])
     out = {}
     for domain, (weights, samples) in aggregates.items():
@@ -203,37 +202,99 @@ def newcomer(net, selection, aggregates: dict, x, y, learning: LearnerConfig, se
     return out
 
 
+class Rehearsal(Method):
+    """The adaptive system's learning without agents or broker, for tuning: each device's
+    learner on its sub-model's features (torch), uploads into a local aggregator, warm
+    starts on entering a domain others adapted to."""
+
+    def __init__(self, net, selections, learning: LearnerConfig) -> None:
+        from cloud_trainer.aggregation import DomainAggregator
+
+        super().__init__()
+        self.net, self.selections = net, selections
+        head = _head(net)
+        self.learners = {d: Learner(head, learning, seed=i) for i, d in enumerate(selections)}
+        self.aggregator = DomainAggregator(head)
+        self.domain = dict.fromkeys(selections, "clean")
+
+    def _features(self, device: str, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.net.features(torch.from_numpy(x), self.selections[device]).numpy()
+
+    def enter(self, device: str, domain: str) -> None:
+        from safetensors.numpy import save
+
+        learner = self.learners[device]
+        left = learner.enter(domain)
+        if left is not None:
+            self.aggregator.add(learner.update(left, device, "0"))
+        aggregate = self.aggregator.aggregate(domain)
+        if aggregate and device not in self.aggregator.contributors(domain):
+            learner.warm_start(domain, save(aggregate[0]), aggregate[1])
+
+    def predict(self, device: str, x: np.ndarray) -> np.ndarray:
+        return self.learners[device].logits(self._features(device, x)).argmax(1)
+
+    def learn(self, device: str, x: np.ndarray, y: np.ndarray) -> None:
+        learner = self.learners[device]
+        features = self._features(device, x) if len(y) else np.zeros((0, 1), np.float32)
+        if learner.learn(features, y):
+            self.aggregator.add(learner.update(learner.domain, device, "0"))
+
+
+def _head(net) -> dict[str, np.ndarray]:
+    fc = net.head.fc
+    return {"weight": fc.weight.detach().numpy(), "bias": fc.bias.detach().numpy()}
+
+
 def tune(settings: Settings, net, selections: dict[str, tuple], x, y) -> dict[str, dict]:
-    """Each tunable baseline's best settings by mean accuracy on another seed's streams."""
+    """Each method's best settings by mean accuracy on another seed's streams."""
     spec = replace(settings.spec, seed=settings.spec.seed + 1000)
     streams = dict(zip(selections, build(spec, x, y), strict=True))
+    learning = replace(settings.learning, upload_every=settings.upload_every)
     best = {}
     for name, grid in GRIDS.items():
         scores = []
         for params in grid:
-            method = _baseline(name, net, selections, params, seed=spec.seed)
-            record = _drive({name: method}, streams, settings.upload_every)[name]
+            method = _baseline(name, net, selections, params, seed=spec.seed, learning=learning)
+            label = f"tune {name} {params}"
+            record = _drive({name: method}, streams, settings.upload_every, progress=label)[name]
             scores.append(float(record.accuracy.mean()))
             log.info("tuning %s %s: %.4f", name, params, scores[-1])
         best[name] = grid[int(np.argmax(scores))]
     return best
 
 
-def _baseline(name: str, net, selections, params: dict, *, seed: int, link=None) -> Method:
+def _baseline(
+    name: str, net, selections, params: dict, *, seed: int, link=None, learning=None
+) -> Method:
+    if name == ADAPTIVE:
+        return Rehearsal(net, selections, replace(learning or LearnerConfig(), **params))
     if name == "on-device only":
         return OnDeviceOnly(list(selections), seed=seed, **params)
     kwargs = {"link": link} if link else {}
     return FedAvg(net, selections, seed=seed, **kwargs, **params)
 
 
-def _drive(methods: dict[str, Method], streams: dict, upload_every: int, agents=None, settle=None):
+def _drive(
+    methods: dict[str, Method],
+    streams: dict,
+    upload_every: int,
+    agents=None,
+    settle=None,
+    progress: str | None = None,
+):
     """Step every device's stream in lockstep through ``methods`` (and ``agents``, the
     adaptive devices, when given): predict, then learn from the labelled samples."""
+    from tqdm import tqdm
+
     steps = len(next(iter(streams.values())).domains)
     names = [*([ADAPTIVE] if agents else []), *methods]
     accuracy = {n: np.zeros((len(streams), steps)) for n in names}
     iterators = {d: iter(s) for d, s in streams.items()}
-    for t in range(steps):
+    for t in tqdm(range(steps), desc=progress, unit="step", leave=False, disable=not progress):
         for i, device in enumerate(streams):
             step = next(iterators[device])
             lab = step.labelled
@@ -245,6 +306,8 @@ def _drive(methods: dict[str, Method], streams: dict, upload_every: int, agents=
                 accuracy[ADAPTIVE][i, t] = (predicted == step.y).mean()
                 agent.learn(step.x[lab], step.y[lab])
             for name, method in methods.items():
+                if isinstance(method, Rehearsal):
+                    method.enter(device, step.domain)
                 accuracy[name][i, t] = (method.predict(device, step.x) == step.y).mean()
                 method.learn(device, step.x[lab], step.y[lab])
         if (t + 1) % upload_every == 0:
@@ -263,9 +326,11 @@ def run(
     *,
     signing_key=None,
     trust_key: Path | None = None,
+    store: Path | None = None,
     timeout: float = 300.0,
 ) -> dict:
-    """Deploy the fleet, run every method on the same streams, return the report."""
+    """Deploy the fleet, run every method on the same streams, return the report.
+    Programs go to ``store`` (default ``work/artifacts``), devices' stores under ``work``."""
     from cloud_trainer.aggregation import DomainAggregator
     from cloud_trainer.cli import plan_fleet, wait_for_fleet
     from cloud_trainer.coordinator import FleetCoordinator
@@ -283,17 +348,15 @@ def run(
     }
     streams = dict(zip(devices, build(spec, x, y), strict=True))
     address = BrokerAddress.parse(url)
-    head = {
-        "weight": net.head.fc.weight.detach().numpy(),
-        "bias": net.head.fc.bias.detach().numpy(),
-    }
-    aggregator = DomainAggregator(head)
-    store = work / "artifacts"
+    aggregator = DomainAggregator(_head(net))
+    store = store or work / "artifacts"
     started = time.perf_counter()
     targets = plan_fleet(model_dir, store, list(devices.items()), modular=True)
     selections = {d: t.options[0].selection for d, t in targets.items()}
     tuned = tune(settings, net, selections, x, y) if settings.tune else {n: {} for n in GRIDS}
-    print(f"baseline settings (tuned on seed {spec.seed + 1000}): {tuned}", flush=True)
+    if settings.tune:
+        print(f"settings tuned on seed {spec.seed + 1000}: {tuned}", flush=True)
+    learning = replace(settings.learning, upload_every=settings.upload_every, **tuned[ADAPTIVE])
     links = {"remote": BrokerLink(address, "remote"), "fedavg": BrokerLink(address, "fedavg")}
     agents: dict[str, EdgeAgent] = {}
     fc = FleetCoordinator(
@@ -309,7 +372,7 @@ def run(
                 backend=settings.backend,
                 policy_interval=1e9,  # the driver reads resources once per step
                 trust_key=trust_key,
-                learning=replace(settings.learning, upload_every=settings.upload_every),
+                learning=learning,
             )
             agents[device] = EdgeAgent(config, resources=StepSource(streams[device])).start()
         serials = {
@@ -332,7 +395,12 @@ def run(
         before = {d: _traffic(a) for d, a in agents.items()}
         swaps = {d: _swaps(a) for d, a in agents.items()}
         records = _drive(
-            methods, streams, settings.upload_every, agents, settle=lambda: _settle(fc, agents)
+            methods,
+            streams,
+            settings.upload_every,
+            agents,
+            settle=lambda: _settle(fc, agents),
+            progress="stream",
         )
         adaptive = records[ADAPTIVE]
         for d, agent in agents.items():
@@ -368,7 +436,7 @@ def run(
                 {d: aggregator.aggregate(d) for d in aggregator.domains() if d != "clean"},
                 x,
                 y,
-                settings.learning,
+                learning,
                 spec.seed,
             ),
             "uploads": sum(a.uploads for a in agents.values()),

@@ -9,7 +9,6 @@ so the same samples give the same weights. Updates travel as safetensors bytes.
 
 from __future__ import annotations
 
-import base64
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -129,7 +128,7 @@ class Adapter:
             base=base,
             samples=self.samples_trained,
             histogram=tuple(int(n) for n in self.histogram),
-            weights=base64.b64encode(self.export_update()).decode(),
+            weights=self.export_update(),
         )
 
     def load_update(self, data: bytes) -> None:

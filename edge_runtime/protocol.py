@@ -2,14 +2,14 @@
 
 Control messages are JSON objects ``{"v": 1, "type": ..., <fields>}``. Every message is
 checked field by field when it is built and when it is decoded; a bad one raises
-:class:`ProtocolError` naming the field. Artifact chunks travel on their own topic as
-their sha256 followed by their bytes. The cloud imports this module too, so both ends
-share one definition.
+:class:`ProtocolError` naming the field. Messages that carry tensors (adapter updates
+and offers) are a 4-byte length, that JSON header, then the tensors as safetensors bytes.
+Artifact chunks travel on their own topic as their sha256 followed by their bytes. The
+cloud imports this module too, so both ends share one definition.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
@@ -25,6 +25,7 @@ from edge_runtime.errors import ProtocolError
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "eclm/v1"
 MAX_CONTROL_BYTES = 64 * 1024
+MAX_TENSOR_BYTES = 4 * 1024 * 1024  # the safetensors part of an update or offer
 DEFAULT_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 128 * 1024
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
@@ -221,11 +222,51 @@ class Message:
             raise ProtocolError(exc.reason, field=where + (exc.field or "")) from None
 
 
+class TensorMessage(Message):
+    """A message with ``weights`` (safetensors bytes) sent after its JSON header."""
+
+    weights: bytes
+
+    def encode(self) -> bytes:
+        body = {"v": PROTOCOL_VERSION, "type": self.type, **self.to_dict()}
+        del body["weights"]
+        header = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        if len(header) > MAX_CONTROL_BYTES:
+            raise ProtocolError(f"header is {len(header)} bytes, limit {MAX_CONTROL_BYTES}")
+        return len(header).to_bytes(4, "big") + header + self.weights
+
+    def tensors(self) -> bytes:
+        return self.weights
+
+    def _check_weights(self) -> None:
+        if not 0 < len(self.weights) <= MAX_TENSOR_BYTES:
+            raise ProtocolError(f"must be 1..{MAX_TENSOR_BYTES} bytes", field="weights")
+
+
 M = TypeVar("M", bound=Message)
 
 
 def decode(cls: type[M], payload: bytes | str) -> M:
-    """Parse and validate one control message of type ``cls``; raise ProtocolError."""
+    """Parse and validate one message of type ``cls``; raise ProtocolError."""
+    if issubclass(cls, TensorMessage):
+        if isinstance(payload, str) or len(payload) < 4:
+            raise ProtocolError("expected a header length and a header", code="malformed")
+        size = int.from_bytes(payload[:4], "big")
+        if size > MAX_CONTROL_BYTES or len(payload) < 4 + size:
+            raise ProtocolError(f"header length {size} does not fit", code="malformed")
+        if len(payload) - 4 - size > MAX_TENSOR_BYTES:
+            raise ProtocolError("tensors above the limit", field="weights", code="too-large")
+        data = _header(cls, payload[4 : 4 + size])
+        return cls.from_dict({**data, "weights": bytes(payload[4 + size :])})
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise ProtocolError(
+            f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
+        )
+    return cls.from_dict(_header(cls, payload))
+
+
+def _header(cls: type[Message], payload: bytes | str) -> dict:
+    """The fields of a JSON message of type ``cls``, version and type checked."""
     if len(payload) > MAX_CONTROL_BYTES:
         raise ProtocolError(
             f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
@@ -245,7 +286,9 @@ def decode(cls: type[M], payload: bytes | str) -> M:
         )
     if kind != cls.type:
         raise ProtocolError(f"expected type {cls.type!r}, got {str(kind)[:40]!r}", field="type")
-    return cls.from_dict(data)
+    if "weights" in data:
+        raise ProtocolError("unknown field", field="weights")
+    return data
 
 
 def _reject_constant(name: str) -> None:
@@ -434,9 +477,9 @@ class FetchRequest(Message):
 
 
 @dataclass(frozen=True)
-class AdapterUpdate(Message):
+class AdapterUpdate(TensorMessage):
     """A device's adapter after training on ``samples`` labelled samples of ``domain``
-    (safetensors bytes in base64) and their label histogram; on ``updates``."""
+    and their label histogram; on ``updates``."""
 
     type: ClassVar[str] = "adapter-update"
     device_id: str
@@ -444,7 +487,7 @@ class AdapterUpdate(Message):
     base: str  # what the adapter sits on (the serial of the desired state it served)
     samples: int
     histogram: tuple[int, ...]
-    weights: str
+    weights: bytes
     ts: float = field(default_factory=time.time)
 
     def check(self) -> None:
@@ -457,27 +500,21 @@ class AdapterUpdate(Message):
             raise ProtocolError("must be 1-1000 counts >= 0", field="histogram")
         if self.samples <= 0 or sum(self.histogram) != self.samples:
             raise ProtocolError("must be > 0 and the histogram's total", field="samples")
-        try:
-            base64.b64decode(self.weights, validate=True)
-        except ValueError:
-            raise ProtocolError("must be base64", field="weights") from None
+        self._check_weights()
         _check_ts(self.ts)
-
-    def tensors(self) -> bytes:
-        return base64.b64decode(self.weights)
 
 
 @dataclass(frozen=True)
-class AdapterOffer(Message):
+class AdapterOffer(TensorMessage):
     """The cloud's aggregate of other devices' adapters for ``domain``, trained on
     ``samples`` labelled samples, for a device entering that domain; on ``adapter``,
-    signed like a desired state."""
+    signed (header and tensors) like a desired state."""
 
     type: ClassVar[str] = "adapter-offer"
     device_id: str
     domain: str
     samples: int
-    weights: str
+    weights: bytes
     expires: float = 0.0
     signature: str = ""
     ts: float = field(default_factory=time.time)
@@ -490,14 +527,8 @@ class AdapterOffer(Message):
             raise ProtocolError("must be > 0", field="samples")
         if self.signature and not _SIGNATURE.match(self.signature):
             raise ProtocolError("must be 128 hex digits (ed25519)", field="signature")
-        try:
-            base64.b64decode(self.weights, validate=True)
-        except ValueError:
-            raise ProtocolError("must be base64", field="weights") from None
+        self._check_weights()
         _check_ts(self.ts)
-
-    def tensors(self) -> bytes:
-        return base64.b64decode(self.weights)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,147 @@
+"""The adaptation loop over Mosquitto: real agents serving LiteRT sub-models adapt their
+heads per domain, upload, and a device entering a domain others adapted to gets the
+cloud's signed aggregate; and a small run of the whole scenario with the baselines."""
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from cloud_trainer.aggregation import DomainAggregator
+from cloud_trainer.cli import wait_for_fleet
+from cloud_trainer.coordinator import FleetCoordinator
+from cloud_trainer.domains import apply
+from cloud_trainer.keys import init_keys, load_signing_key, sign
+from cloud_trainer.pipeline import plan_device_modular
+from device_profiles import load_profile
+from edge_runtime import protocol as wire
+from edge_runtime.agent import AgentConfig, EdgeAgent
+from edge_runtime.artifacts import ArtifactStore
+
+
+@pytest.fixture
+def keys(tmp_path):
+    private, public = init_keys(tmp_path / "keys")
+    return load_signing_key(private), public
+
+
+def wait(predicate, timeout=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_device_entering_a_domain_others_adapted_to_gets_their_aggregate_signed(
+    modular, mosquitto, address, tmp_path, keys, collector_factory
+):
+    key, public = keys
+    net = modular["net"]
+    head = {
+        "weight": net.head.fc.weight.detach().numpy(),
+        "bias": net.head.fc.bias.detach().numpy(),
+    }
+    aggregator = DomainAggregator(head)
+    profile = load_profile("rpi4")
+    options, refs = plan_device_modular(modular["model_dir"], modular["store"], profile)
+    test = np.load(modular["model_dir"] / "test.npz")
+    x, y = apply("rotate", test["x"]), test["y"]
+    train, held = slice(0, 240), slice(240, None)
+    fc = FleetCoordinator(
+        address,
+        ArtifactStore(modular["store"]),
+        signing_key=key,
+        aggregator=aggregator,
+        client_id="cloud-adapt",
+    ).start()
+    agents = {}
+    try:
+        for name in ("pi4-a", "pi4-b", "pi4-c"):
+            config = AgentConfig(
+                name, profile, address, tmp_path / name, backend="litert", trust_key=public
+            )
+            agents[name] = EdgeAgent(config).start()
+        serials = {
+            d: fc.assign(d, refs, options=options, target=profile.name).serial for d in agents
+        }
+        assert wait_for_fleet(fc, serials, 60)
+        a, b, c = agents.values()
+        before = float((b.infer(x[held], "clean").argmax(1) == y[held]).mean())
+
+        for device in (a, c):  # two devices see rotated digits and learn on 240 labels
+            device.infer(x[:1], "rotate")
+            for i in range(0, 240, 8):
+                device.learn(x[train][i : i + 8], y[train][i : i + 8])
+            device.infer(x[:1], "clean")  # leaving rotate uploads what it learned there
+        wait(lambda: aggregator.contributors("rotate") == {"pi4-a", "pi4-c"})
+        alone = float(
+            (
+                a.learner.bank["rotate"].logits(a.runner.features(x[held])).argmax(1) == y[held]
+            ).mean()
+        )
+
+        b.infer(x[:1], "rotate")  # b enters rotate: the cloud sends the aggregate
+        wait(lambda: b.warm_starts == 1)
+        after = float((b.infer(x[held], "rotate").argmax(1) == y[held]).mean())
+        print(f"rotate on b: head {before:.3f}, a alone {alone:.3f}, b warm-started {after:.3f}")
+        assert after > before + 0.3 and after >= alone - 0.1
+        assert b.learner.warm["rotate"] == 480 and fc.offers == 1
+
+        # an offer the cloud did not sign is refused and changes nothing
+        events = collector_factory(wire.device_topic("pi4-b", "events"))
+        forged = wire.AdapterOffer(device_id="pi4-b", domain="noise", samples=5, weights=save(head))
+        other, _ = init_keys(tmp_path / "other")
+        for offer in (forged, sign(forged, load_signing_key(other))):
+            fc.client.publish(wire.device_topic("pi4-b", "adapter"), offer.encode(), qos=1)
+        wait(lambda: len(events.messages) >= 2)
+        codes = sorted(wire.decode(wire.Event, m).code for _, m in events.messages)
+        assert codes == ["bad-signature", "unsigned"]
+        assert b.warm_starts == 1 and "noise" not in b.learner.warm
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        fc.stop()
+
+
+@pytest.mark.slow
+def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquitto, tmp_path, keys):
+    from cloud_trainer.adaptation_report import headline, table, write
+    from cloud_trainer.experiment import ADAPTIVE, Settings, run
+    from cloud_trainer.scenario import ScenarioSpec
+
+    key, public = keys
+    spec = ScenarioSpec(devices=2, steps=16, clean_len=4, shift_len=4, seed=3)
+    settings = Settings(spec=spec, profiles=("rpi4", "rpi-zero-2w"), upload_every=4, tune=False)
+    report = run(
+        settings,
+        modular["model_dir"],
+        tmp_path,
+        mosquitto.url,
+        signing_key=key,
+        trust_key=public,
+        store=modular["store"],
+    )
+    methods = report["methods"]
+    print(table(methods))
+    assert set(methods) == {
+        ADAPTIVE,
+        "static cloud (remote)",
+        "static sub-model",
+        "on-device only",
+        "FedAvg",
+    }
+    for figures in methods.values():
+        assert 0.0 <= figures["accuracy"] <= 1.0
+    assert methods[ADAPTIVE]["budget_violations"] == 0
+    assert report["uploads"] > 0 and methods[ADAPTIVE]["bytes_by_kind"]["up:updates"] > 0
+    # raw samples up, and full weights both ways, cost more than adapter uploads
+    for name in ("static cloud (remote)", "FedAvg"):
+        assert methods[name]["bytes_up"] > methods[ADAPTIVE]["bytes_up"]
+    assert methods["FedAvg"]["bytes_down"] > 0
+    assert methods["static sub-model"]["bytes_up"] == 0
+    figures = headline(report, ADAPTIVE)
+    assert figures["fedavg_bytes_ratio"] > 1
+    json_path, png_path = write(report, tmp_path / "out")
+    assert json_path.stat().st_size > 0 and png_path.read_bytes()[:4] == b"\x89PNG"
