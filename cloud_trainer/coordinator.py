@@ -52,6 +52,8 @@ class FleetCoordinator:
         self.events: list[wire.Event] = []
         self.rejected: Counter[str] = Counter()
         self.offers = 0  # warm starts sent to devices entering a domain others adapted to
+        # called with (previous, new) report on the MQTT thread: hand work off, do not block
+        self.listeners: list[Callable[[wire.ReportedState | None, wire.ReportedState], None]] = []
         self._serial = int(time.time() * 1000)  # grows across restarts without stored state
         self._changed = threading.Condition()
         self._fetches: queue.Queue[wire.FetchRequest | None] = queue.Queue()
@@ -166,6 +168,8 @@ class FleetCoordinator:
                     self.reported[device_id] = report
                     if report.domain and (before is None or before.domain != report.domain):
                         self._offer(device_id, report.domain)
+                    for listener in self.listeners:
+                        listener(before, report)
                 elif kind == "status":
                     self.online[device_id] = wire.decode(wire.Status, msg.payload).online
                 elif kind == "events":

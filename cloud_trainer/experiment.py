@@ -35,7 +35,7 @@ PROFILES = ("rpi4", "rpi-zero-2w", "rpi5", "android-phone")
 # learner in a rehearsal without the broker: same learner, aggregation and warm starts).
 GRIDS = {
     ADAPTIVE: [{"lr": lr, "steps_per_batch": s} for lr in (0.01, 0.02, 0.05) for s in (4, 8)],
-    "on-device only": [{"lr": lr, "hidden": h} for lr in (0.1, 0.3, 0.5) for h in (32, 64)],
+    "on-device only": [{"lr": lr, "hidden": h} for lr in (0.1, 0.3, 0.5, 1.0) for h in (32, 64)],
     "FedAvg": [{"lr": lr, "steps": 2} for lr in (0.01, 0.03, 0.1)],
 }
 
@@ -49,6 +49,8 @@ class Settings:
     backend: str = "litert"
     tune: bool = True  # tune the baselines' settings on seed + 1000 first
     after_shift: int = 5  # steps after a shift that "accuracy after shifts" averages
+    integrate_every: int = 40  # steps between the cloud's integration rounds (0: never)
+    reselect_gain: float = 0.25  # relative importance gain that makes the cloud re-select
 
     def __post_init__(self) -> None:
         if not self.profiles:
@@ -283,7 +285,7 @@ def _drive(
     streams: dict,
     upload_every: int,
     agents=None,
-    settle=None,
+    after_step=None,
     progress: str | None = None,
 ):
     """Step every device's stream in lockstep through ``methods`` (and ``agents``, the
@@ -313,8 +315,8 @@ def _drive(
         if (t + 1) % upload_every == 0:
             for method in methods.values():
                 method.exchange()
-        if settle:
-            settle()
+        if after_step:
+            after_step(t)
     return {n: Record(a) for n, a in accuracy.items()}
 
 
@@ -334,6 +336,7 @@ def run(
     from cloud_trainer.aggregation import DomainAggregator
     from cloud_trainer.cli import plan_fleet, wait_for_fleet
     from cloud_trainer.coordinator import FleetCoordinator
+    from cloud_trainer.integration import Integrator
     from cloud_trainer.pipeline import load_model
     from device_profiles import load_profile
     from edge_runtime.agent import AgentConfig, EdgeAgent
@@ -392,6 +395,22 @@ def run(
                 "FedAvg", net, selections, tuned["FedAvg"], seed=spec.seed, link=links["fedavg"]
             ),
         }
+        integrator = Integrator(
+            fc,
+            aggregator,
+            net,
+            model_dir,
+            store,
+            targets,
+            {d: load_profile(p) for d, p in devices.items()},
+            min_gain=settings.reselect_gain,
+        )
+
+        def after_step(t: int) -> None:
+            _settle(fc, agents)
+            if settings.integrate_every and (t + 1) % settings.integrate_every == 0:
+                integrator.integrate()
+
         before = {d: _traffic(a) for d, a in agents.items()}
         swaps = {d: _swaps(a) for d, a in agents.items()}
         records = _drive(
@@ -399,9 +418,11 @@ def run(
             streams,
             settings.upload_every,
             agents,
-            settle=lambda: _settle(fc, agents),
+            after_step=after_step,
             progress="stream",
         )
+        integrator.join()
+        _settle(fc, agents)
         adaptive = records[ADAPTIVE]
         for d, agent in agents.items():
             now = _traffic(agent)
@@ -442,6 +463,11 @@ def run(
             "uploads": sum(a.uploads for a in agents.values()),
             "warm_starts": sum(a.warm_starts for a in agents.values()),
             "rejected_updates": dict(aggregator.rejected),
+            "integrations": [
+                {"rollout": r.rollout_id, "state": r.state, "succeeded": len(r.succeeded)}
+                for r in integrator.rollouts
+            ],
+            "reselections": integrator.reselections,
             "seconds": time.perf_counter() - started,
             "curves": {n: r.accuracy.mean(axis=0).round(4).tolist() for n, r in records.items()},
             "shifted_share": [

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -200,8 +200,6 @@ def plan_device_modular(
     selections at smaller shares of that selection's size, down to the smallest sub-model
     there is, for when the board runs short) and the per-part programs they need, for each
     format its profile can run. Returns ``(options, refs)`` for a modular desired state."""
-    from dataclasses import replace
-
     from cloud_trainer.costs import cost_table
     from cloud_trainer.modular_export import export_modular
     from cloud_trainer.selection import SelectionError, smallest_memory_kb
@@ -260,3 +258,18 @@ def head_ref(net, store: ArtifactStore) -> wire.ArtifactRef:
         format="safetensors",
         part="adapter",
     )
+
+
+def export_part(net, model_dir: Path, store_dir: Path, part: str, fmt: str) -> wire.ArtifactRef:
+    """One part of ``net`` (say a new head) as an fp32 program, stored for delivery."""
+    import torch
+
+    from cloud_trainer.modular import parts
+    from cloud_trainer.modular_export import ModularExporter, part_inputs
+
+    x = torch.from_numpy(np.load(model_dir / "test.npz")["x"][:64])
+    data = part_inputs(net.eval(), x)[part]
+    record = ModularExporter(ArtifactStore(store_dir)).export(
+        part, parts(net)[part], data[:2], fmt, "fp32", calib=data
+    )
+    return replace(record.ref, part=part)

@@ -87,7 +87,8 @@ def test_a_device_entering_a_domain_others_adapted_to_gets_their_aggregate_signe
         after = float((b.infer(x[held], "rotate").argmax(1) == y[held]).mean())
         print(f"rotate on b: head {before:.3f}, a alone {alone:.3f}, b warm-started {after:.3f}")
         assert after > before + 0.3 and after >= alone - 0.1
-        assert b.learner.warm["rotate"] == 480 and fc.offers == 1
+        # c entered rotate after a had uploaded, so it started from a's adapter too
+        assert c.warm_starts == 1 and b.learner.warm["rotate"] == 480 and fc.offers == 2
 
         # an offer the cloud did not sign is refused and changes nothing
         events = collector_factory(wire.device_topic("pi4-b", "events"))
@@ -113,7 +114,9 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
 
     key, public = keys
     spec = ScenarioSpec(devices=2, steps=16, clean_len=4, shift_len=4, seed=3)
-    settings = Settings(spec=spec, profiles=("rpi4", "rpi-zero-2w"), upload_every=4, tune=False)
+    settings = Settings(
+        spec=spec, profiles=("rpi4", "rpi-zero-2w"), upload_every=4, tune=False, integrate_every=8
+    )
     report = run(
         settings,
         modular["model_dir"],
@@ -135,6 +138,9 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
     for figures in methods.values():
         assert 0.0 <= figures["accuracy"] <= 1.0
     assert methods[ADAPTIVE]["budget_violations"] == 0
+    # the cloud folded the devices' clean adapters into a new head and rolled it out
+    assert [r["state"] for r in report["integrations"]] == ["succeeded"] * 2
+    assert methods[ADAPTIVE]["bytes_by_kind"]["down:chunks"] > 0
     assert report["uploads"] > 0 and methods[ADAPTIVE]["bytes_by_kind"]["up:updates"] > 0
     # raw samples up, and full weights both ways, cost more than adapter uploads
     for name in ("static cloud (remote)", "FedAvg"):
