@@ -111,6 +111,7 @@ class EdgeAgent:
             serial=0,
             phase="idle",
         )
+        self._report_lock = threading.Lock()
         self._applied_serial = -1
         self._active_shas: set[str] = set()
         self.duplicate_chunks = 0  # chunks that arrived again (after a cut, say)
@@ -555,13 +556,14 @@ class EdgeAgent:
     # --- reporting ----------------------------------------------------------------------
 
     def _set_report(self, **changes) -> None:
-        self._report = replace(self._report, ts=time.time(), **changes)
-        payload = self._report.encode()
-        self.client.publish(self._topic("reported"), payload, qos=1, retain=True)
-        try:  # for `eclm edge status`; a full disk must not stop the agent
-            atomic_write(self.store.root / "reported.json", payload)
-        except OSError as exc:
-            log.warning("cannot save the reported state: %s", exc)
+        with self._report_lock:  # the worker and the serving thread both report, in order
+            self._report = replace(self._report, ts=time.time(), **changes)
+            payload = self._report.encode()
+            self.client.publish(self._topic("reported"), payload, qos=1, retain=True)
+            try:  # for `eclm edge status`; a full disk must not stop the agent
+                atomic_write(self.store.root / "reported.json", payload)
+            except OSError as exc:
+                log.warning("cannot save the reported state: %s", exc)
 
     def _reject(self, code: str, reason: str, topic: str) -> None:
         log.warning("%s rejected a message on %s: %s", self.config.device_id, topic, reason)

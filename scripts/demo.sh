@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: set up, then run the fleet demo (broker, cloud trainer, two edge devices).
+# The main job: set up, then run the fleet demo (broker, cloud trainer, edge devices adapting on shifting data, baselines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -33,6 +33,10 @@ def desired(**over):
         wire.Status(device_id="d", online=False),
         wire.FetchRequest(device_id="d", sha256=SHA, first_chunk=3, count=2),
         wire.Event(device_id="d", code="invalid", reason="x", topic="t"),
+        wire.AdapterUpdate(
+            device_id="d", domain="rotate", base="7", samples=3, histogram=(1, 2), weights=b"st"
+        ),
+        wire.AdapterOffer(device_id="d", domain="noise", samples=40, weights=b"\x00" * 9),
     ],
 )
 def test_every_message_round_trips(message):
@@ -177,3 +181,39 @@ def test_arbitrary_json_objects_are_rejected_or_valid(body):
     except ProtocolError:
         return
     assert wire.decode(wire.DesiredState, message.encode()) == message
+
+
+def offer_bytes(header: dict, weights: bytes = b"tensors") -> bytes:
+    body = json.dumps({"v": 1, "type": "adapter-offer", **header}).encode()
+    return len(body).to_bytes(4, "big") + body + weights
+
+
+GOOD_OFFER = {"device_id": "d", "domain": "noise", "samples": 4}
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "code"),
+    [
+        (b"\x00\x00", None, "malformed"),
+        ((10**6).to_bytes(4, "big") + b"{}", None, "malformed"),
+        (offer_bytes(GOOD_OFFER)[:20], None, "malformed"),
+        (offer_bytes({**GOOD_OFFER, "weights": "aGk="}), "weights", "invalid"),
+        (offer_bytes(GOOD_OFFER, b""), "weights", "invalid"),
+        (offer_bytes(GOOD_OFFER, b"x" * (wire.MAX_TENSOR_BYTES + 1)), "weights", "too-large"),
+        (offer_bytes({**GOOD_OFFER, "samples": 0}), "samples", "invalid"),
+    ],
+)
+def test_a_bad_tensor_message_names_what_is_wrong(payload, field, code):
+    with pytest.raises(ProtocolError) as info:
+        wire.decode(wire.AdapterOffer, payload)
+    assert (info.value.field, info.value.code) == (field, code)
+    assert wire.decode(wire.AdapterOffer, offer_bytes(GOOD_OFFER)).weights == b"tensors"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_never_crash_the_tensor_decoder(payload):
+    try:
+        wire.decode(wire.AdapterUpdate, payload)
+    except ProtocolError as exc:
+        assert exc.code in ("malformed", "invalid", "version", "too-large")
