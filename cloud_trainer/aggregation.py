@@ -78,6 +78,12 @@ class DomainAggregator:
         with self._lock:
             return set(self._latest.get(domain, {}))
 
+    def samples_of(self, domain: str, device_id: str) -> int:
+        """The labels behind ``device_id``'s latest update for ``domain`` (0: none)."""
+        with self._lock:
+            latest = self._latest.get(domain, {}).get(device_id)
+        return latest.samples if latest else 0
+
     def aggregate(self, domain: str) -> tuple[dict[str, np.ndarray], int] | None:
         """The sample-weighted mean of the devices' latest adapters for ``domain`` and the
         samples behind it; None if no device has sent one."""

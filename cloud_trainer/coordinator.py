@@ -35,6 +35,7 @@ class FleetCoordinator:
         signing_key=None,
         ttl: float = 7 * 24 * 3600,
         aggregator: DomainAggregator | None = None,
+        offer_ratio: float = 4.0,
     ) -> None:
         """``signing_key`` (see :mod:`cloud_trainer.keys`) signs every desired state, which
         devices then refuse after ``ttl`` seconds; ``aggregator`` takes the devices' adapter
@@ -42,6 +43,7 @@ class FleetCoordinator:
         self.address = address
         self.signing_key = signing_key
         self.aggregator = aggregator
+        self.offer_ratio = offer_ratio
         self.ttl = ttl
         self.store = store
         self.chunk_size = chunk_size
@@ -188,12 +190,13 @@ class FleetCoordinator:
             log.warning("rejected message on %s: %s", msg.topic[:200], exc)
 
     def _offer(self, device_id: str, domain: str) -> None:
-        """Send the aggregate for ``domain`` to a device entering it, if other devices
-        adapted to it and this one has not sent its own."""
-        if self.aggregator is None or device_id in self.aggregator.contributors(domain):
+        """Send the aggregate for ``domain`` to a device entering it, if it holds at least
+        ``offer_ratio`` times the labels the device itself sent for that domain."""
+        if self.aggregator is None:
             return
         aggregate = self.aggregator.aggregate(domain)
-        if aggregate is None:
+        own = self.aggregator.samples_of(domain, device_id)
+        if aggregate is None or aggregate[1] < self.offer_ratio * own or aggregate[1] == own:
             return
         from safetensors.numpy import save
 

@@ -30,6 +30,7 @@ from edge_runtime.mqtt import BrokerAddress, connect, make_client
 log = logging.getLogger(__name__)
 
 ADAPTIVE = "adaptive (ECLM)"
+OFFER_RATIO = 4.0  # the coordinator's default: an aggregate worth sending to a contributor
 PROFILES = ("rpi4", "rpi-zero-2w", "rpi5", "android-phone")
 # What each method's settings are tuned over, on a separate seed (the adaptive system's
 # learner in a rehearsal without the broker: same learner, aggregation and warm starts).
@@ -228,12 +229,16 @@ class Rehearsal(Method):
     def enter(self, device: str, domain: str) -> None:
         from safetensors.numpy import save
 
+        if self.domain[device] == domain:
+            return
+        self.domain[device] = domain
         learner = self.learners[device]
         left = learner.enter(domain)
         if left is not None:
             self.aggregator.add(learner.update(left, device, "0"))
         aggregate = self.aggregator.aggregate(domain)
-        if aggregate and device not in self.aggregator.contributors(domain):
+        own = self.aggregator.samples_of(domain, device)
+        if aggregate and aggregate[1] >= OFFER_RATIO * own and aggregate[1] != own:
             learner.warm_start(domain, save(aggregate[0]), aggregate[1])
 
     def predict(self, device: str, x: np.ndarray) -> np.ndarray:

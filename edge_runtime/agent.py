@@ -328,9 +328,10 @@ class EdgeAgent:
         self.gate.check_offer(offer)
         if self.learner is None:
             log.info("adapter offer for %s ignored: this device does not adapt", offer.domain)
-        elif self.learner.warm_start(offer.domain, offer.tensors(), offer.samples):
+        else:
+            self.learner.warm_start(offer.domain, offer.tensors(), offer.samples)
             self.warm_starts += 1
-            log.info("warm start for %s (%d samples of other devices)", offer.domain, offer.samples)
+            log.info("warm start for %s (the fleet's %d samples)", offer.domain, offer.samples)
 
     def _choose(self, desired: wire.DesiredState) -> tuple[str, list[wire.ArtifactRef]]:
         """The first backend of the profile's order that can run what is offered, and the

@@ -115,16 +115,20 @@ class Learner:
             self._uploaded[domain] = adapter.samples_trained
             return adapter.update_message(device_id, domain, base)
 
-    def warm_start(self, domain: str, data: bytes, samples: int) -> bool:
-        """Take the cloud's aggregate for ``domain`` unless this device already learned
-        there (its own adapter knows its label mix). ProtocolError if it does not fit."""
+    def warm_start(self, domain: str, data: bytes, samples: int) -> None:
+        """Take the cloud's aggregate of ``samples`` labels for ``domain``: as it is where
+        this device has not learned yet, else averaged with its own adapter by the labels
+        behind each (its own knows its label mix). ProtocolError if it does not fit."""
         with self._lock:
             adapter = self._adapter(domain)
-            if adapter.samples_trained > 0:
-                return False
-            adapter.load_update(data)
+            theirs = check_update(data, self.base)
+            own = adapter.samples_trained
+            mine = adapter.trainer.weights()
+            share = own / (own + samples)
+            adapter.trainer.set_weights(
+                {k: (share * mine[k] + (1 - share) * theirs[k]).astype(np.float32) for k in mine}
+            )
             self.warm[domain] = samples
-            return True
 
     def rebase(self, base: dict[str, np.ndarray]) -> None:
         """A new head from the cloud: domains this device has not learned in start from it."""

@@ -60,7 +60,7 @@ def test_uploads_come_on_leaving_a_domain_and_on_schedule_only_with_new_labels()
     assert learner.learn(np.zeros((0, FEATURES), np.float32), np.zeros(0, int)) is False
 
 
-def test_a_warm_start_is_taken_only_where_the_device_has_not_learned():
+def test_a_warm_start_replaces_a_fresh_adapter_and_is_averaged_into_a_trained_one():
     learner = Learner(base())
     x, y = domain_data(1, 200)
     trained = Learner(base(), LearnerConfig(lr=0.5))
@@ -69,11 +69,15 @@ def test_a_warm_start_is_taken_only_where_the_device_has_not_learned():
         trained.learn(x[i : i + 8], y[i : i + 8])
     weights = trained.bank["rotate"].trainer.weights()
 
-    assert learner.warm_start("rotate", save(weights), 200)
+    learner.warm_start("rotate", save(weights), 200)
     learner.enter("rotate")
     assert accuracy(learner, x, y) > 0.9  # without a single label of its own
     learner.learn(x[:8], y[:8])
-    assert not learner.warm_start("rotate", save(base()), 10)  # it learned there now
+    own = learner.bank["rotate"].trainer.weights()
+    learner.warm_start("rotate", save(base()), 24)  # 8 labels of its own, 24 of the fleet
+    np.testing.assert_allclose(
+        learner.bank["rotate"].trainer.weights()["weight"], own["weight"] / 4
+    )
     with pytest.raises(ProtocolError):
         learner.warm_start("noise", save({"weight": weights["weight"][:, :3].copy()}), 5)
     with pytest.raises(ProtocolError):
