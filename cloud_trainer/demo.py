@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--domains", default="noise,rotate,contrast", help="shifts (default: %(default)s)"
     )
     parser.add_argument(
-        "--tune", action="store_true", help="tune the baselines on another seed first (slower)"
+        "--tune", action="store_true", help="tune every method on another seed first (slower)"
     )
     parser.add_argument(
         "--delivery-only",
@@ -61,7 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --delivery-only: per-module programs the device swaps between as its "
         "resources change, or one fused program (default: %(default)s)",
     )
-    parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument(
+        "--timeout", type=float, default=180.0, help="with --delivery-only: seconds to wait"
+    )
     parser.set_defaults(func=run_demo)
 
 
