@@ -14,6 +14,7 @@ import paho.mqtt.client as paho
 from cloud_trainer.aggregation import DomainAggregator
 from cloud_trainer.keys import sign
 from edge_runtime import protocol as wire
+from edge_runtime.adapter import tensor_bytes
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.errors import ProtocolError
 from edge_runtime.mqtt import BrokerAddress, connect, make_client
@@ -198,14 +199,12 @@ class FleetCoordinator:
         own = self.aggregator.samples_of(domain, device_id)
         if aggregate is None or aggregate[1] < self.offer_ratio * own or aggregate[1] == own:
             return
-        from safetensors.numpy import save
-
         weights, samples = aggregate
         offer = wire.AdapterOffer(
             device_id=device_id,
             domain=domain,
             samples=samples,
-            weights=save(weights),
+            weights=tensor_bytes(weights),
             expires=time.time() + self.ttl,
         )
         if self.signing_key is not None:

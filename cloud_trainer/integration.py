@@ -40,7 +40,7 @@ class Integrator:
         profiles: dict,
         *,
         blend: float = 0.5,  # how far the head moves toward the devices' aggregate
-        min_gain: float = 0.25,  # relative gain in expected importance worth new modules
+        min_gain: float = 0.5,  # relative gain in expected importance worth new modules
         plan: RolloutPlan = PLAN,
     ) -> None:
         self.fc, self.aggregator, self.net = fc, aggregator, net

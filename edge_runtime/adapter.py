@@ -114,10 +114,9 @@ class Adapter:
         return loss
 
     def export_update(self) -> bytes:
-        """The adapter's weights as safetensors bytes."""
-        from safetensors.numpy import save
-
-        return save(self.trainer.weights())
+        """The adapter's weights as safetensors bytes, in half precision (half the bytes;
+        the receiver trains and averages in float32)."""
+        return tensor_bytes(self.trainer.weights())
 
     def update_message(self, device_id: str, domain: str, base: str) -> AdapterUpdate:
         """What the device uploads on ``updates``: the weights, and the samples and labels
@@ -137,9 +136,17 @@ class Adapter:
         self.trainer.set_weights(check_update(data, self.trainer.weights()))
 
 
+def tensor_bytes(weights: dict[str, np.ndarray]) -> bytes:
+    """Weights as they travel: safetensors, float16."""
+    from safetensors.numpy import save
+
+    return save({k: np.asarray(v, np.float16) for k, v in weights.items()})
+
+
 def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors update, if they are exactly ``like``'s names, shapes and
-    dtype (float32) and all finite; ProtocolError (with a code) otherwise."""
+    """The tensors of a safetensors update as float32, if they have exactly ``like``'s
+    names and shapes, are float16 or float32 and all finite; ProtocolError (with a code)
+    otherwise."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -156,11 +163,11 @@ def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarr
             f"expected tensors {sorted(like)}, got {sorted(weights)}", field="update"
         )
     for key, value in weights.items():
-        if value.shape != like[key].shape or value.dtype != np.float32:
+        if value.shape != like[key].shape or value.dtype not in (np.float16, np.float32):
             raise ProtocolError(
-                f"expected float32 {like[key].shape}, got {value.dtype} {value.shape}",
+                f"expected float16/32 {like[key].shape}, got {value.dtype} {value.shape}",
                 field=key,
             )
         if not np.isfinite(value).all():
             raise ProtocolError("has non-finite values", field=key, code="not-finite")
-    return weights
+    return {key: value.astype(np.float32) for key, value in weights.items()}

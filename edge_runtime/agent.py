@@ -120,6 +120,7 @@ class EdgeAgent:
         self.warm_starts = 0
         self.offers_received = 0
         self.budget_violations = 0  # readings after which the sub-model stayed too large
+        self.swaps = 0  # module sets switched to on a resource reading
         self._fetch: _Fetch | None = None
         self._last_progress = 0.0
         self._last_tick = 0.0
@@ -229,6 +230,7 @@ class EdgeAgent:
             if runner.over_budget:
                 self.budget_violations += 1
         if changed:
+            self.swaps += 1
             self._set_report(active=runner.active, detail=runner.detail)
         return changed
 

@@ -79,7 +79,6 @@ class SubModelServer:
         self._programs: dict[str, Program] = {}
         self.adapter: Adapter | None = None  # replaces the head program once set
         self._active: Slot | None = None
-        self.swaps = 0  # module sets switched in after the first
         self._lock = threading.Lock()  # one swap at a time; predict never takes it
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swap")
 
@@ -152,7 +151,6 @@ class SubModelServer:
         slot.move(SlotState.ACTIVE)
         if previous is not None:
             previous.move(SlotState.RETIRED)
-            self.swaps += 1
         # Keep loaded only what the active set uses; in-flight calls hold their own refs.
         assert slot.model is not None
         self._programs = {slot.parts[name]: slot.model.programs[name] for name in slot.parts}
