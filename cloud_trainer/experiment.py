@@ -413,7 +413,8 @@ def run(
 
         def after_step(t: int) -> None:
             _settle(fc, agents)
-            if settings.integrate_every and (t + 1) % settings.integrate_every == 0:
+            every = settings.integrate_every
+            if every and (t + 1) % every == 0 and t + 1 < spec.steps:  # not once it is over
                 integrator.integrate()
 
         before = {d: _traffic(a) for d, a in agents.items()}
