@@ -42,11 +42,15 @@ class Integrator:
         blend: float = 0.5,  # how far the head moves toward the devices' aggregate
         min_gain: float = 0.5,  # relative gain in expected importance worth new modules
         plan: RolloutPlan = PLAN,
+        torch_lock: threading.Lock | None = None,
     ) -> None:
+        """``torch_lock``, if given, is held while jobs trace or run torch: torch.export
+        keeps global tracing state that training on another thread trips over."""
         self.fc, self.aggregator, self.net = fc, aggregator, net
         self.model_dir, self.store = model_dir, store
         self.targets, self.profiles = dict(targets), profiles
         self.blend, self.min_gain, self.plan = blend, min_gain, plan
+        self.torch_lock = torch_lock or threading.Lock()
         self.rollouts: list[wire.RolloutState] = []
         self.reselections = 0
         self._jobs: queue.Queue = queue.Queue()
@@ -91,15 +95,16 @@ class Integrator:
         self.net = net
         refs: dict[str, wire.ArtifactRef] = {}
         targets = {}
-        for device, target in self.targets.items():
-            formats = {r.format for r in target.artifacts if r.part == "head"}
-            new = [r for r in target.artifacts if r.part not in ("head", "adapter")]
-            for fmt in sorted(formats):
-                if fmt not in refs:
-                    refs[fmt] = export_part(net, self.model_dir, self.store, "head", fmt)
-                new.append(refs[fmt])
-            new.append(head_ref(net, _store(self.store)))
-            targets[device] = replace(target, artifacts=tuple(new))
+        with self.torch_lock:
+            for device, target in self.targets.items():
+                formats = {r.format for r in target.artifacts if r.part == "head"}
+                new = [r for r in target.artifacts if r.part not in ("head", "adapter")]
+                for fmt in sorted(formats):
+                    if fmt not in refs:
+                        refs[fmt] = export_part(net, self.model_dir, self.store, "head", fmt)
+                    new.append(refs[fmt])
+                new.append(head_ref(net, _store(self.store)))
+                targets[device] = replace(target, artifacts=tuple(new))
         rollout_id = f"integrate-{len(self.rollouts) + 1}"
         log.info("integrating %d samples of clean-domain adapters: rollout %s", samples, rollout_id)
         state = Rollout(self.fc, rollout_id, targets, self.plan).run(progress=log.info)

@@ -165,7 +165,8 @@ class EdgeAgent:
         if self._worker:
             self._worker.join(timeout=10)
         offline = wire.Status(device_id=self.config.device_id, online=False).encode()
-        self.client.publish(self._topic("status"), offline, qos=1, retain=True).wait_for_publish(2)
+        # acknowledged before disconnecting: after a clean disconnect no last will is sent
+        self.client.publish(self._topic("status"), offline, qos=1, retain=True).wait_for_publish(10)
         self.client.disconnect()
         self.client.loop_stop()
         self._stopped.set()
