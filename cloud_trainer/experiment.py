@@ -292,11 +292,16 @@ def _drive(
     agents=None,
     after_step=None,
     progress: str | None = None,
+    torch_lock=None,
 ):
     """Step every device's stream in lockstep through ``methods`` (and ``agents``, the
-    adaptive devices, when given): predict, then learn from the labelled samples."""
+    adaptive devices, when given): predict, then learn from the labelled samples.
+    ``torch_lock`` is held during each step's torch work."""
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
+    torch_lock = torch_lock or nullcontext()
     steps = len(next(iter(streams.values())).domains)
     names = [*([ADAPTIVE] if agents else []), *methods]
     accuracy = {n: np.zeros((len(streams), steps)) for n in names}
@@ -312,14 +317,16 @@ def _drive(
                 predicted = agent.infer(step.x, step.domain).argmax(1)
                 accuracy[ADAPTIVE][i, t] = (predicted == step.y).mean()
                 agent.learn(step.x[lab], step.y[lab])
-            for name, method in methods.items():
-                if isinstance(method, Rehearsal):
-                    method.enter(device, step.domain)
-                accuracy[name][i, t] = (method.predict(device, step.x) == step.y).mean()
-                method.learn(device, step.x[lab], step.y[lab])
+            with torch_lock:
+                for name, method in methods.items():
+                    if isinstance(method, Rehearsal):
+                        method.enter(device, step.domain)
+                    accuracy[name][i, t] = (method.predict(device, step.x) == step.y).mean()
+                    method.learn(device, step.x[lab], step.y[lab])
         if (t + 1) % upload_every == 0:
-            for method in methods.values():
-                method.exchange()
+            with torch_lock:
+                for method in methods.values():
+                    method.exchange()
         if after_step:
             after_step(t)
     return {n: Record(a) for n, a in accuracy.items()}
@@ -400,6 +407,7 @@ def run(
                 "FedAvg", net, selections, tuned["FedAvg"], seed=spec.seed, link=links["fedavg"]
             ),
         }
+        torch_lock = threading.Lock()  # the integrator's exports vs the baselines' training
         integrator = Integrator(
             fc,
             aggregator,
@@ -409,6 +417,7 @@ def run(
             targets,
             {d: load_profile(p) for d, p in devices.items()},
             min_gain=settings.reselect_gain,
+            torch_lock=torch_lock,
         )
 
         def after_step(t: int) -> None:
@@ -425,6 +434,7 @@ def run(
             agents,
             after_step=after_step,
             progress="stream",
+            torch_lock=torch_lock,
         )
         integrator.join()
         _settle(fc, agents)

@@ -126,7 +126,10 @@ class Integrator:
                 sum(importance[layer, list(m)].sum() for layer, m in enumerate(option.selection))
             )
 
-        options, refs = plan_device_modular(self.model_dir, self.store, self.profiles[device], mix)
+        with self.torch_lock:
+            options, refs = plan_device_modular(
+                self.model_dir, self.store, self.profiles[device], mix
+            )
         current = score(target.options[0])
         if score(options[0]) < (1 + self.min_gain) * current:
             return
