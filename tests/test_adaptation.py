@@ -139,7 +139,7 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
         assert 0.0 <= figures["accuracy"] <= 1.0
     assert methods[ADAPTIVE]["budget_violations"] == 0
     # the cloud folded the devices' clean adapters into a new head and rolled it out
-    assert [r["state"] for r in report["integrations"]] == ["succeeded"] * 2
+    assert [r["state"] for r in report["integrations"]] == ["succeeded"]  # at step 8 of 16
     assert methods[ADAPTIVE]["bytes_by_kind"]["down:chunks"] > 0
     assert report["uploads"] > 0 and methods[ADAPTIVE]["bytes_by_kind"]["up:updates"] > 0
     # raw samples up, and full weights both ways, cost more than adapter uploads
