@@ -92,10 +92,9 @@ class Integrator:
         for name, value in weights.items():
             old = getattr(fc, name).detach().numpy()
             getattr(fc, name).data[...] = _tensor(old + self.blend * (value - old))
-        self.net = net
-        refs: dict[str, wire.ArtifactRef] = {}
         targets = {}
         with self.torch_lock:
+            refs = {"adapter": head_ref(net, _store(self.store))}
             for device, target in self.targets.items():
                 formats = {r.format for r in target.artifacts if r.part == "head"}
                 new = [r for r in target.artifacts if r.part not in ("head", "adapter")]
@@ -103,13 +102,14 @@ class Integrator:
                     if fmt not in refs:
                         refs[fmt] = export_part(net, self.model_dir, self.store, "head", fmt)
                     new.append(refs[fmt])
-                new.append(head_ref(net, _store(self.store)))
+                new.append(refs["adapter"])
                 targets[device] = replace(target, artifacts=tuple(new))
         rollout_id = f"integrate-{len(self.rollouts) + 1}"
         log.info("integrating %d samples of clean-domain adapters: rollout %s", samples, rollout_id)
         state = Rollout(self.fc, rollout_id, targets, self.plan).run(progress=log.info)
         self.rollouts.append(state)
-        if state.state == "succeeded":
+        if state.state == "succeeded":  # else the fleet is back on the old head, and so are we
+            self.net = net
             self.targets.update(targets)
 
     def _reselect(self, device: str, mix: np.ndarray) -> None:
