@@ -83,6 +83,8 @@ def run_demo(args: argparse.Namespace) -> int:
         domains=tuple(args.domains.split(",")),
     )
     work = args.workdir or Path(tempfile.mkdtemp(prefix="eclm-demo-"))
+    for name in ("edge_runtime", "cloud_trainer.aggregation", "cloud_trainer.coordinator"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # per-message lines: see the report
     report, (json_path, png_path) = run_with_broker(
         replace(Settings(spec=spec), tune=args.tune),
         work,
