@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_trainer.baselines import FedAvg, Method, OnDeviceOnly, StaticCloud, StaticSubModel
+from cloud_trainer.pipeline import head_weights
 from cloud_trainer.scenario import DeviceStream, ScenarioSpec, build
 from edge_runtime import protocol as wire
 from edge_runtime.learning import Learner, LearnerConfig
@@ -168,7 +169,7 @@ def newcomer(net, selection, aggregates: dict, x, y, learning: LearnerConfig, se
 
     from cloud_trainer.domains import apply
 
-    head = _head(net)
+    head = head_weights(net)
     rng = np.random.default_rng([seed, 99])
     out = {}
     for domain, (weights, samples) in aggregates.items():
@@ -217,7 +218,7 @@ class Rehearsal(Method):
 
         super().__init__()
         self.net, self.selections = net, selections
-        head = _head(net)
+        head = head_weights(net)
         self.learners = {d: Learner(head, learning, seed=i) for i, d in enumerate(selections)}
         self.aggregator = DomainAggregator(head)
         self.domain = dict.fromkeys(selections, "clean")
@@ -251,11 +252,6 @@ class Rehearsal(Method):
         features = self._features(device, x) if len(y) else np.zeros((0, 1), np.float32)
         if learner.learn(features, y):
             self.aggregator.add(learner.update(learner.domain, device, "0"))
-
-
-def _head(net) -> dict[str, np.ndarray]:
-    fc = net.head.fc
-    return {"weight": fc.weight.detach().numpy(), "bias": fc.bias.detach().numpy()}
 
 
 def tune(settings: Settings, net, selections: dict[str, tuple], x, y) -> dict[str, dict]:
@@ -365,7 +361,7 @@ def run(
     }
     streams = dict(zip(devices, build(spec, x, y), strict=True))
     address = BrokerAddress.parse(url)
-    aggregator = DomainAggregator(_head(net))
+    aggregator = DomainAggregator(head_weights(net))
     store = store or work / "artifacts"
     started = time.perf_counter()
     targets = plan_fleet(model_dir, store, list(devices.items()), modular=True)
@@ -444,16 +440,13 @@ def run(
         for d, agent in agents.items():
             now = _traffic(agent)
             for (direction, kind), n in (now - before[d]).items():
-                if direction == "sent":
+                way = "up" if direction == "sent" else "down"
+                if way == "up":
                     adaptive.bytes_up += n
                 else:
                     adaptive.bytes_down += n
-                adaptive.bytes_by_kind[f"{'up' if direction == 'sent' else 'down'}:{kind}"] = (
-                    adaptive.bytes_by_kind.get(
-                        f"{'up' if direction == 'sent' else 'down'}:{kind}", 0
-                    )
-                    + n
-                )
+                key = f"{way}:{kind}"
+                adaptive.bytes_by_kind[key] = adaptive.bytes_by_kind.get(key, 0) + n
             adaptive.swaps += agent.swaps
             adaptive.violations += agent.budget_violations
         for name, link in (("static cloud (remote)", links["remote"]), ("FedAvg", links["fedavg"])):

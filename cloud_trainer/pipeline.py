@@ -245,12 +245,17 @@ def plan_device_modular(
     return options, [*refs, head_ref(net, ArtifactStore(store_dir))]
 
 
+def head_weights(net) -> dict[str, np.ndarray]:
+    """The head's linear layer as ``weight`` and ``bias``: the shape of every adapter."""
+    fc = net.head.fc
+    return {"weight": fc.weight.detach().numpy(), "bias": fc.bias.detach().numpy()}
+
+
 def head_ref(net, store: ArtifactStore) -> wire.ArtifactRef:
     """The head's weights as safetensors, stored: where a device's adapters start from."""
     from safetensors.numpy import save
 
-    fc = net.head.fc
-    data = save({"weight": fc.weight.detach().numpy(), "bias": fc.bias.detach().numpy()})
+    data = save(head_weights(net))
     return wire.ArtifactRef(
         name="adapter-head",
         sha256=store.put(data),
