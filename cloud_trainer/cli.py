@@ -91,6 +91,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         _broker_args(cmd)
         cmd.set_defaults(func=func)
 
+    serve = cmds.add_parser(
+        "serve",
+        help="run the cloud as a service: fleet state in a database, aggregation rounds, "
+        "integration rollouts, /metrics and /healthz",
+    )
+    serve.add_argument("--config", type=Path, help="TOML config (default: the built-in defaults)")
+    serve.add_argument(
+        "--print-config", action="store_true", help="print the default config and exit"
+    )
+    serve.set_defaults(func=_serve)
+
     keys = cmds.add_parser("keys", help="the ed25519 key pair that signs desired states")
     keys_cmds = keys.add_subparsers(dest="keys_cmd", required=True)
     init = keys_cmds.add_parser(
@@ -355,6 +366,34 @@ def _deploy(args: argparse.Namespace) -> int:
         ok = wait_for_fleet(fc, serials, args.timeout)
         print_fleet(fc, [d for d, _ in devices])
     return ExitCode.OK if ok else ExitCode.TIMEOUT
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from cloud_trainer.config import ServiceConfig, example, load_config
+    from cloud_trainer.errors import StateError
+    from cloud_trainer.jsonlog import use_json_logs
+    from cloud_trainer.service import Service
+
+    if args.print_config:
+        print(example(), end="")
+        return ExitCode.OK
+    config = load_config(args.config) if args.config else ServiceConfig()
+    if config.log_format == "json":
+        use_json_logs(config.worker)
+    try:
+        service = Service(config)
+    except StateError as exc:
+        log.error("%s", exc)
+        return ExitCode.STATE
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    try:
+        service.run()
+    except KeyboardInterrupt:
+        service.stop()
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
 
 
 def _keys_init(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import paho.mqtt.client as paho
 
 from cloud_trainer.aggregation import DomainAggregator
+from cloud_trainer.errors import StateError
 from cloud_trainer.keys import sign
 from edge_runtime import protocol as wire
 from edge_runtime.adapter import tensor_bytes
@@ -37,14 +38,26 @@ class FleetCoordinator:
         ttl: float = 7 * 24 * 3600,
         aggregator: DomainAggregator | None = None,
         offer_ratio: float = 4.0,
+        serials: Callable[[], int] | None = None,
+        shared_group: str = "",
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
         """``signing_key`` (see :mod:`cloud_trainer.keys`) signs every desired state, which
         devices then refuse after ``ttl`` seconds; ``aggregator`` takes the devices' adapter
-        updates (ignored without one)."""
+        updates (ignored without one). ``serials`` hands out desired-state serials (a
+        service keeps them in its database); by default they grow with the clock.
+
+        Several coordinators (service workers) may share the fleet: with ``shared_group``
+        each update, fetch and event goes to one of them (a shared subscription), while
+        every one sees all desired, reported and status messages; only the one for which
+        ``is_leader()`` holds sends warm starts."""
         self.address = address
         self.signing_key = signing_key
         self.aggregator = aggregator
         self.offer_ratio = offer_ratio
+        self.serials = serials
+        self.shared_group = shared_group
+        self.is_leader = is_leader
         self.ttl = ttl
         self.store = store
         self.chunk_size = chunk_size
@@ -61,7 +74,9 @@ class FleetCoordinator:
         self._changed = threading.Condition()
         self._fetches: queue.Queue[wire.FetchRequest | None] = queue.Queue()
         self._sender = threading.Thread(target=self._send_loop, name="cloud-sender", daemon=True)
-        self.client = make_client(client_id, address)
+        self._unstored: list[paho.MQTTMessage] = []  # not acknowledged: the store failed
+        self.store_error = ""  # why the last store write failed ("" once it works again)
+        self.client = make_client(client_id, address, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
@@ -102,10 +117,13 @@ class FleetCoordinator:
     ) -> wire.DesiredState:
         """Publish a new desired state for ``device_id`` and its profile ``target``
         (retained, serial always newer, signed when the coordinator has a key)."""
-        self._serial = max(self._serial + 1, int(time.time() * 1000))
+        if self.serials is not None:
+            serial = self.serials()
+        else:
+            serial = self._serial = max(self._serial + 1, int(time.time() * 1000))
         desired = wire.DesiredState(
             device_id=device_id,
-            serial=self._serial,
+            serial=serial,
             artifacts=tuple(artifacts),
             options=tuple(options),
             target=target,
@@ -136,14 +154,28 @@ class FleetCoordinator:
         if reason_code.is_failure:
             log.error("broker refused the cloud connection: %s", reason_code)
             return
-        kinds = ("desired", "reported", "status", "fetch", "events", "updates")
+        share = f"$share/{self.shared_group}/" if self.shared_group else ""
         client.subscribe(
-            [(wire.all_devices_topic(k), 1) for k in kinds]
+            [(wire.all_devices_topic(k), 1) for k in ("desired", "reported", "status")]
+            + [(share + wire.all_devices_topic(k), 1) for k in ("fetch", "events", "updates")]
             + [(f"{wire.TOPIC_ROOT}/rollouts/+/abort", 1)]
         )
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         self.client.traffic.add("received", msg.topic, msg.payload)
+        try:
+            self._handle(msg)
+        except StateError as exc:
+            # Not acknowledged: the broker keeps it for this session, and the sender
+            # thread retries the store until it works (or a restart redelivers it).
+            log.error("could not store %s, will retry: %s", msg.topic[:200], exc)
+            with self._changed:
+                self.store_error = str(exc)
+                self._unstored.append(msg)
+            return
+        client.ack(msg.mid, msg.qos)
+
+    def _handle(self, msg: paho.MQTTMessage) -> None:
         try:
             if msg.topic.startswith(f"{wire.TOPIC_ROOT}/rollouts/"):
                 rollout_id = msg.topic.split("/")[3]
@@ -170,7 +202,8 @@ class FleetCoordinator:
                     before = self.reported.get(device_id)
                     self.reported[device_id] = report
                     if report.domain and (before is None or before.domain != report.domain):
-                        self._offer(device_id, report.domain)
+                        if self.is_leader():
+                            self._offer(device_id, report.domain)
                     for listener in self.listeners:
                         listener(before, report)
                 elif kind == "status":
@@ -232,11 +265,35 @@ class FleetCoordinator:
             raise ProtocolError(f"names {claimed} on {topic_device}'s topic", field="device_id")
 
     def _send_loop(self) -> None:
-        while (request := self._fetches.get()) is not None:
+        while True:
+            try:
+                request = self._fetches.get(timeout=1.0)
+            except queue.Empty:
+                self._retry_unstored()
+                continue
+            if request is None:
+                return
             try:
                 self._send_chunks(request)
             except Exception:  # one place where sender bugs are caught and logged
                 log.exception("sending %s to %s failed", request.sha256[:12], request.device_id)
+
+    def _retry_unstored(self) -> None:
+        with self._changed:
+            waiting, self._unstored = self._unstored, []
+        for i, msg in enumerate(waiting):
+            try:
+                self._handle(msg)
+            except StateError as exc:
+                with self._changed:
+                    self._unstored = waiting[i:] + self._unstored
+                    self.store_error = str(exc)
+                return
+            self.client.ack(msg.mid, msg.qos)
+        if waiting:
+            log.warning("stored %d messages held back by a store failure", len(waiting))
+            with self._changed:
+                self.store_error = ""
 
     def _send_chunks(self, request: wire.FetchRequest) -> None:
         if not self.store.has(request.sha256):

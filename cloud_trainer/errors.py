@@ -2,7 +2,9 @@
 
 CloudError
 ├── ExportError      a module that could not be exported (names module and backend)
-└── FleetError       a device that did not reach its desired state in time
+├── FleetError       a device that did not reach its desired state in time
+├── ConfigError      a service config file with an unknown key or a wrong type (names it)
+└── StateError       the state database is locked, full, corrupt or unreachable
 """
 
 from __future__ import annotations
@@ -23,3 +25,11 @@ class ExportError(CloudError):
 
 class FleetError(CloudError):
     """Devices did not reach the state asked of them."""
+
+
+class ConfigError(CloudError, ValueError):
+    """A config file the service cannot start with; the message names the key."""
+
+
+class StateError(CloudError):
+    """The state database failed; the message says how (locked, full, corrupt...)."""

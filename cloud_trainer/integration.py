@@ -80,30 +80,14 @@ class Integrator:
                 log.exception("%s failed", kind)
 
     def _integrate(self) -> None:
-        from cloud_trainer.pipeline import export_part, head_ref
-
         aggregate = self.aggregator.aggregate("clean")
         if aggregate is None:
             log.info("integration skipped: no clean-domain adapters yet")
             return
         weights, samples = aggregate
-        net = copy.deepcopy(self.net)
-        fc = net.head.fc
-        for name, value in weights.items():
-            old = getattr(fc, name).detach().numpy()
-            getattr(fc, name).data[...] = _tensor(old + self.blend * (value - old))
-        targets = {}
+        net = blend_head(self.net, weights, self.blend)
         with self.torch_lock:
-            refs = {"adapter": head_ref(net, _store(self.store))}
-            for device, target in self.targets.items():
-                formats = {r.format for r in target.artifacts if r.part == "head"}
-                new = [r for r in target.artifacts if r.part not in ("head", "adapter")]
-                for fmt in sorted(formats):
-                    if fmt not in refs:
-                        refs[fmt] = export_part(net, self.model_dir, self.store, "head", fmt)
-                    new.append(refs[fmt])
-                new.append(refs["adapter"])
-                targets[device] = replace(target, artifacts=tuple(new))
+            targets = with_head(net, self.targets, self.model_dir, self.store)
         rollout_id = f"integrate-{len(self.rollouts) + 1}"
         log.info("integrating %d samples of clean-domain adapters: rollout %s", samples, rollout_id)
         state = Rollout(self.fc, rollout_id, targets, self.plan).run(progress=log.info)
@@ -143,6 +127,35 @@ class Integrator:
         self.targets[device] = updated
         self.reselections += 1
         log.info("re-selected %s for its label mix: %s", device, options[0].selection)
+
+
+def blend_head(net, weights: dict[str, np.ndarray], blend: float):
+    """A copy of ``net`` whose head moved ``blend`` of the way toward ``weights``."""
+    net = copy.deepcopy(net)
+    fc = net.head.fc
+    for name, value in weights.items():
+        old = getattr(fc, name).detach().numpy()
+        getattr(fc, name).data[...] = _tensor(old + blend * (value - old))
+    return net
+
+
+def with_head(net, targets: dict[str, Target], model_dir: Path, store: Path) -> dict[str, Target]:
+    """``targets`` with ``net``'s head: its program in each format a target runs, and its
+    weights as the adapter artifact (exported once per format)."""
+    from cloud_trainer.pipeline import export_part, head_ref
+
+    refs = {"adapter": head_ref(net, _store(store))}
+    out = {}
+    for device, target in targets.items():
+        formats = {r.format for r in target.artifacts if r.part == "head"}
+        new = [r for r in target.artifacts if r.part not in ("head", "adapter")]
+        for fmt in sorted(formats):
+            if fmt not in refs:
+                refs[fmt] = export_part(net, model_dir, store, "head", fmt)
+            new.append(refs[fmt])
+        new.append(refs["adapter"])
+        out[device] = replace(target, artifacts=tuple(new))
+    return out
 
 
 def _tensor(array: np.ndarray):

@@ -4,15 +4,19 @@ Each wave sets the new desired state of its devices and waits until every one of
 reports it active or failed (a device that does not answer within the wave timeout counts
 as failed). Once at least ``min_reports`` devices have answered, a failure rate at or above
 ``max_failure_rate`` aborts the rollout, and every device it updated gets its previous
-desired state back. The state is published, retained, on ``rollouts/{id}`` after every step.
+desired state back. The state is published, retained, on ``rollouts/{id}`` after every step,
+and handed to a ``journal`` (the service stores it) from which :meth:`Rollout.restore`
+resumes a rollout in the wave it was in when the cloud stopped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 from cloud_trainer.coordinator import FleetCoordinator
 from edge_runtime import protocol as wire
@@ -66,13 +70,17 @@ class Rollout:
         plan: RolloutPlan = RolloutPlan(),
         *,
         settle: float = 2.0,
+        journal: Callable[[Rollout], None] | None = None,
     ) -> None:
+        """``journal(rollout)`` is called after every step; :meth:`record` is what to keep."""
         wire.check_device_id(rollout_id)
         if not targets:
             raise ValueError("a rollout needs at least one device")
         self.fc = coordinator
         self.plan = plan
         self.targets = targets
+        self.journal = journal
+        self.serials: dict[str, int] = {}  # the serial each updated device was given
         # The broker hands the retained desired states over right after connecting.
         coordinator.wait_until(lambda c: all(d in c.desired for d in targets), settle)
         self.previous = {d: coordinator.desired.get(d) for d in targets}
@@ -80,15 +88,52 @@ class Rollout:
             rollout_id=rollout_id, state="running", wave=0, devices=tuple(targets)
         )
 
-    def run(self, progress=print) -> wire.RolloutState:
-        """Roll out wave by wave; return the final state (succeeded or aborted)."""
+    def record(self) -> str:
+        """Everything needed to resume this rollout, as JSON."""
+        return json.dumps(
+            {
+                "state": self.state.to_dict(),
+                "plan": asdict(self.plan),
+                "targets": {d: _target_dict(t) for d, t in self.targets.items()},
+                "previous": {d: p and p.encode().decode() for d, p in self.previous.items()},
+                "serials": self.serials,
+            }
+        )
+
+    @classmethod
+    def restore(
+        cls, coordinator: FleetCoordinator, record: str, *, journal=None, settle: float = 2.0
+    ) -> Rollout:
+        """The rollout :meth:`record` described, ready to ``run()`` on from its wave."""
+        data = json.loads(record)
+        plan = RolloutPlan(**{**data["plan"], "waves": tuple(data["plan"]["waves"])})
+        targets = {d: _target_from(t) for d, t in data["targets"].items()}
+        state = wire.RolloutState.from_dict(data["state"])
+        rollout = cls(coordinator, state.rollout_id, targets, plan, settle=settle, journal=journal)
+        rollout.state = state
+        rollout.previous = {
+            d: p and wire.decode(wire.DesiredState, p) for d, p in data["previous"].items()
+        }
+        rollout.serials = {d: int(s) for d, s in data["serials"].items()}
+        return rollout
+
+    def run(self, progress=print, *, pause=None) -> wire.RolloutState:
+        """Roll out wave by wave; return the final state (succeeded or aborted). If
+        ``pause()`` holds after a wave, return while still running (resume later)."""
+        if self.state.state != "running":
+            return self.state
         self._publish()
-        for wave, batch in enumerate(self.plan.batches(list(self.targets))):
+        batches = self.plan.batches(list(self.targets))
+        for wave, batch in enumerate(batches):
+            if wave < self.state.wave:
+                continue  # done before a restart
             self.state = replace(self.state, wave=wave)
-            serials = {d: self._assign(d, self.targets[d]) for d in batch}
-            self.state = replace(self.state, updated=self.state.updated + tuple(batch))
+            fresh = tuple(d for d in batch if d not in self.state.updated)
+            self.serials.update({d: self._assign(d, self.targets[d]) for d in fresh})
+            self.state = replace(self.state, updated=self.state.updated + fresh)
             self._publish()
-            self._wait(serials)
+            answered = set(self.state.succeeded + self.state.failed)
+            self._wait({d: self.serials[d] for d in batch if d not in answered})
             s = self.state
             progress(
                 f"wave {wave}: {len(batch)} devices; {len(s.succeeded)} succeeded, "
@@ -97,6 +142,10 @@ class Rollout:
             reason = self._should_abort()
             if reason:
                 return self._abort(reason, progress)
+            if pause and pause() and wave + 1 < len(batches):
+                self.state = replace(self.state, wave=wave + 1)
+                self._publish()
+                return self.state
         self.state = replace(self.state, state="succeeded", reason="")
         self._publish()
         return self.state
@@ -157,6 +206,24 @@ class Rollout:
 
     def _publish(self) -> None:
         self.state = replace(self.state, ts=time.time())
+        if self.journal:
+            self.journal(self)
         self.fc.client.publish(
             wire.rollout_topic(self.state.rollout_id), self.state.encode(), qos=1, retain=True
         ).wait_for_publish(5)
+
+
+def _target_dict(target: Target) -> dict:
+    return {
+        "artifacts": [a.to_dict() for a in target.artifacts],
+        "options": [o.to_dict() for o in target.options],
+        "profile": target.profile,
+    }
+
+
+def _target_from(data: dict) -> Target:
+    return Target(
+        tuple(wire.ArtifactRef.from_dict(a) for a in data["artifacts"]),
+        tuple(wire.ModuleSet.from_dict(o) for o in data["options"]),
+        data["profile"],
+    )

@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     BROKER_UNREACHABLE = 4
     TIMEOUT = 5
     ABORTED = 6
+    STATE = 7
     INTERRUPTED = 130
 
 
@@ -24,6 +25,7 @@ HELP: dict[ExitCode, str] = {
     ExitCode.BROKER_UNREACHABLE: "The MQTT broker could not be reached or refused the login.",
     ExitCode.TIMEOUT: "Devices did not reach the desired state in time.",
     ExitCode.ABORTED: "A rollout was aborted; the devices it reached got their previous state.",
+    ExitCode.STATE: "The service's state database is locked, full, corrupt or unreachable.",
     ExitCode.INTERRUPTED: "Stopped by Ctrl-C.",
 }
 

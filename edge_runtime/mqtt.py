@@ -104,13 +104,15 @@ class Client(paho.Client):
         return super().publish(topic, payload, qos, retain, properties)
 
 
-def make_client(client_id: str, address: BrokerAddress) -> Client:
-    """A paho client (MQTT 3.1.1, persistent session) set up for ``address``."""
+def make_client(client_id: str, address: BrokerAddress, *, manual_ack: bool = False) -> Client:
+    """A paho client (MQTT 3.1.1, persistent session) set up for ``address``. With
+    ``manual_ack`` a QoS 1 message is acknowledged only when the handler calls ``ack``."""
     client = Client(
         paho.CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=False,
         protocol=paho.MQTTv311,
+        manual_ack=manual_ack,
     )
     if address.username:
         client.username_pw_set(address.username, address.password)

@@ -132,3 +132,70 @@ def shifted(modular):
         "weight": fc.weight.detach().numpy(),
         "bias": fc.bias.detach().numpy(),
     }
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL on a free loopback port, as the ``postgres`` system user
+    (scripts/setup.sh installs it); skipped with the reason where it is not installed."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from broker.launcher import free_port
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+    if not found[-1]:
+        pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql)")
+    bin_dir = Path(found[-1]).parent
+    run_as = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data = Path(tempfile.mkdtemp(prefix="eclm-pg-"))
+    if run_as:
+        shutil.chown(data, "postgres")
+    port = free_port()
+    subprocess.run(
+        [*run_as, bin_dir / "initdb", "-D", data / "db", "-A", "trust", "-U", "eclm"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [
+            *run_as,
+            bin_dir / "pg_ctl",
+            "-D",
+            data / "db",
+            "-o",
+            options,
+            "-l",
+            data / "log",
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    yield f"postgresql://eclm@127.0.0.1:{port}"
+    subprocess.run(
+        [*run_as, bin_dir / "pg_ctl", "-D", data / "db", "-m", "fast", "stop"], capture_output=True
+    )
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request):
+    """A fresh database on the session's PostgreSQL."""
+    import re
+
+    import psycopg
+
+    name = "t_" + re.sub(r"\W", "_", request.node.name)[:40].lower() + f"_{int(time.time() * 1e6)}"
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{postgres_server}/{name}"

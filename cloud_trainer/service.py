@@ -1,0 +1,362 @@
+"""``eclm cloud serve``: the cloud trainer as a long-running service.
+
+Every worker keeps the fleet's desired, reported and status messages, stores the adapter
+updates it receives (a shared subscription gives each update to one worker) and serves
+artifact fetches. One worker at a time holds the leader lease in the database; the
+leader gives new devices their sub-model, closes aggregation rounds (on a quorum of
+devices or a deadline) with the configured strategy, integrates clean-domain rounds into
+a new head and rolls it out. Every step is in the database before it is acted on, so a
+restarted (or another) worker resumes rollouts and rounds where they were, and no
+serial is issued twice. SIGTERM lets the wave or round in flight finish, then exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cloud_trainer.config import ServiceConfig
+from cloud_trainer.errors import ConfigError, StateError
+from cloud_trainer.rollout import Rollout, RolloutPlan, Target
+from cloud_trainer.state import CloudState, Round
+
+log = logging.getLogger(__name__)
+LEASE = "leader"
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, *, tick: float = 0.5, lease_ttl: float = 10.0):
+        from cloud_trainer.aggregation import DomainAggregator
+        from cloud_trainer.coordinator import FleetCoordinator
+        from cloud_trainer.database import Database
+        from cloud_trainer.keys import load_signing_key
+        from cloud_trainer.ledger import UpdateLedger
+        from cloud_trainer.metrics import Metrics
+        from cloud_trainer.pipeline import head_weights, load_model
+        from cloud_trainer.strategies import make_strategy
+        from edge_runtime.artifacts import ArtifactStore
+        from edge_runtime.mqtt import BrokerAddress
+
+        c = self.config = config
+        self.tick, self.lease_ttl = tick, lease_ttl
+        self.model_dir, self.store_dir = Path(c.model.dir), Path(c.model.artifacts)
+        if not (self.model_dir / "model.pt").is_file():
+            raise ConfigError(f"model.dir: no model.pt in {self.model_dir} (eclm cloud train)")
+        try:
+            key = load_signing_key(Path(c.model.signing_key))
+        except ValueError as exc:
+            raise ConfigError(f"model.signing_key: {exc}") from None
+        self.state = CloudState(Database(c.state.database))
+        self.net = load_model(self.model_dir)
+        self.version, head = self.state.latest_version()
+        if head is not None:
+            self._set_head(head)
+        a = c.aggregation
+        params = {"clip": a.clip, **({"trim": a.trim} if a.strategy == "trimmed-mean" else {})}
+        self.strategy = make_strategy(a.strategy, **params)
+        checker = DomainAggregator(head_weights(self.net), max_norm=a.max_norm)
+        self.ledger = UpdateLedger(
+            self.state,
+            checker,
+            lambda: self.version,
+            worker=c.worker,
+            max_staleness=a.max_staleness,
+        )
+        self.leader = False
+        self._assigning = self.version  # the model version new desired states carry
+        self._serial_versions: dict[int, int | None] = {}
+        self._persisted: dict[str, object] = {}
+        self._connected_at = 0.0
+        self.db_error = ""
+        self.stop_event = threading.Event()
+        self.fc = FleetCoordinator(
+            BrokerAddress.parse(c.broker.url, cafile=c.broker.cafile or None),
+            ArtifactStore(self.store_dir),
+            client_id=f"eclm-{c.worker}",
+            signing_key=key,
+            ttl=c.fleet.ttl_days * 86400,
+            aggregator=self.ledger,
+            serials=lambda: self.state.next_serial(self._assigning),
+            shared_group=c.broker.shared_group,
+            is_leader=lambda: self.leader,
+        )
+        self.metrics = Metrics(self)
+        self.http = None
+        self.started = time.time()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`; BrokerUnreachable if the broker cannot be reached."""
+        from cloud_trainer.metrics import serve_http
+
+        self.fc.start()
+        self._connected_at = time.monotonic()
+        self.http = serve_http(self, self.config.http.host, self.config.http.port)
+        lease = threading.Thread(target=self._hold_lease, name="lease", daemon=True)
+        lease.start()
+        log.info(
+            "serving: worker %s, broker %s, state %s, metrics http://%s:%d/metrics, model v%d",
+            self.config.worker,
+            self.fc.address,
+            self.config.state.database,
+            self.config.http.host,
+            self.http.server_port,
+            self.version,
+        )
+        try:
+            while not self.stop_event.is_set():
+                self._step()
+                self.stop_event.wait(self.tick)
+        finally:
+            lease.join(timeout=self.lease_ttl)
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Finish the wave or round in flight, then return from :meth:`run` (signal-safe)."""
+        self.stop_event.set()
+
+    def _shutdown(self) -> None:
+        self.fc.stop()
+        if self.http:
+            self.http.shutdown()
+        try:
+            self.state.release(LEASE, self.config.worker)
+        except StateError as exc:
+            log.warning("could not release the leader lease: %s", exc)
+        self.state.db.close()
+        log.info("stopped: worker %s", self.config.worker)
+
+    def _hold_lease(self) -> None:
+        """Renew (or take) the leader lease, apart from the main loop, which may spend a
+        whole rollout wave in one step."""
+        while not self.stop_event.is_set():
+            try:
+                held = self.state.claim(LEASE, self.config.worker, self.lease_ttl)
+            except StateError as exc:
+                held, self.db_error = False, str(exc)
+            if held != self.leader:
+                log.info(
+                    "worker %s %s the leader lease", self.config.worker, "took" if held else "lost"
+                )
+            self.leader = held
+            self.stop_event.wait(self.lease_ttl / 3)
+
+    def _step(self) -> None:
+        try:
+            self._persist_devices()
+            if self.leader:
+                self._close_rounds()
+                self._integrate_rounds()
+                self._assign_new_devices()
+            self.db_error = ""
+        except StateError as exc:
+            self.db_error = str(exc)
+            log.error("state database: %s", exc)
+
+    def health(self) -> dict:
+        broker = self.fc.client.is_connected()
+        problems = [p for p in (self.db_error, self.fc.store_error) if p]
+        return {
+            "status": "ok" if broker and not problems else "failing",
+            "worker": self.config.worker,
+            "broker": "connected" if broker else "disconnected",
+            "database": problems[0] if problems else "ok",
+            "leader": self.leader,
+            "model_version": self.version,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    def version_of(self, serial: int) -> int | None:
+        if serial not in self._serial_versions:
+            self._serial_versions[serial] = self.state.version_of_serial(serial)
+        return self._serial_versions[serial]
+
+    # --- leader's work ----------------------------------------------------------------------
+
+    def _persist_devices(self) -> None:
+        for device_id, report in list(self.fc.reported.items()):
+            if self._persisted.get(device_id) is not report:
+                self.state.save_report(report)
+                self._persisted[device_id] = report
+        for device_id, online in list(self.fc.online.items()):
+            if self._persisted.get(f"online:{device_id}") != online:
+                self.state.save_status(device_id, online)
+                self._persisted[f"online:{device_id}"] = online
+
+    def _close_rounds(self) -> None:
+        a = self.config.aggregation
+        for r in self.state.rounds("open"):
+            if r.devices >= a.quorum or time.time() - r.opened >= a.deadline:
+                self._close(r)
+
+    def _close(self, r: Round) -> None:
+        from safetensors.numpy import save
+
+        from cloud_trainer.pipeline import head_weights
+        from cloud_trainer.strategies import Contribution
+        from edge_runtime.adapter import check_update
+
+        started = time.perf_counter()
+        like = head_weights(self.net)
+        contributions = [
+            Contribution(
+                check_update(u.tensors(), like),
+                max(1, round(u.samples * weight)),  # a stale update counts for less
+                np.array(u.histogram),
+            )
+            for u, weight in self.state.round_updates(r.id)
+        ]
+        weights = self.strategy.aggregate(contributions, reference=like)
+        samples = sum(c.samples for c in contributions)
+        if self.state.close_round(r.id, save(weights), samples, len(contributions)):
+            seconds = time.perf_counter() - started
+            self.metrics.aggregation.observe(seconds)
+            log.info(
+                "round %d (%s) closed: %d devices, %d samples, %s in %.3f s",
+                r.id,
+                r.domain,
+                len(contributions),
+                samples,
+                self.strategy.name,
+                seconds,
+            )
+
+    def _integrate_rounds(self) -> None:
+        for r in self.state.rounds("closed"):
+            if self.stop_event.is_set():
+                return
+            record = self.state.rollouts().get(f"integrate-{r.id}")
+            if record is not None:  # started before a restart: resume or finish it
+                self._finish(Rollout.restore(self.fc, record, journal=self._journal), r)
+            elif r.domain == "clean" and self.config.integration.enabled and self._targets():
+                self._integrate(r)
+            else:
+                self.state.finish_round(r.id)
+
+    def _integrate(self, r: Round) -> None:
+        from safetensors.numpy import load
+
+        from cloud_trainer.integration import blend_head, with_head
+
+        weights = load(r.weights)
+        i = self.config.integration
+        if i.workers > 1:
+            net = self._distributed_head(weights, r.samples)
+        else:
+            net = blend_head(self.net, weights, i.blend)
+        targets = with_head(net, self._targets(), self.model_dir, self.store_dir)
+        self._assigning = self.version + 1
+        rollout = Rollout(
+            self.fc, f"integrate-{r.id}", targets, self._plan(), journal=self._journal
+        )
+        log.info(
+            "round %d integrated into a new head: rolling it out to %d devices", r.id, len(targets)
+        )
+        self._finish(rollout, r)
+
+    def _distributed_head(self, weights: dict, samples: int):
+        import copy
+
+        import torch
+
+        from cloud_trainer.data import load_digits_split
+        from cloud_trainer.distributed import integrate_head
+
+        split = load_digits_split()
+        head = integrate_head(
+            self.net,
+            {"clean": (weights, samples)},
+            (split.x_train, split.y_train),
+            epochs=self.config.integration.epochs,
+            world_size=self.config.integration.workers,
+        )
+        net = copy.deepcopy(self.net)
+        for name, value in head.items():
+            getattr(net.head.fc, name).data[...] = torch.from_numpy(np.asarray(value))
+        return net
+
+    def _finish(self, rollout: Rollout, r: Round) -> None:
+        final = rollout.run(progress=log.info, pause=self.stop_event.is_set)
+        if final.state == "running":
+            return  # paused by SIGTERM between waves: resumed at the next start
+        if final.state == "succeeded":
+            adapter = next(
+                a for t in rollout.targets.values() for a in t.artifacts if a.part == "adapter"
+            )
+            head = self.fc.store.path(adapter.sha256).read_bytes()
+            self.version = self.state.add_version(head, r.id, final.rollout_id)
+            self._set_head(head)
+            log.info("model version %d is live on %d devices", self.version, len(final.succeeded))
+        else:
+            log.warning("rollout %s %s: %s", final.rollout_id, final.state, final.reason)
+        self._assigning = self.version
+        self.state.finish_round(r.id)
+
+    def _journal(self, rollout: Rollout) -> None:
+        self.state.save_rollout(rollout.state.rollout_id, rollout.state.state, rollout.record())
+
+    def _set_head(self, head: bytes) -> None:
+        import torch
+        from safetensors.numpy import load
+
+        for name, value in load(head).items():
+            getattr(self.net.head.fc, name).data[...] = torch.from_numpy(value)
+
+    def _targets(self) -> dict[str, Target]:
+        """What each device with a modular sub-model runs now (its retained desired state)."""
+        return {
+            d: Target(s.artifacts, s.options, s.target)
+            for d, s in list(self.fc.desired.items())
+            if any(a.part == "head" for a in s.artifacts)
+        }
+
+    def _plan(self) -> RolloutPlan:
+        r = self.config.rollout
+        return RolloutPlan(
+            canary=r.canary,
+            waves=tuple(r.waves),
+            max_failure_rate=r.max_failure_rate,
+            min_reports=r.min_reports,
+            wave_timeout=r.wave_timeout,
+        )
+
+    def _assign_new_devices(self) -> None:
+        """Give a sub-model to every online device that never had one (its report says
+        serial 0 and no desired state is retained for it)."""
+        if not self.config.fleet.auto_assign or time.monotonic() - self._connected_at < 2.0:
+            return  # retained desired states arrive right after connecting
+        for device_id, report in list(self.fc.reported.items()):
+            if report.serial or device_id in self.fc.desired or not self.fc.online.get(device_id):
+                continue
+            if self._persisted.get(f"assign:{device_id}") == report.profile:
+                continue  # planned before and failed: wait for another profile
+            self._persisted[f"assign:{device_id}"] = report.profile
+            self._assign(device_id, report.profile)
+
+    def _assign(self, device_id: str, profile_name: str) -> None:
+        from cloud_trainer.integration import with_head
+        from cloud_trainer.pipeline import plan_device_modular
+        from device_profiles import ProfileError, load_profile
+
+        try:
+            profile = load_profile(profile_name)
+            options, refs = plan_device_modular(self.model_dir, self.store_dir, profile)
+        except (ProfileError, ValueError) as exc:
+            log.error("cannot plan a sub-model for %s (%s): %s", device_id, profile_name, exc)
+            return
+        target = Target(tuple(refs), tuple(options), profile.name)
+        if self.version:
+            target = with_head(self.net, {device_id: target}, self.model_dir, self.store_dir)[
+                device_id
+            ]
+        desired = self.fc.assign(
+            device_id, list(target.artifacts), options=target.options, target=profile.name
+        )
+        log.info(
+            "assigned %s (%s) its sub-model: serial %d", device_id, profile.name, desired.serial
+        )
