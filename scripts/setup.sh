@@ -19,6 +19,15 @@ if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
   fi
 fi
 
+# PostgreSQL: the service's state database beyond SQLite; the tests start their own server.
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && command -v apt-get >/dev/null \
+  && [[ $(id -u) -eq 0 ]]; then
+  echo "[setup] installing PostgreSQL from the system packages (tests of the PostgreSQL state)"
+  apt-get install -y -qq postgresql >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; } \
+    || echo "[setup] PostgreSQL could not be installed; its tests will be skipped"
+fi
+
 if [[ ! -x $venv/bin/python ]]; then
   echo "[setup] creating $venv"
   python3 -m venv "$venv"
