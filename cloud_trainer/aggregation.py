@@ -1,7 +1,13 @@
 """Adapter updates from devices, validated and aggregated per data domain.
 
-Each device's latest update per domain counts, weighted by the labelled samples it was
-trained on, so a device that uploads often does not outweigh the others.
+Only each device's latest update per domain is kept, so a device that uploads often does
+not outweigh the others; a strategy (``cloud_trainer.strategies``) combines them. Every
+update is checked first, and a refusal is a ProtocolError whose code is counted:
+
+- ``invalid``: tensor names, shapes or dtypes unlike the head's, a wrong histogram;
+- ``not-finite``: a NaN or infinity; ``too-large``: a tensor above the norm bound;
+- ``stale-base``: trained on a head version the cloud no longer takes;
+- ``replayed``: a nonce this device has used before.
 """
 
 from __future__ import annotations
@@ -9,39 +15,68 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
 
 import numpy as np
 
+from cloud_trainer.strategies import Contribution, Strategy, WeightedMean
 from edge_runtime import protocol as wire
 from edge_runtime.adapter import BIAS, check_update
 from edge_runtime.errors import ProtocolError
 
+__all__ = ["Contribution", "DomainAggregator"]
+
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Contribution:
-    weights: dict[str, np.ndarray]
-    samples: int
-    histogram: np.ndarray
+# Nonces remembered per device. A replay of an update older than that many of the same
+# device's uploads gets through this check (and only replaces that device's latest).
+NONCE_MEMORY = 4096
+_MEAN = WeightedMean()
 
 
 class DomainAggregator:
     """``like`` is an adapter's weights (their names and shapes are what updates must
-    have); ``max_norm`` bounds each tensor's L2 norm (a larger one is refused)."""
+    have); ``strategy`` combines a domain's updates; ``max_norm`` bounds each tensor's L2
+    norm (a larger one is refused); ``reference`` is the head the adapters started from,
+    which clipping measures deltas from (default ``like``); ``bases`` tells which
+    ``base`` versions updates may be trained on (a set, or a predicate; None: any)."""
 
-    def __init__(self, like: dict[str, np.ndarray], *, max_norm: float = 100.0) -> None:
+    def __init__(
+        self,
+        like: dict[str, np.ndarray],
+        *,
+        strategy: Strategy = _MEAN,
+        max_norm: float = 100.0,
+        reference: dict[str, np.ndarray] | None = None,
+        bases: Collection[str] | Callable[[str], bool] | None = None,
+    ) -> None:
+        if isinstance(bases, str):
+            raise ValueError("bases: a set of base versions or a predicate, not one string")
         self.like = like
+        self.strategy = strategy
         self.max_norm = max_norm
+        self.reference = like if reference is None else reference
+        if bases is None or callable(bases):
+            self._base_ok: Callable[[str], bool] | None = bases
+        else:
+            self._base_ok = frozenset(bases).__contains__
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
+        self.epsilon: dict[str, float] = {}  # device -> the largest epsilon it reported
         self._latest: dict[str, dict[str, Contribution]] = {}  # domain -> device -> latest
+        self._nonces: dict[str, dict[str, None]] = {}  # device -> nonces, oldest first
         self._lock = threading.Lock()
+
+    def rebase(self, reference: dict[str, np.ndarray]) -> None:
+        """A new head: clipping measures deltas from ``reference`` from now on."""
+        if {k: v.shape for k, v in reference.items()} != {k: v.shape for k, v in self.like.items()}:
+            raise ValueError("reference: needs the names and shapes of the adapter")
+        with self._lock:
+            self.reference = reference
 
     def add(self, update: wire.AdapterUpdate) -> None:
         """Keep ``update`` as its device's latest for its domain; ProtocolError (counted by
-        code in ``rejected``) if its tensors do not fit, are not finite or too large."""
+        code in ``rejected``) if it is refused (see the module's docstring)."""
         try:
             weights = check_update(update.tensors(), self.like)
             for key, value in weights.items():
@@ -56,19 +91,39 @@ class DomainAggregator:
                     f"expected {classes} classes, got {len(update.histogram)}",
                     field="histogram",
                 )
+            if self._base_ok is not None and not self._base_ok(update.base):
+                raise ProtocolError(
+                    f"trained on {update.base!r}, no longer taken", field="base", code="stale-base"
+                )
+            self._keep(update, Contribution(weights, update.samples, np.array(update.histogram)))
         except ProtocolError as exc:
-            self.rejected[exc.code] += 1
+            with self._lock:
+                self.rejected[exc.code] += 1
             raise
-        contribution = Contribution(weights, update.samples, np.array(update.histogram))
-        with self._lock:
-            self._latest.setdefault(update.domain, {})[update.device_id] = contribution
-            self.accepted += 1
         log.info(
-            "update from %s for %s (%d samples) accepted",
+            "update from %s for %s (%d samples, epsilon %g) accepted",
             update.device_id,
             update.domain,
             update.samples,
+            update.epsilon,
         )
+
+    def _keep(self, update: wire.AdapterUpdate, contribution: Contribution) -> None:
+        """Record ``update``'s nonce and keep it; ProtocolError if the nonce was seen."""
+        device = update.device_id
+        with self._lock:
+            seen = self._nonces.setdefault(device, {})
+            if update.nonce:
+                if update.nonce in seen:
+                    raise ProtocolError(
+                        "this nonce came before: a replay", field="nonce", code="replayed"
+                    )
+                seen[update.nonce] = None
+                if len(seen) > NONCE_MEMORY:
+                    del seen[next(iter(seen))]
+            self._latest.setdefault(update.domain, {})[device] = contribution
+            self.epsilon[device] = max(self.epsilon.get(device, 0.0), update.epsilon)
+            self.accepted += 1
 
     def domains(self) -> list[str]:
         with self._lock:
@@ -85,15 +140,12 @@ class DomainAggregator:
         return latest.samples if latest else 0
 
     def aggregate(self, domain: str) -> tuple[dict[str, np.ndarray], int] | None:
-        """The sample-weighted mean of the devices' latest adapters for ``domain`` and the
-        samples behind it; None if no device has sent one."""
+        """The strategy's combination of the devices' latest adapters for ``domain`` and
+        the samples behind them; None if no device has sent one."""
         with self._lock:
             contributions = list(self._latest.get(domain, {}).values())
+            reference = self.reference
         if not contributions:
             return None
-        total = sum(c.samples for c in contributions)
-        mean = {
-            key: sum(c.weights[key] * (c.samples / total) for c in contributions).astype(np.float32)
-            for key in self.like
-        }
-        return mean, total
+        combined = self.strategy.aggregate(contributions, reference)
+        return combined, sum(c.samples for c in contributions)

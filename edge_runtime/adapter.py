@@ -9,6 +9,7 @@ so the same samples give the same weights. Updates travel as safetensors bytes.
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -118,16 +119,27 @@ class Adapter:
         the receiver trains and averages in float32)."""
         return tensor_bytes(self.trainer.weights())
 
-    def update_message(self, device_id: str, domain: str, base: str) -> AdapterUpdate:
-        """What the device uploads on ``updates``: the weights, and the samples and labels
-        they were trained on (ProtocolError before any sample)."""
+    def update_message(
+        self,
+        device_id: str,
+        domain: str,
+        base: str,
+        *,
+        weights: dict[str, np.ndarray] | None = None,
+        epsilon: float = 0.0,
+    ) -> AdapterUpdate:
+        """What the device uploads on ``updates``: the weights (or ``weights`` in their
+        place: a privatized copy that spent ``epsilon``), the samples and labels they were
+        trained on, and a fresh nonce (ProtocolError before any sample)."""
         return AdapterUpdate(
             device_id=device_id,
             domain=domain,
             base=base,
             samples=self.samples_trained,
             histogram=tuple(int(n) for n in self.histogram),
-            weights=self.export_update(),
+            weights=self.export_update() if weights is None else tensor_bytes(weights),
+            nonce=secrets.token_hex(8),
+            epsilon=epsilon,
         )
 
     def load_update(self, data: bytes) -> None:

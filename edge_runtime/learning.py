@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.adapter import BIAS, WEIGHT, Adapter, NumpyTrainer, check_update
+from edge_runtime.errors import ProtocolError
+from edge_runtime.privacy import GaussianNoise
 from edge_runtime.protocol import AdapterUpdate
 
 BASE_DOMAIN = "clean"
@@ -30,6 +32,11 @@ class LearnerConfig:
     min_new_samples: int = 8  # labels an adapter must have learned from since its last upload
     mix_window: int = 48  # latest labels the current label mix is estimated from
     mix_shift: float = 0.35  # total variation distance from the reported mix that is a shift
+    # Differential privacy of uploads (edge_runtime.privacy): the L2 norm an adapter's delta
+    # from the head is clipped to and the noise multiplier; both 0 (off) or both > 0.
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -39,14 +46,26 @@ class LearnerConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 < self.mix_shift <= 1:
             raise ValueError(f"mix_shift: must be in (0, 1], got {self.mix_shift}")
+        if self.dp_clip < 0 or self.dp_noise < 0 or (self.dp_clip > 0) != (self.dp_noise > 0):
+            raise ValueError(
+                f"dp_clip, dp_noise: both 0 (off) or both > 0, got {self.dp_clip}, {self.dp_noise}"
+            )
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"dp_delta: must be in (0, 1), got {self.dp_delta}")
 
 
 class Learner:
     """``base`` is the cloud's head (``weight`` (classes, features), ``bias``): every
-    domain's adapter starts from it unless the cloud sends a warm start."""
+    domain's adapter starts from it unless the cloud sends a warm start. With DP in
+    ``config``, uploads are clipped and noised (``dp_seed`` None: noise from the OS)."""
 
     def __init__(
-        self, base: dict[str, np.ndarray], config: LearnerConfig = LearnerConfig(), *, seed=0
+        self,
+        base: dict[str, np.ndarray],
+        config: LearnerConfig = LearnerConfig(),
+        *,
+        seed=0,
+        dp_seed: int | None = None,
     ) -> None:
         self.config = config
         self.base = {k: np.asarray(v, np.float32) for k, v in base.items()}
@@ -58,6 +77,11 @@ class Learner:
         self._calls = 0
         self._recent: list[int] = []
         self.reported_mix: np.ndarray | None = None
+        self.privacy = (
+            GaussianNoise(config.dp_clip, config.dp_noise, delta=config.dp_delta, seed=dp_seed)
+            if config.dp_clip > 0
+            else None
+        )
         self._lock = threading.Lock()
 
     @property
@@ -109,11 +133,20 @@ class Learner:
         return new >= self.config.min_new_samples
 
     def update(self, domain: str, device_id: str, base: str) -> AdapterUpdate:
-        """The upload for ``domain`` (ProtocolError if it learned nothing there)."""
+        """The upload for ``domain`` (ProtocolError if it learned nothing there). With DP,
+        it carries a clipped and noised copy of the adapter (which keeps serving as it is)
+        and the epsilon spent so far."""
         with self._lock:
             adapter = self._adapter(domain)
+            if adapter.samples_trained == 0:  # before a release is counted
+                raise ProtocolError("nothing learned to upload", field="samples")
             self._uploaded[domain] = adapter.samples_trained
-            return adapter.update_message(device_id, domain, base)
+            if self.privacy is None:
+                return adapter.update_message(device_id, domain, base)
+            weights = self.privacy.privatize(adapter.trainer.weights(), self.base)
+            return adapter.update_message(
+                device_id, domain, base, weights=weights, epsilon=self.privacy.epsilon
+            )
 
     def warm_start(self, domain: str, data: bytes, samples: int) -> None:
         """Take the cloud's aggregate of ``samples`` labels for ``domain``: as it is where

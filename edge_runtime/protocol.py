@@ -48,6 +48,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}=[A-Za-z0-9_.-]{0,64}$")
 MAX_LABELS = 16
 _SIGNATURE = re.compile(r"^[0-9a-f]{128}$")
+_NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 _PART = re.compile(r"^(stem|head|adapter|layer\d{1,3}\.(router|block\d{1,3}))$")
 
 
@@ -479,7 +480,9 @@ class FetchRequest(Message):
 @dataclass(frozen=True)
 class AdapterUpdate(TensorMessage):
     """A device's adapter after training on ``samples`` labelled samples of ``domain``
-    and their label histogram; on ``updates``."""
+    and their label histogram; on ``updates``. ``nonce`` is fresh random hex per upload
+    (the cloud refuses one it has seen: a replay; "" is no nonce, from older devices);
+    ``epsilon`` is the differential privacy its device's uploads have spent (0: none)."""
 
     type: ClassVar[str] = "adapter-update"
     device_id: str
@@ -489,9 +492,15 @@ class AdapterUpdate(TensorMessage):
     histogram: tuple[int, ...]
     weights: bytes
     ts: float = field(default_factory=time.time)
+    nonce: str = ""
+    epsilon: float = 0.0
 
     def check(self) -> None:
         check_device_id(self.device_id)
+        if self.nonce and not _NONCE.match(self.nonce):
+            raise ProtocolError("must be 16-64 lowercase hex digits", field="nonce")
+        if self.epsilon < 0:
+            raise ProtocolError("must be >= 0", field="epsilon")
         if not _ID.match(self.domain):
             raise ProtocolError("must be a short id", field="domain")
         if not _ID.match(self.base):

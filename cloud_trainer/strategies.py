@@ -1,0 +1,142 @@
+"""How the cloud combines the devices' adapters for one domain: aggregation strategies.
+
+One seam in Flower's shape: a strategy implements one hook, :meth:`Strategy.combine`,
+and the concrete driver :meth:`Strategy.aggregate` clips every contribution first (its
+delta from the reference, the head the adapters started from, scaled down to L2 norm
+``clip`` over all tensors together).
+
+- ``mean`` (:class:`WeightedMean`): weighted by the samples behind each update (FedAvg).
+  One device that scales its delta by 100 among n moves the result by 100/n of it.
+- ``median`` (:class:`CoordinateMedian`): per coordinate; holds while fewer than half
+  of the contributions are bad.
+- ``trimmed-mean`` (:class:`TrimmedMean`): per coordinate, the ``trim`` share of the
+  largest and of the smallest values dropped, the rest averaged.
+
+The robust two ignore sample counts: a count is the sender's claim, and weighting by it
+would give an attacker the weight it asks for.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar
+
+import numpy as np
+
+from edge_runtime.privacy import clip_delta
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One device's latest adapter for a domain, and the labels it was trained on."""
+
+    weights: dict[str, np.ndarray]
+    samples: int
+    histogram: np.ndarray
+
+
+@dataclass(frozen=True)
+class Strategy(ABC):
+    """Combines contributions into one adapter; ``clip`` > 0 bounds each one's delta
+    from the reference first (0: no clipping)."""
+
+    name: ClassVar[str]
+    clip: float = field(default=0.0, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            raise ValueError(f"clip: must be >= 0, got {self.clip}")
+
+    @abstractmethod
+    def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
+        """One tensor per name from (at least one) already clipped contributions."""
+
+    def aggregate(
+        self,
+        contributions: Sequence[Contribution],
+        reference: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Clip each contribution's delta from ``reference``, then combine (float32)."""
+        if not contributions:
+            raise ValueError("nothing to aggregate")
+        if self.clip:
+            if reference is None:
+                raise ValueError("clip: needs a reference to measure deltas from")
+            contributions = [
+                replace(c, weights=clip_delta(c.weights, reference, self.clip))
+                for c in contributions
+            ]
+        return {k: v.astype(np.float32) for k, v in self.combine(contributions).items()}
+
+
+def _stacked(contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
+    """Per tensor name, the contributions' values stacked on a new first axis."""
+    return {k: np.stack([c.weights[k] for c in contributions]) for k in contributions[0].weights}
+
+
+@dataclass(frozen=True)
+class WeightedMean(Strategy):
+    """The mean weighted by the samples behind each contribution."""
+
+    name: ClassVar[str] = "mean"
+
+    def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
+        share = np.array([c.samples for c in contributions], np.float64)
+        share /= share.sum()
+        return {k: np.tensordot(share, v, axes=1) for k, v in _stacked(contributions).items()}
+
+
+@dataclass(frozen=True)
+class CoordinateMedian(Strategy):
+    """The median of every coordinate, unweighted."""
+
+    name: ClassVar[str] = "median"
+
+    def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
+        return {k: np.median(v, axis=0) for k, v in _stacked(contributions).items()}
+
+
+@dataclass(frozen=True)
+class TrimmedMean(Strategy):
+    """Per coordinate, the mean of the values left after dropping the ``trim`` share
+    (rounded down) of the largest and of the smallest, unweighted."""
+
+    name: ClassVar[str] = "trimmed-mean"
+    trim: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim: must be in [0, 0.5), got {self.trim}")
+
+    def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
+        n = len(contributions)
+        cut = int(self.trim * n + 1e-9)  # 0.29 * 100 is 28.999...
+        return {
+            k: np.sort(v, axis=0)[cut : n - cut].mean(axis=0)
+            for k, v in _stacked(contributions).items()
+        }
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (WeightedMean, CoordinateMedian, TrimmedMean)
+}
+
+
+def make_strategy(name: str, **params: float) -> Strategy:
+    """The strategy registered as ``name`` with ``params``; ValueError naming an unknown
+    name or parameter, or a bad value."""
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    accepted = sorted(f.name for f in fields(cls))
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"strategy {name!r} has no parameter {', '.join(unknown)}; it takes "
+            f"{', '.join(accepted)}"
+        )
+    return cls(**params)

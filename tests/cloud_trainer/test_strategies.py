@@ -1,0 +1,268 @@
+"""Aggregation strategies and the checks every update passes, on real adapters: a head
+trained on clean digits (features: a fixed random ReLU projection of the 8x8 images to 512,
+like the real head's input) and ten devices adapting it to rotated digits with the numpy
+trainer, each on a stream of 1000 draws from the same 1200 images (one domain)."""
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+from sklearn.datasets import load_digits
+
+from cloud_trainer.aggregation import Contribution, DomainAggregator
+from cloud_trainer.strategies import (
+    STRATEGIES,
+    CoordinateMedian,
+    TrimmedMean,
+    WeightedMean,
+    make_strategy,
+)
+from edge_runtime import protocol as wire
+from edge_runtime.adapter import Adapter, NumpyTrainer
+from edge_runtime.errors import ProtocolError
+
+DEVICES, STREAM, POOL = 10, 1000, 1200
+LOOSE = 1e5  # a norm bound the scaled updates pass: the strategy has to stop them
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    digits = load_digits()
+    images, y = (digits.images / 16.0).astype(np.float32), digits.target
+    projection = np.random.default_rng(0).normal(0, 1 / 8, (64, 512)).astype(np.float32)
+
+    def features(x):
+        return np.maximum(x.reshape(len(x), -1) @ projection, 0)
+
+    clean, rotated = features(images), features(np.rot90(images, 1, axes=(1, 2)))
+    cloud = NumpyTrainer(np.zeros((10, 512), np.float32), np.zeros(10, np.float32), lr=0.5)
+    for _ in range(20):
+        for i in range(0, 1000, 32):
+            cloud.step(clean[i : i + 32], y[i : i + 32])
+    head = cloud.weights()
+    adapters = []
+    for device in range(DEVICES):
+        adapter = Adapter(NumpyTrainer(head["weight"], head["bias"], lr=0.5), seed=device)
+        rows = np.random.default_rng(100 + device).choice(POOL, STREAM, replace=False)
+        for i in range(0, STREAM, 16):
+            adapter.observe(rotated[rows[i : i + 16]], y[rows[i : i + 16]])
+        adapters.append(adapter)
+    return {"head": head, "adapters": adapters, "test": (rotated[POOL:], y[POOL:])}
+
+
+def received(message: wire.AdapterUpdate) -> wire.AdapterUpdate:
+    """What the cloud decodes from the bytes a device sent."""
+    return wire.decode(wire.AdapterUpdate, message.encode())
+
+
+def attack(adapter: Adapter, head: dict, kind: str) -> dict[str, np.ndarray]:
+    """An attacker's adapter: its honest delta from the head times 100, or NaN."""
+    weights = adapter.trainer.weights()
+    if kind == "nan":
+        return {k: np.full_like(v, np.nan) for k, v in weights.items()}
+    return {k: head[k] + 100 * (v - head[k]) for k, v in weights.items()}
+
+
+def flat(weights: dict) -> np.ndarray:
+    return np.concatenate([weights[k].ravel() for k in sorted(weights)])
+
+
+def error(aggregate: dict, honest: dict, head: dict) -> float:
+    """The distance of an aggregate from the honest devices' mean, relative to how far
+    that mean moved from the head (an aggregate equal to the head scores 1.0)."""
+    return float(
+        np.linalg.norm(flat(aggregate) - flat(honest)) / np.linalg.norm(flat(honest) - flat(head))
+    )
+
+
+def accuracy(weights: dict, test) -> float:
+    x, y = test
+    return float(((x @ weights["weight"].T + weights["bias"]).argmax(1) == y).mean())
+
+
+def attacked_round(fleet, strategy, kinds: list[str]):
+    """Every device uploads; the first len(kinds) are attackers of those kinds. Returns the
+    aggregator with every upload, and the mean of the honest ones alone."""
+    head, adapters = fleet["head"], fleet["adapters"]
+    everyone = DomainAggregator(head, strategy=strategy, max_norm=LOOSE)
+    honest_only = DomainAggregator(head, max_norm=LOOSE)
+    for i, adapter in enumerate(adapters):
+        name = f"pi4-{i}"
+        if i < len(kinds):
+            bad = attack(adapter, head, kinds[i])
+            message = adapter.update_message(name, "rotate", "1", weights=bad)
+            try:
+                everyone.add(received(message))
+            except ProtocolError as exc:
+                assert exc.code == "not-finite"
+            continue
+        message = received(adapter.update_message(name, "rotate", "1"))
+        everyone.add(message)
+        honest_only.add(message)
+    return everyone, honest_only.aggregate("rotate")[0]
+
+
+ATTACKS = {"scaled": ["scaled"] * 2, "nan": ["nan"] * 2, "mixed": ["scaled", "nan"]}
+
+
+@pytest.mark.parametrize("attack_name", sorted(ATTACKS))
+@pytest.mark.parametrize("name", ["median", "trimmed-mean"])
+def test_robust_strategies_stay_within_10_percent_of_the_honest_mean(fleet, name, attack_name):
+    kinds = ATTACKS[attack_name]
+    aggregator, honest = attacked_round(fleet, make_strategy(name), kinds)
+
+    aggregate, samples = aggregator.aggregate("rotate")
+
+    nans = kinds.count("nan")
+    assert aggregator.rejected == ({"not-finite": nans} if nans else {})
+    assert aggregator.accepted == DEVICES - nans and samples == STREAM * (DEVICES - nans)
+    assert error(aggregate, honest, fleet["head"]) <= 0.1
+    assert accuracy(aggregate, fleet["test"]) >= accuracy(honest, fleet["test"]) - 0.02
+    assert accuracy(honest, fleet["test"]) > accuracy(fleet["head"], fleet["test"]) + 0.5
+
+
+def test_the_plain_mean_is_dragged_far_off_by_scaled_updates_and_nan_never_enters(fleet):
+    test = fleet["test"]
+    scaled, honest = attacked_round(fleet, WeightedMean(), ATTACKS["scaled"])
+    nan, _ = attacked_round(fleet, WeightedMean(), ATTACKS["nan"])
+
+    dragged, clean = scaled.aggregate("rotate")[0], nan.aggregate("rotate")[0]
+
+    assert scaled.accepted == DEVICES  # the norm bound let them in: only a strategy helps
+    assert error(dragged, honest, fleet["head"]) > 10  # 2 of 10 at 100x: about 20
+    assert accuracy(dragged, test) < accuracy(honest, test) - 0.3
+    assert nan.rejected["not-finite"] == 2
+    assert error(clean, honest, fleet["head"]) < 1e-6  # refused, so the mean is the honest one
+
+
+def test_clipping_bounds_what_one_contribution_moves_the_aggregate(fleet):
+    head = fleet["head"]
+    attacker = attack(fleet["adapters"][0], head, "scaled")
+    contributions = [Contribution(attacker, 100, np.zeros(10))] + [
+        Contribution(head, 100, np.zeros(10)) for _ in range(3)
+    ]
+
+    for strategy in (WeightedMean(clip=2.0), TrimmedMean(trim=0.0, clip=2.0)):
+        moved = np.linalg.norm(flat(strategy.aggregate(contributions, head)) - flat(head))
+        assert moved == pytest.approx(2.0 / 4, rel=1e-4)  # clipped to 2, one of four
+    unclipped = WeightedMean().aggregate(contributions, head)
+    assert np.linalg.norm(flat(unclipped) - flat(head)) > 100
+    with pytest.raises(ValueError, match="reference"):
+        WeightedMean(clip=2.0).aggregate(contributions)
+
+
+def test_each_strategy_combines_coordinates_as_it_says():
+    def contributions(values, samples=None):
+        samples = samples or [1] * len(values)
+        return [
+            Contribution({"bias": np.array([v, -v], np.float32)}, n, np.zeros(2))
+            for v, n in zip(values, samples, strict=True)
+        ]
+
+    mean = WeightedMean().aggregate(contributions([0.0, 1.0], [1, 3]))
+    median = CoordinateMedian().aggregate(contributions([1.0, 2.0, 100.0]))
+    trimmed = TrimmedMean(trim=0.2).aggregate(contributions([0.0, 1.0, 2.0, 3.0, 100.0]))
+
+    np.testing.assert_allclose(mean["bias"], [0.75, -0.75])
+    np.testing.assert_allclose(median["bias"], [2.0, -2.0])
+    np.testing.assert_allclose(trimmed["bias"], [2.0, -2.0])  # 0 and 100 dropped
+    assert mean["bias"].dtype == np.float32
+
+
+def test_strategies_are_made_by_name_and_bad_names_or_parameters_are_named():
+    assert set(STRATEGIES) == {"mean", "median", "trimmed-mean"}
+    assert make_strategy("trimmed-mean", trim=0.1, clip=3.0) == TrimmedMean(trim=0.1, clip=3.0)
+    assert isinstance(make_strategy("median"), CoordinateMedian)
+
+    with pytest.raises(ValueError, match="'krum'.*mean, median, trimmed-mean"):
+        make_strategy("krum")
+    with pytest.raises(ValueError, match="no parameter trim"):
+        make_strategy("median", trim=0.1)
+    with pytest.raises(ValueError, match="trim"):
+        TrimmedMean(trim=0.5)
+    with pytest.raises(ValueError, match="clip"):
+        WeightedMean(clip=-1.0)
+
+
+def test_a_replayed_update_is_refused_and_counted(fleet):
+    adapter = fleet["adapters"][0]
+    aggregator = DomainAggregator(fleet["head"])
+    first = adapter.update_message("pi4-0", "rotate", "1")
+    second = adapter.update_message("pi4-0", "rotate", "1")
+
+    aggregator.add(received(first))
+    aggregator.add(received(second))
+    with pytest.raises(ProtocolError) as info:
+        aggregator.add(received(first))
+
+    assert len(first.nonce) == 16 and first.nonce != second.nonce
+    assert info.value.code == "replayed" and info.value.field == "nonce"
+    assert aggregator.rejected == {"replayed": 1} and aggregator.accepted == 2
+    with pytest.raises(ProtocolError, match="nonce"):
+        wire.AdapterUpdate(**{**first.__dict__, "nonce": "not-hex"})
+
+
+def test_an_update_without_a_nonce_still_decodes_and_is_taken_each_time(fleet):
+    message = fleet["adapters"][0].update_message("pi4-0", "rotate", "1")
+    payload = message.encode()
+    size = int.from_bytes(payload[:4], "big")
+    header = payload[4 : 4 + size].replace(f',"nonce":"{message.nonce}"'.encode(), b"")
+    old = len(header).to_bytes(4, "big") + header + payload[4 + size :]  # an older device's
+    aggregator = DomainAggregator(fleet["head"])
+
+    decoded = wire.decode(wire.AdapterUpdate, old)
+    aggregator.add(decoded)
+    aggregator.add(decoded)
+
+    assert decoded.nonce == "" and decoded.epsilon == 0.0
+    assert aggregator.accepted == 2 and not aggregator.rejected
+
+
+@pytest.mark.parametrize("bases", [{"2", "3"}, lambda base: int(base) >= 2])
+def test_an_update_on_a_head_no_longer_taken_is_refused(fleet, bases):
+    adapter = fleet["adapters"][0]
+    aggregator = DomainAggregator(fleet["head"], bases=bases)
+
+    aggregator.add(received(adapter.update_message("pi4-0", "rotate", "2")))
+    with pytest.raises(ProtocolError) as info:
+        aggregator.add(received(adapter.update_message("pi4-0", "rotate", "1")))
+
+    assert info.value.code == "stale-base" and info.value.field == "base"
+    assert aggregator.rejected == {"stale-base": 1} and aggregator.accepted == 1
+
+
+def test_the_cloud_keeps_the_largest_epsilon_each_device_reported(fleet):
+    adapter = fleet["adapters"][0]
+    aggregator = DomainAggregator(fleet["head"])
+
+    for epsilon in (1.5, 4.0, 2.0):
+        message = adapter.update_message("pi4-0", "rotate", "1", epsilon=epsilon)
+        aggregator.add(received(message))
+    aggregator.add(received(fleet["adapters"][1].update_message("pi4-1", "rotate", "1")))
+
+    assert aggregator.epsilon == {"pi4-0": 4.0, "pi4-1": 0.0}
+
+
+def test_a_new_reference_moves_what_clipping_measures_from(fleet):
+    head = fleet["head"]
+    moved = {k: v + 1.0 for k, v in head.items()}
+    aggregator = DomainAggregator(head, strategy=WeightedMean(clip=0.5), max_norm=LOOSE)
+    labels = np.arange(10).repeat(2)
+    aggregator.add(
+        wire.AdapterUpdate(
+            device_id="pi4-0",
+            domain="rotate",
+            base="1",
+            samples=len(labels),
+            histogram=tuple(np.bincount(labels, minlength=10).tolist()),
+            weights=save(moved),
+        )
+    )
+
+    near_head = aggregator.aggregate("rotate")[0]
+    aggregator.rebase(moved)
+    at_moved = aggregator.aggregate("rotate")[0]
+
+    assert np.linalg.norm(flat(near_head) - flat(head)) == pytest.approx(0.5, rel=1e-3)
+    np.testing.assert_allclose(at_moved["bias"], moved["bias"], atol=1e-3)
+    with pytest.raises(ValueError, match="reference"):
+        aggregator.rebase({"bias": head["bias"]})
