@@ -15,6 +15,7 @@ from cloud_trainer import cli as cloud_cli
 from cloud_trainer import demo
 from device_profiles import ProfileError
 from device_profiles import cli as profiles_cli
+from eclm import bundle
 from edge_runtime import cli as edge_cli
 from edge_runtime.errors import BrokerUnreachable
 from edge_runtime.exit_codes import ExitCode, epilog
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     broker_cli.add_parser(sub)
     profiles_cli.add_parser(sub)
-    edge_cli.add_parser(sub)
+    bundle.add_parser(edge_cli.add_parser(sub))  # eclm edge bundle: operator-side
     cloud_cli.add_parser(sub)
     return parser
 

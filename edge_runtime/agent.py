@@ -30,6 +30,7 @@ from edge_runtime.monitor import PsutilSource, ResourceSource
 from edge_runtime.mqtt import BrokerAddress, connect, make_client
 from edge_runtime.runner import ModularRunner, ProgramRunner, Runner
 from edge_runtime.trust import Gate, load_public_key
+from edge_runtime.watchdog import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class EdgeAgent:
         self.client.will_set(self._topic("status"), offline, qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.notifier = Notifier.from_env()  # systemd Type=notify and WatchdogSec=
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class EdgeAgent:
             self._stopped.set()
             return
         self.state = AgentState.STOPPED
+        self.notifier.stopping()
         self._inbox.put(None)
         if self._worker:
             self._worker.join(timeout=10)
@@ -252,6 +255,7 @@ class EdgeAgent:
         client.publish(self._topic("status"), online, qos=1, retain=True)
         client.publish(self._topic("reported"), self._report.encode(), qos=1, retain=True)
         log.info("%s connected to %s", self.config.device_id, self.config.broker)
+        self.notifier.ready(f"connected to {self.config.broker}")
 
     def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
         self.client.traffic.add("received", msg.topic, msg.payload)
@@ -281,6 +285,7 @@ class EdgeAgent:
             self._idle()
 
     def _idle(self) -> None:
+        self.notifier.ping()  # the worker loop turns: systemd's watchdog need not restart us
         self._check_stall()
         if self.clock() - self._last_tick >= self.config.policy_interval:
             self.tick()

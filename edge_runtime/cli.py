@@ -12,7 +12,8 @@ from pathlib import Path
 from edge_runtime.exit_codes import ExitCode
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``eclm edge``; return its subcommands, for commands that live elsewhere."""
     parser = sub.add_parser("edge", help="run the edge agent on a board")
     cmds = parser.add_subparsers(dest="edge_cmd", required=True)
     run = cmds.add_parser("run", help="connect to the broker and serve the desired sub-model")
@@ -55,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--device-id", required=True)
     status.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
     status.set_defaults(func=_status)
+    return cmds
 
 
 def run_command(
