@@ -78,24 +78,7 @@ class DomainAggregator:
         """Keep ``update`` as its device's latest for its domain; ProtocolError (counted by
         code in ``rejected``) if it is refused (see the module's docstring)."""
         try:
-            weights = check_update(update.tensors(), self.like)
-            for key, value in weights.items():
-                norm = float(np.linalg.norm(value))
-                if norm > self.max_norm:
-                    raise ProtocolError(
-                        f"norm {norm:.1f} is above {self.max_norm:g}", field=key, code="too-large"
-                    )
-            classes = self.like[BIAS].shape[0]
-            if len(update.histogram) != classes:
-                raise ProtocolError(
-                    f"expected {classes} classes, got {len(update.histogram)}",
-                    field="histogram",
-                )
-            if self._base_ok is not None and not self._base_ok(update.base):
-                raise ProtocolError(
-                    f"trained on {update.base!r}, no longer taken", field="base", code="stale-base"
-                )
-            self._keep(update, Contribution(weights, update.samples, np.array(update.histogram)))
+            self._keep(update, self.check(update))
         except ProtocolError as exc:
             with self._lock:
                 self.rejected[exc.code] += 1
@@ -107,6 +90,28 @@ class DomainAggregator:
             update.samples,
             update.epsilon,
         )
+
+    def check(self, update: wire.AdapterUpdate) -> Contribution:
+        """``update`` as a contribution if its tensors fit, are finite and within the norm
+        bound, its histogram has one count per class and its base is taken; else
+        ProtocolError. Nonces are not checked here: ``add`` remembers them."""
+        weights = check_update(update.tensors(), self.like)
+        for key, value in weights.items():
+            norm = float(np.linalg.norm(value))
+            if norm > self.max_norm:
+                raise ProtocolError(
+                    f"norm {norm:.1f} is above {self.max_norm:g}", field=key, code="too-large"
+                )
+        classes = self.like[BIAS].shape[0]
+        if len(update.histogram) != classes:
+            raise ProtocolError(
+                f"expected {classes} classes, got {len(update.histogram)}", field="histogram"
+            )
+        if self._base_ok is not None and not self._base_ok(update.base):
+            raise ProtocolError(
+                f"trained on {update.base!r}, no longer taken", field="base", code="stale-base"
+            )
+        return Contribution(weights, update.samples, np.array(update.histogram))
 
     def _keep(self, update: wire.AdapterUpdate, contribution: Contribution) -> None:
         """Record ``update``'s nonce and keep it; ProtocolError if the nonce was seen."""
