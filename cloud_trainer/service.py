@@ -311,7 +311,7 @@ class Service:
         """What each device with a modular sub-model runs now (its retained desired state)."""
         return {
             d: Target(s.artifacts, s.options, s.target)
-            for d, s in list(self.fc.desired.items())
+            for d, s in sorted(self.fc.desired.items())  # the same canary for the same fleet
             if any(a.part == "head" for a in s.artifacts)
         }
 
