@@ -93,7 +93,8 @@ class Database:
                 try:
                     yield Cursor(self, self._conn.cursor())
                 except BaseException:
-                    self._conn.execute("ROLLBACK")
+                    if self._conn.in_transaction:  # SQLite ends it itself on a full disk
+                        self._conn.execute("ROLLBACK")
                     raise
                 self._conn.execute("COMMIT")
             except (sqlite3.Error, OSError) as exc:
