@@ -1,5 +1,6 @@
 """Two ``eclm cloud serve`` workers on one Mosquitto share the device traffic through a
-shared subscription, and every update is stored exactly once, replays and all."""
+shared subscription, and every update is stored exactly once, replays and all, on a
+shared SQLite file and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ DEVICES, UPDATES, REPLAYS = 10, 20, 30
 
 
 @pytest.mark.slow
-def test_two_workers_store_every_update_exactly_once(tmp_path, modular, mosquitto, address):
-    shared = f"sqlite:///{tmp_path}/shared.db"
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_workers_store_every_update_exactly_once(
+    tmp_path, modular, mosquitto, address, database, request
+):
+    if database == "sqlite":
+        shared = f"sqlite:///{tmp_path}/shared.db"
+    else:
+        shared = request.getfixturevalue("postgres_url")
     workers = [
         Cloud(
             tmp_path / name,
