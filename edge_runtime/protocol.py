@@ -276,6 +276,8 @@ def _header(cls: type[Message], payload: bytes | str) -> dict:
         data = json.loads(payload, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"not JSON: {exc}", code="malformed") from None
+    except RecursionError:  # a few thousand brackets fit well inside the size limit
+        raise ProtocolError("not JSON: nested too deeply", code="malformed") from None
     if not isinstance(data, dict):
         raise ProtocolError("expected a JSON object", code="malformed")
     version, kind = data.pop("v", None), data.pop("type", None)
