@@ -142,9 +142,12 @@ def _type_ok(value: Any, hint: Any) -> bool:
         inner = typing.get_args(hint)[0]
         return isinstance(value, tuple) and all(_type_ok(v, inner) for v in value)
     if hint is float:
-        return (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        )
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:  # an integer beyond any float (JSON allows 4,300 digits)
+            return False
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
