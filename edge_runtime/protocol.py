@@ -286,7 +286,7 @@ def _header(cls: type[Message], payload: bytes | str) -> dict:
     version, kind = data.pop("v", None), data.pop("type", None)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"unsupported version {version!r}, expected {PROTOCOL_VERSION}",
+            f"unsupported version {repr(version)[:40]}, expected {PROTOCOL_VERSION}",
             field="v",
             code="version",
         )
