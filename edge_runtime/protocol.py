@@ -60,14 +60,14 @@ def check_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
     if len(labels) > MAX_LABELS:
         raise ProtocolError(f"at most {MAX_LABELS} labels", field="labels")
     for label in labels:
-        if not isinstance(label, str) or not _LABEL.match(label):
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
             raise ProtocolError(f"{str(label)[:80]!r} is not key=value", field="labels")
     return labels
 
 
 def check_device_id(device_id: str) -> str:
     """Return ``device_id`` if it is safe inside a topic, else raise ProtocolError."""
-    if not isinstance(device_id, str) or not _ID.match(device_id):
+    if not isinstance(device_id, str) or not _ID.fullmatch(device_id):
         raise ProtocolError(
             "must be 1-64 characters of letters, digits, '_', '.', '-'", field="device_id"
         )
@@ -302,7 +302,7 @@ def _reject_constant(name: str) -> None:
 
 
 def _check_sha(value: str, name: str) -> None:
-    if not _SHA256.match(value):
+    if not _SHA256.fullmatch(value):
         raise ProtocolError("must be 64 lowercase hex digits (sha256)", field=name)
 
 
@@ -326,7 +326,7 @@ class ArtifactRef(Message):
     def check(self) -> None:
         if not 0 < len(self.name) <= 128:
             raise ProtocolError("must be 1-128 characters", field="name")
-        if self.part and not _PART.match(self.part):
+        if self.part and not _PART.fullmatch(self.part):
             raise ProtocolError("must be stem, head, adapter or layerL.router|blockM", field="part")
         _check_sha(self.sha256, "sha256")
         if not 0 < self.size <= MAX_ARTIFACT_BYTES:
@@ -399,11 +399,11 @@ class DesiredState(Message):
         _check_ts(self.issued_at, "issued_at")
         if len(self.options) > 16:
             raise ProtocolError("must list at most 16 module sets", field="options")
-        if self.target and not _ID.match(self.target):
+        if self.target and not _ID.fullmatch(self.target):
             raise ProtocolError("must be a profile name", field="target")
         if self.expires < 0:
             raise ProtocolError("must be >= 0", field="expires")
-        if self.signature and not _SIGNATURE.match(self.signature):
+        if self.signature and not _SIGNATURE.fullmatch(self.signature):
             raise ProtocolError("must be 128 hex digits", field="signature")
         if self.options and not all(a.part for a in self.artifacts):
             raise ProtocolError(
@@ -433,7 +433,7 @@ class ReportedState(Message):
     def check(self) -> None:
         check_device_id(self.device_id)
         check_labels(self.labels)
-        if self.domain and not _ID.match(self.domain):
+        if self.domain and not _ID.fullmatch(self.domain):
             raise ProtocolError("must be a short id", field="domain")
         if len(self.mix) > 1000 or any(not 0.0 <= p <= 1.0 for p in self.mix):
             raise ProtocolError("must be at most 1000 shares in [0, 1]", field="mix")
@@ -502,13 +502,13 @@ class AdapterUpdate(TensorMessage):
 
     def check(self) -> None:
         check_device_id(self.device_id)
-        if self.nonce and not _NONCE.match(self.nonce):
+        if self.nonce and not _NONCE.fullmatch(self.nonce):
             raise ProtocolError("must be 16-64 lowercase hex digits", field="nonce")
         if self.epsilon < 0:
             raise ProtocolError("must be >= 0", field="epsilon")
-        if not _ID.match(self.domain):
+        if not _ID.fullmatch(self.domain):
             raise ProtocolError("must be a short id", field="domain")
-        if not _ID.match(self.base):
+        if not _ID.fullmatch(self.base):
             raise ProtocolError("must be a short id", field="base")
         if not 0 < len(self.histogram) <= 1000 or any(n < 0 for n in self.histogram):
             raise ProtocolError("must be 1-1000 counts >= 0", field="histogram")
@@ -535,11 +535,11 @@ class AdapterOffer(TensorMessage):
 
     def check(self) -> None:
         check_device_id(self.device_id)
-        if not _ID.match(self.domain):
+        if not _ID.fullmatch(self.domain):
             raise ProtocolError("must be a short id", field="domain")
         if self.samples <= 0:
             raise ProtocolError("must be > 0", field="samples")
-        if self.signature and not _SIGNATURE.match(self.signature):
+        if self.signature and not _SIGNATURE.fullmatch(self.signature):
             raise ProtocolError("must be 128 hex digits (ed25519)", field="signature")
         self._check_weights()
         _check_ts(self.ts)
