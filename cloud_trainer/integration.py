@@ -18,6 +18,7 @@ import numpy as np
 
 from cloud_trainer.aggregation import DomainAggregator
 from cloud_trainer.coordinator import FleetCoordinator
+from cloud_trainer.pipeline import head_weights
 from cloud_trainer.rollout import Rollout, RolloutPlan, Target
 from edge_runtime import protocol as wire
 
@@ -95,6 +96,7 @@ class Integrator:
         if state.state == "succeeded":  # else the fleet is back on the old head, and so are we
             self.net = net
             self.targets.update(targets)
+            self.aggregator.rebase(head_weights(net))  # clipping measures from the new head
 
     def _reselect(self, device: str, mix: np.ndarray) -> None:
         from cloud_trainer.pipeline import load_importance, plan_device_modular

@@ -51,6 +51,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         choices=("executorch", "litert"),
         help="force a backend instead of the profile's order",
     )
+    run.add_argument(
+        "--dp-clip",
+        type=float,
+        default=0.0,
+        help="differential privacy: clip each uploaded adapter's change to this L2 norm "
+        "(with --dp-noise; 0: off)",
+    )
+    run.add_argument(
+        "--dp-noise",
+        type=float,
+        default=0.0,
+        help="differential privacy: Gaussian noise std as a multiple of --dp-clip; the "
+        "epsilon spent travels with each upload",
+    )
     run.set_defaults(func=_run)
     status = cmds.add_parser("status", help="what the agent last reported from its store")
     status.add_argument("--device-id", required=True)
@@ -87,6 +101,7 @@ def run_command(
 def _run(args: argparse.Namespace) -> int:
     from device_profiles import load_profile
     from edge_runtime.agent import AgentConfig, EdgeAgent
+    from edge_runtime.learning import LearnerConfig
     from edge_runtime.mqtt import BrokerAddress
 
     config = AgentConfig(
@@ -98,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         trust_key=args.trust_key,
         labels=tuple(args.labels),
+        learning=LearnerConfig(dp_clip=args.dp_clip, dp_noise=args.dp_noise),
     )
     agent = EdgeAgent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
