@@ -46,6 +46,8 @@ def quiet_native_output() -> Iterator[None]:
             raise
         finally:
             _restore(saved)
+            for fd in saved:  # each export would otherwise keep two descriptors open
+                os.close(fd)
 
 
 def _restore(saved: list[int]) -> None:
