@@ -56,6 +56,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     select.add_argument("--quant", choices=("fp32", "int8"), default="fp32")
     select.set_defaults(func=_select)
 
+    integrate = cmds.add_parser(
+        "integrate",
+        help="re-train the head on the cloud's data in the devices' domains, pulled toward "
+        "their aggregate adapters (torch.distributed over --workers processes)",
+    )
+    integrate.add_argument("--model", type=Path, default=MODEL)
+    integrate.add_argument(
+        "--aggregates", type=Path, help="npz of DOMAIN/weight, DOMAIN/bias, DOMAIN/samples"
+    )
+    integrate.add_argument("--domains", default="", help="comma list of more domains to train for")
+    integrate.add_argument("--workers", type=int, default=1, help="processes (gloo, DDP)")
+    integrate.add_argument("--epochs", type=int, default=200, help="full-batch steps")
+    integrate.add_argument("--pull", type=float, default=0.01)
+    integrate.add_argument(
+        "--out", type=Path, help="new head (default: MODEL/head-integrated.safetensors)"
+    )
+    integrate.set_defaults(func=_integrate)
+
     deploy = cmds.add_parser("deploy", help="select, export and deliver sub-models to devices")
     _broker_args(deploy)
     _fleet_args(deploy)
@@ -470,3 +488,41 @@ def print_fleet(fc, devices: list[str]) -> None:
             continue
         acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}%"
         print(f"{device_id:<14} {r.profile:<18} {r.backend or '-':<11} {r.phase:<12} {acc}")
+
+
+def _integrate(args: argparse.Namespace) -> int:
+    import json
+
+    from safetensors.numpy import save_file
+
+    from cloud_trainer.data import load_digits_split
+    from cloud_trainer.distributed import evaluate_head, load_aggregates, run_integration
+    from cloud_trainer.pipeline import head_weights, load_model
+
+    net = load_model(args.model)
+    aggregates = load_aggregates(args.aggregates) if args.aggregates else {}
+    extra = [d.strip() for d in args.domains.split(",") if d.strip()]
+    seed = json.loads((args.model / "metrics.json").read_text())["seed"]
+    split = load_digits_split(seed=seed)  # the split the model was trained on
+    result = run_integration(
+        net,
+        aggregates,
+        (split.x_train, split.y_train),
+        epochs=args.epochs,
+        pull=args.pull,
+        world_size=args.workers,
+        domains=extra,
+    )
+    for w in result.workers:
+        print(f"rank {w.rank}: pid {w.pid}, {w.samples} samples, {w.seconds:.1f}s")
+    print(f"loss {result.loss_before:.4f} -> {result.loss_after:.4f} in {result.seconds:.1f}s")
+    held_out = (split.x_test, split.y_test)
+    domains = ["clean", *sorted((set(aggregates) | set(extra)) - {"clean"})]
+    old = evaluate_head(net, head_weights(net), held_out, domains)
+    new = evaluate_head(net, result.weights, held_out, domains)
+    for domain in domains:
+        print(f"{domain:<10} held-out accuracy {old[domain]:.4f} -> {new[domain]:.4f}")
+    out = args.out or args.model / "head-integrated.safetensors"
+    save_file(result.weights, str(out))
+    print(f"wrote {out}")
+    return ExitCode.OK
