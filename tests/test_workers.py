@@ -1,9 +1,10 @@
 """Two ``eclm cloud serve`` workers on one Mosquitto share the device traffic through a
 shared subscription, and every update is stored exactly once, replays and all, on a
-shared SQLite file and on PostgreSQL."""
+shared SQLite file and on PostgreSQL; when the leading worker dies, the other leads."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import numpy as np
@@ -82,8 +83,18 @@ def test_two_workers_store_every_update_exactly_once(
         by_worker = state.updates_by_worker()
         assert set(by_worker) == {"w1", "w2"} and min(by_worker.values()) > total // 10
         assert state.db.execute("SELECT COUNT(DISTINCT key) FROM updates")[0][0] == total
-        for cloud in workers:
-            assert cloud.kill(signal.SIGTERM) == 0
+
+        # One worker leads; when it dies, the other takes the lease over.
+        def leaders():
+            return [json.loads(c.get("/healthz"))["leader"] for c in workers]
+
+        wait(lambda: sorted(leaders()) == [False, True], 30, "one leader")
+        leader, follower = sorted(
+            workers, key=lambda c: not json.loads(c.get("/healthz"))["leader"]
+        )
+        leader.kill()
+        wait(lambda: json.loads(follower.get("/healthz"))["leader"], 30, "the follower to lead")
+        assert follower.kill(signal.SIGTERM) == 0
     finally:
         for client in clients:
             client.loop_stop()
