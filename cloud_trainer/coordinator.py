@@ -18,7 +18,7 @@ from edge_runtime import protocol as wire
 from edge_runtime.adapter import tensor_bytes
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.errors import ProtocolError
-from edge_runtime.mqtt import BrokerAddress, connect, make_client
+from edge_runtime.mqtt import BrokerAddress, connect, make_client, wait_published
 from edge_runtime.trust import signed_bytes
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,13 @@ class FleetCoordinator:
         )
         if self.signing_key is not None:
             desired = sign(desired, self.signing_key)
-        self.client.publish(
+        sent = self.client.publish(
             wire.device_topic(device_id, "desired"), desired.encode(), qos=1, retain=True
-        ).wait_for_publish(5)
-        log.info("desired state %d set for %s", desired.serial, device_id)
+        )
+        if wait_published(sent, 5):
+            log.info("desired state %d set for %s", desired.serial, device_id)
+        else:  # a broker restart, say: paho sends it once connected again
+            log.warning("desired state %d for %s queued (broker away)", desired.serial, device_id)
         return desired
 
     def wait_until(self, predicate: Callable[[FleetCoordinator], bool], timeout: float) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 from cloud_trainer.coordinator import FleetCoordinator
 from edge_runtime import protocol as wire
+from edge_runtime.mqtt import wait_published
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,10 @@ class Rollout:
         self.state = replace(self.state, ts=time.time())
         if self.journal:
             self.journal(self)
-        self.fc.client.publish(
+        sent = self.fc.client.publish(
             wire.rollout_topic(self.state.rollout_id), self.state.encode(), qos=1, retain=True
-        ).wait_for_publish(5)
+        )
+        wait_published(sent, 5)  # queued while the broker is unreachable: sent on reconnect
 
 
 def _target_dict(target: Target) -> dict:

@@ -27,7 +27,7 @@ from edge_runtime.data import load_npz
 from edge_runtime.errors import ArtifactError, BackendError, EdgeError, ProtocolError
 from edge_runtime.learning import Learner, LearnerConfig
 from edge_runtime.monitor import PsutilSource, ResourceSource
-from edge_runtime.mqtt import BrokerAddress, connect, make_client
+from edge_runtime.mqtt import BrokerAddress, connect, make_client, wait_published
 from edge_runtime.runner import ModularRunner, ProgramRunner, Runner
 from edge_runtime.trust import Gate, load_public_key
 from edge_runtime.watchdog import Notifier
@@ -169,7 +169,9 @@ class EdgeAgent:
             self._worker.join(timeout=10)
         offline = wire.Status(device_id=self.config.device_id, online=False).encode()
         # acknowledged before disconnecting: after a clean disconnect no last will is sent
-        self.client.publish(self._topic("status"), offline, qos=1, retain=True).wait_for_publish(10)
+        sent = self.client.publish(self._topic("status"), offline, qos=1, retain=True)
+        if not wait_published(sent, 10):  # the broker sends the last will when it notices
+            log.warning("%s: offline status not acknowledged", self.config.device_id)
         self.client.disconnect()
         self.client.loop_stop()
         self._stopped.set()

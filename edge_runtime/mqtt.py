@@ -122,6 +122,16 @@ def make_client(client_id: str, address: BrokerAddress, *, manual_ack: bool = Fa
     return client
 
 
+def wait_published(info: paho.MQTTMessageInfo, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for the broker to acknowledge a QoS 1 message; True if it
+    did. A message published while the client is disconnected stays queued and goes out
+    when it connects again (paho's ``wait_for_publish`` raises for it instead): False."""
+    if info.rc == paho.MQTT_ERR_NO_CONN:
+        return False
+    info.wait_for_publish(timeout)
+    return info.is_published()
+
+
 def connect(client: paho.Client, address: BrokerAddress, *, keepalive: int = 30) -> None:
     """Connect once; raise BrokerUnreachable with the reason instead of a socket error."""
     try:
