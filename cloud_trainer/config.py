@@ -55,10 +55,14 @@ class AggregationSection:
 
 @dataclass(frozen=True)
 class IntegrationSection:
-    enabled: bool = True  # a clean-domain round moves the head and rolls it out
-    blend: float = 0.5  # how far the head moves toward the round's aggregate
-    workers: int = 1  # processes of the torch.distributed job that integrates (1: blend only)
-    epochs: int = 3
+    enabled: bool = True  # a clean-domain round makes a new head and rolls it out
+    blend: float = 0.5  # without retrain: how far the head moves toward the round's aggregate
+    # retrain: train the head on the cloud's own data of every domain devices adapted to,
+    # pulled toward each domain's latest aggregate, in `workers` torch.distributed processes
+    retrain: bool = False
+    workers: int = 1
+    epochs: int = 200
+    pull: float = 0.01
 
 
 @dataclass(frozen=True)

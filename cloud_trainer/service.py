@@ -245,8 +245,8 @@ class Service:
 
         weights = load(r.weights)
         i = self.config.integration
-        if i.workers > 1:
-            net = self._distributed_head(weights, r.samples)
+        if i.retrain:
+            net = self._retrained(weights, r.samples)
         else:
             net = blend_head(self.net, weights, i.blend)
         targets = with_head(net, self._targets(), self.model_dir, self.store_dir)
@@ -259,24 +259,40 @@ class Service:
         )
         self._finish(rollout, r)
 
-    def _distributed_head(self, weights: dict, samples: int):
+    def _retrained(self, clean: dict, samples: int):
+        """A copy of the model whose head is re-trained on the cloud's training data of
+        every domain with an aggregate, pulled toward those aggregates (and ``clean``)."""
         import copy
+        import json
 
         import torch
 
         from cloud_trainer.data import load_digits_split
-        from cloud_trainer.distributed import integrate_head
+        from cloud_trainer.distributed import run_integration
 
-        split = load_digits_split()
-        head = integrate_head(
+        aggregates = {d: self.ledger.aggregate(d) for d in self.state.domains()}
+        aggregates["clean"] = (clean, samples)
+        seed = json.loads((self.model_dir / "metrics.json").read_text()).get("seed", 0)
+        split = load_digits_split(seed=seed)  # the split the model was trained on
+        i = self.config.integration
+        job = run_integration(
             self.net,
-            {"clean": (weights, samples)},
+            aggregates,
             (split.x_train, split.y_train),
-            epochs=self.config.integration.epochs,
-            world_size=self.config.integration.workers,
+            epochs=i.epochs,
+            pull=i.pull,
+            world_size=i.workers,
+        )
+        log.info(
+            "head re-trained on %s in %d processes (pids %s): loss %.4f -> %.4f",
+            ", ".join(sorted(aggregates)),
+            len(job.workers),
+            ", ".join(str(w.pid) for w in job.workers),
+            job.loss_before,
+            job.loss_after,
         )
         net = copy.deepcopy(self.net)
-        for name, value in head.items():
+        for name, value in job.weights.items():
             getattr(net.head.fc, name).data[...] = torch.from_numpy(np.asarray(value))
         return net
 

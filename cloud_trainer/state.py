@@ -203,6 +203,11 @@ class CloudState:
         )
         return (bytes(rows[0][0]), int(rows[0][1])) if rows else None
 
+    def domains(self) -> list[str]:
+        """Domains with a closed round's aggregate."""
+        rows = self.db.execute("SELECT DISTINCT domain FROM rounds WHERE weights IS NOT NULL")
+        return sorted(d for (d,) in rows)
+
     def samples_of(self, domain: str, device_id: str) -> int:
         rows = self.db.execute(
             "SELECT MAX(samples) FROM updates WHERE domain = ? AND device_id = ?",

@@ -1,7 +1,8 @@
 """``eclm cloud serve`` as a process over a real Mosquitto, with real edge agents: it
 assigns sub-models, keeps every acknowledged update across SIGKILL, closes the round on
-its quorum, integrates it into a new head and resumes that rollout after another
-SIGKILL without reissuing a serial, serves /metrics and /healthz, and exits 0 on SIGTERM.
+its quorum, re-trains the head on it in two torch.distributed processes, resumes the
+rollout of that head after another SIGKILL without reissuing a serial, serves /metrics
+and /healthz, and exits 0 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def cloud(tmp_path, modular, mosquitto):
     sections = {
         "aggregation": 'strategy = "trimmed-mean"\nquorum = 3\ndeadline = 600.0',
         "rollout": "canary = 1\nwaves = [1.0]\nwave_timeout = 120.0",
+        "integration": "retrain = true\nworkers = 2\nepochs = 30",  # on torch.distributed
     }
     made = Cloud(tmp_path / "cloud", modular, mosquitto.url, **sections)
     yield made
@@ -111,7 +113,9 @@ def test_the_service_resumes_aggregation_and_rollouts_after_sigkill(
         assert json.loads(cloud.get("/healthz"))["leader"] is True
 
         assert cloud.kill(signal.SIGTERM) == 0
-        assert '"msg": "stopped: worker cloud-1"' in cloud.log.read_text()
+        log = cloud.log.read_text()
+        assert "re-trained on clean in 2 processes" in log
+        assert '"msg": "stopped: worker cloud-1"' in log
     finally:
         for a in agents.values():
             a.stop()
