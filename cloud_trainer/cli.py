@@ -388,6 +388,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import signal
+    import sys
 
     from cloud_trainer.config import ServiceConfig, example, load_config
     from cloud_trainer.errors import StateError
@@ -403,7 +404,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         service = Service(config)
     except StateError as exc:
-        log.error("%s", exc)
+        print(f"eclm: {exc}", file=sys.stderr)
         return ExitCode.STATE
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     try:

@@ -33,6 +33,9 @@ def test_the_commands_the_issues_name_exist():
         ("cloud", "rollout", "start"),
         ("cloud", "rollout", "status"),
         ("cloud", "rollout", "abort"),
+        ("cloud", "serve"),
+        ("cloud", "integrate"),
+        ("edge", "bundle"),
     } <= set(PATHS)
 
 
@@ -49,6 +52,31 @@ def test_every_exit_code_is_documented_in_help():
     assert set(HELP) == set(ExitCode)
     for code in ExitCode:
         assert f"{int(code):>3}  {HELP[code]}" in epilog()
+
+
+def test_a_service_config_with_an_unknown_key_exits_3_naming_it(tmp_path, capsys):
+    config = tmp_path / "cloud.toml"
+    config.write_text("[aggregation]\nquorom = 3\n")
+
+    assert main(["cloud", "serve", "--config", str(config)]) == ExitCode.CONFIG
+    assert "aggregation.quorom: unknown key" in capsys.readouterr().err
+
+
+def test_a_corrupt_state_database_exits_7_saying_so(tmp_path, capsys):
+    from cloud_trainer.keys import init_keys
+    from cloud_trainer.pipeline import train_model
+
+    train_model(tmp_path / "model", epochs=1)
+    private, _ = init_keys(tmp_path / "keys")
+    (tmp_path / "state.db").write_bytes(b"\xff" * 4096)
+    config = tmp_path / "cloud.toml"
+    config.write_text(
+        f'log_format = "text"\n[state]\ndatabase = "sqlite:///{tmp_path}/state.db"\n'
+        f'[model]\ndir = "{tmp_path}/model"\nsigning_key = "{private}"\n'
+    )
+
+    assert main(["cloud", "serve", "--config", str(config)]) == ExitCode.STATE
+    assert "corrupt" in capsys.readouterr().err
 
 
 def test_profiles_show_prints_the_fields(capsys):
