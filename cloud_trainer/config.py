@@ -154,7 +154,7 @@ def example() -> str:
     lines = [f'worker = "{ServiceConfig.worker}"', f'log_format = "{ServiceConfig.log_format}"']
     for f in dataclasses.fields(ServiceConfig):
         section = getattr(ServiceConfig(), f.name)
-        if not dataclasses.is_dataclass(section):
+        if not dataclasses.is_dataclass(section) or isinstance(section, type):
             continue
         lines.append(f"\n[{f.name}]")
         for key, value in dataclasses.asdict(section).items():

@@ -8,10 +8,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Protocol
 
+import numpy as np
 import paho.mqtt.client as paho
 
-from cloud_trainer.aggregation import DomainAggregator
 from cloud_trainer.errors import StateError
 from cloud_trainer.keys import sign
 from edge_runtime import protocol as wire
@@ -22,6 +23,17 @@ from edge_runtime.mqtt import BrokerAddress, connect, make_client, wait_publishe
 from edge_runtime.trust import signed_bytes
 
 log = logging.getLogger(__name__)
+
+
+class Aggregator(Protocol):
+    """Where adapter updates go (:class:`DomainAggregator` in one process, the service's
+    ledger in a database) and where warm starts come from."""
+
+    def add(self, update: wire.AdapterUpdate) -> None: ...
+
+    def aggregate(self, domain: str) -> tuple[dict[str, np.ndarray], int] | None: ...
+
+    def samples_of(self, domain: str, device_id: str) -> int: ...
 
 
 class FleetCoordinator:
@@ -36,7 +48,7 @@ class FleetCoordinator:
         chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
         signing_key=None,
         ttl: float = 7 * 24 * 3600,
-        aggregator: DomainAggregator | None = None,
+        aggregator: Aggregator | None = None,
         offer_ratio: float = 4.0,
         serials: Callable[[], int] | None = None,
         shared_group: str = "",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ class Service:
             is_leader=lambda: self.leader,
         )
         self.metrics = Metrics(self)
-        self.http = None
+        self.http: ThreadingHTTPServer | None = None
         self.started = time.time()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class Service:
 
         from cloud_trainer.integration import blend_head, with_head
 
+        assert r.weights is not None, "a closed round keeps its aggregate"
         weights = load(r.weights)
         i = self.config.integration
         if i.retrain:
@@ -270,7 +272,7 @@ class Service:
         from cloud_trainer.data import load_digits_split
         from cloud_trainer.distributed import run_integration
 
-        aggregates = {d: self.ledger.aggregate(d) for d in self.state.domains()}
+        aggregates = {d: a for d in self.state.domains() if (a := self.ledger.aggregate(d))}
         aggregates["clean"] = (clean, samples)
         seed = json.loads((self.model_dir / "metrics.json").read_text()).get("seed", 0)
         split = load_digits_split(seed=seed)  # the split the model was trained on
