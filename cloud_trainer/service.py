@@ -70,7 +70,9 @@ class Service:
         self.leader = False
         self._assigning = self.version  # the model version new desired states carry
         self._serial_versions: dict[int, int | None] = {}
-        self._persisted: dict[str, object] = {}
+        self._saved_reports: dict[str, object] = {}  # what the database has, to write changes
+        self._saved_online: dict[str, bool] = {}
+        self._planned: dict[str, str] = {}  # device -> the profile a sub-model was planned for
         self._connected_at = 0.0
         self.db_error = ""
         self.stop_event = threading.Event()
@@ -181,13 +183,13 @@ class Service:
 
     def _persist_devices(self) -> None:
         for device_id, report in list(self.fc.reported.items()):
-            if self._persisted.get(device_id) is not report:
+            if self._saved_reports.get(device_id) is not report:
                 self.state.save_report(report)
-                self._persisted[device_id] = report
+                self._saved_reports[device_id] = report
         for device_id, online in list(self.fc.online.items()):
-            if self._persisted.get(f"online:{device_id}") != online:
+            if self._saved_online.get(device_id) != online:
                 self.state.save_status(device_id, online)
-                self._persisted[f"online:{device_id}"] = online
+                self._saved_online[device_id] = online
 
     def _close_rounds(self) -> None:
         a = self.config.aggregation
@@ -351,9 +353,9 @@ class Service:
         for device_id, report in list(self.fc.reported.items()):
             if report.serial or device_id in self.fc.desired or not self.fc.online.get(device_id):
                 continue
-            if self._persisted.get(f"assign:{device_id}") == report.profile:
+            if self._planned.get(device_id) == report.profile:
                 continue  # planned before and failed: wait for another profile
-            self._persisted[f"assign:{device_id}"] = report.profile
+            self._planned[device_id] = report.profile
             self._assign(device_id, report.profile)
 
     def _assign(self, device_id: str, profile_name: str) -> None:
