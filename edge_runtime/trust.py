@@ -70,10 +70,10 @@ class Gate:
     def _load(self) -> tuple[int, str]:
         try:
             data = json.loads(self.state_path.read_text())
-            return int(data["serial"]), str(data["digest"])
+            serial, digest = int(data["serial"]), str(data["digest"])
         except FileNotFoundError:
-            return -1, ""
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return self.floor, ""  # first start (floor -1), or the file is gone
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             # Unreadable memory of past serials: the active state's serial is what we can prove.
             log.error(
                 "%s is unreadable (%s); accepting only serials above %d, the active state's",
@@ -82,6 +82,16 @@ class Gate:
                 self.floor,
             )
             return self.floor, ""
+        if serial < self.floor:  # it once accepted the state it serves: the file is wrong
+            log.error(
+                "%s says serial %d, below the active state's %d; accepting only serials above %d",
+                self.state_path,
+                serial,
+                self.floor,
+                self.floor,
+            )
+            return self.floor, ""
+        return serial, digest
 
     def check(self, desired: wire.DesiredState) -> bool:
         """ProtocolError (with a code) if ``desired`` must be refused. Returns True if it is
