@@ -126,7 +126,8 @@ class Download:
 
     def _resume(self) -> set[int]:
         try:
-            entries = self.journal.read_text().split()
+            # ASCII with replacement: a damaged journal is skipped line by line, not fatal
+            entries = self.journal.read_bytes().decode("ascii", "replace").split()
             fh = open(self.part, "rb")
         except FileNotFoundError:
             return set()
@@ -134,8 +135,8 @@ class Download:
         with fh:
             for entry in entries:
                 index, _, digest = entry.partition(":")
-                if not index.isdigit() or int(index) >= self.ref.chunk_count:
-                    continue  # a torn last line
+                if not index.isdigit() or len(index) > 18 or int(index) >= self.ref.chunk_count:
+                    continue  # a torn last line, or damage
                 fh.seek(int(index) * self.ref.chunk_size)
                 if sha256_bytes(fh.read(self._expected_size(int(index)))) == digest:
                     held.add(int(index))
