@@ -37,8 +37,17 @@ class DeviceProfile:
     budget: Budget
 
 
+def _fits_float(value: int | float) -> bool:
+    try:
+        float(value)
+    except OverflowError:  # an integer beyond any float (TOML allows any length)
+        return False
+    return True
+
+
 # field -> (type, check, what the check wants)
 _POSITIVE = (lambda v: v > 0, "must be > 0")
+_POSITIVE_NUMBER = (lambda v: v > 0 and _fits_float(v), "must be > 0 and fit a float")
 _TOP: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "name": (str, lambda v: bool(v.strip()), "must not be empty"),
     "title": (str, lambda v: bool(v.strip()), "must not be empty"),
@@ -50,12 +59,12 @@ _TOP: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
         lambda v: bool(v) and all(b in KNOWN_BACKENDS for b in v) and len(set(v)) == len(v),
         f"must be a non-empty list of distinct names from {KNOWN_BACKENDS}",
     ),
-    "speed_factor": ((int, float), *_POSITIVE),
+    "speed_factor": ((int, float), *_POSITIVE_NUMBER),
     "has_battery": (bool, lambda v: True, ""),
 }
 _BUDGET: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "model_memory_kb": (int, *_POSITIVE),
-    "latency_ms": ((int, float), *_POSITIVE),
+    "latency_ms": ((int, float), *_POSITIVE_NUMBER),
 }
 
 
@@ -87,7 +96,9 @@ def parse_profile(text: str, *, source: str = "<profile>") -> DeviceProfile:
     """Validate TOML text into a DeviceProfile; raise ProfileError naming the field."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
+        # TOMLDecodeError; tomllib also raises ValueError for an integer beyond Python's
+        # 4,300-digit limit and RecursionError for arrays or tables nested thousands deep
         raise ProfileError(source, f"not valid TOML: {exc}") from exc
     _check(source, data, _TOP)
     budget = data.get("budget")
@@ -120,6 +131,8 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProfileError(str(path), f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ProfileError(str(path), f"not UTF-8 text (byte {exc.start})") from exc
     return parse_profile(text, source=str(path))
 
 
