@@ -109,8 +109,10 @@ def load_config(path: str | Path) -> ServiceConfig:
     """The config in ``path``; ConfigError naming the file and key if it is not valid."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        # ValueError: TOMLDecodeError, bytes that are not UTF-8, an integer past Python's
+        # 4,300-digit limit; RecursionError: arrays or tables nested thousands deep
         raise ConfigError(f"{path}: {exc}") from exc
     try:
         return _build(ServiceConfig, data, "")
