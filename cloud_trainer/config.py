@@ -8,6 +8,7 @@ An unknown section or key, or a value of the wrong type, stops start-up with a
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -145,7 +146,13 @@ def _check(value, hint, name: str):
             raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
         return [_check(v, inner, f"{name}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{name}: {len(str(value))}-digit integer, beyond a float") from None
+    if hint is float and isinstance(value, float) and math.isnan(value):
+        # TOML's nan passes every range check (nan <= 0 is false): a deadline that never comes
+        raise ConfigError(f"{name}: expected a number, got nan")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{name}: expected {hint.__name__}, got {type(value).__name__}")
     return value
