@@ -19,10 +19,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 from cloud_trainer.coordinator import FleetCoordinator
+from cloud_trainer.errors import StateError
 from edge_runtime import protocol as wire
 from edge_runtime.mqtt import wait_published
 
 log = logging.getLogger(__name__)
+# what parsing a damaged rollout record raises (JSON errors and ProtocolError are ValueErrors)
+_DAMAGE = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -105,17 +108,16 @@ class Rollout:
     def restore(
         cls, coordinator: FleetCoordinator, record: str, *, journal=None, settle: float = 2.0
     ) -> Rollout:
-        """The rollout :meth:`record` described, ready to ``run()`` on from its wave."""
-        data = json.loads(record)
-        plan = RolloutPlan(**{**data["plan"], "waves": tuple(data["plan"]["waves"])})
-        targets = {d: _target_from(t) for d, t in data["targets"].items()}
-        state = wire.RolloutState.from_dict(data["state"])
+        """The rollout :meth:`record` described, ready to ``run()`` on from its wave;
+        StateError if the record is damaged (the service reports it and goes on)."""
+        try:
+            state, plan, targets, previous, serials = _parse_record(record)
+        except _DAMAGE as exc:
+            raise StateError(
+                f"rollout record is damaged: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from None
         rollout = cls(coordinator, state.rollout_id, targets, plan, settle=settle, journal=journal)
-        rollout.state = state
-        rollout.previous = {
-            d: p and wire.decode(wire.DesiredState, p) for d, p in data["previous"].items()
-        }
-        rollout.serials = {d: int(s) for d, s in data["serials"].items()}
+        rollout.state, rollout.previous, rollout.serials = state, previous, serials
         return rollout
 
     def run(self, progress=print, *, pause=None) -> wire.RolloutState:
@@ -223,9 +225,49 @@ def _target_dict(target: Target) -> dict:
     }
 
 
-def _target_from(data: dict) -> Target:
-    return Target(
+def _target_from(device_id: str, data: dict) -> Target:
+    target = Target(
         tuple(wire.ArtifactRef.from_dict(a) for a in data["artifacts"]),
         tuple(wire.ModuleSet.from_dict(o) for o in data["options"]),
         data["profile"],
     )
+    # what assign() will build from it: a target that cannot be assigned is damage
+    wire.DesiredState(
+        device_id=device_id,
+        serial=0,
+        artifacts=target.artifacts,
+        options=target.options,
+        target=target.profile,
+    )
+    return target
+
+
+def _plan_from(data: dict) -> RolloutPlan:
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    counts = [data.get(k, 1) for k in ("canary", "min_reports")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+        raise TypeError("plan: canary and min_reports must be integers")
+    numbers = [data.get(k, 1) for k in ("max_failure_rate", "wave_timeout")]
+    if not all(map(number, numbers + list(data["waves"]))):
+        raise TypeError("plan: shares, rates and timeouts must be finite numbers")
+    return RolloutPlan(**{**data, "waves": tuple(data["waves"])})
+
+
+def _parse_record(record: str):
+    """The parts of a rollout record: state, plan, targets, previous states, serials;
+    ValueError, KeyError, TypeError... if it is damaged."""
+    data = json.loads(record)
+    state = wire.RolloutState.from_dict(data["state"])
+    targets = {wire.check_device_id(d): _target_from(d, t) for d, t in data["targets"].items()}
+    previous = {
+        d: None if p is None else wire.decode(wire.DesiredState, p)
+        for d, p in data["previous"].items()
+    }
+    serials = {d: int(s) for d, s in data["serials"].items()}
+    if not targets or not set(targets) == set(previous) == set(state.devices):
+        raise ValueError("targets, previous states and the state's devices disagree")
+    if not set(state.updated) <= set(serials) <= set(targets):
+        raise ValueError("updated devices without a serial, or serials of other devices")
+    return state, _plan_from(data["plan"]), targets, previous, serials
