@@ -170,6 +170,10 @@ def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarr
         weights = load(data)
     except (SafetensorError, ValueError, OSError) as exc:
         raise ProtocolError(f"not a safetensors update: {exc}", code="malformed") from None
+    except KeyError as exc:  # a dtype safetensors knows and numpy lacks (BF16, F8_E4M3...)
+        raise ProtocolError(
+            f"not a safetensors update: dtype {exc} unknown", code="malformed"
+        ) from None
     if set(weights) != set(like):
         raise ProtocolError(
             f"expected tensors {sorted(like)}, got {sorted(weights)}", field="update"
