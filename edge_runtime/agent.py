@@ -35,6 +35,12 @@ from edge_runtime.watchdog import Notifier
 log = logging.getLogger(__name__)
 
 
+def _chunk_index(name: str) -> bool:
+    """Whether a topic level is a chunk index: str.isdigit() also passes '²' and '٣',
+    which int() refuses, and int() refuses 5,000 digits."""
+    return name.isascii() and name.isdigit() and len(name) <= 12
+
+
 class AgentState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -300,7 +306,7 @@ class EdgeAgent:
             self._on_desired(wire.decode(wire.DesiredState, payload))
         elif kind == "adapter":
             self._on_offer(wire.decode(wire.AdapterOffer, payload))
-        elif kind == "chunks" and len(rest) == 2 and rest[1].isdigit():
+        elif kind == "chunks" and len(rest) == 2 and _chunk_index(rest[1]):
             self._on_chunk(rest[0], int(rest[1]), wire.unpack_chunk(payload))
         else:
             raise ProtocolError(f"unexpected topic {topic[:200]!r}", field="topic")
