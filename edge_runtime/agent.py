@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -33,6 +34,15 @@ from edge_runtime.trust import Gate, load_public_key
 from edge_runtime.watchdog import Notifier
 
 log = logging.getLogger(__name__)
+
+
+class Network(Protocol):
+    """Runs the network side of MQTT clients in place of paho's thread per client (a
+    fleet simulator runs hundreds of agents on one)."""
+
+    def add(self, client: paho.Client) -> None: ...
+
+    def remove(self, client: paho.Client) -> None: ...
 
 
 def _chunk_index(name: str) -> bool:
@@ -93,7 +103,11 @@ class EdgeAgent:
         *,
         clock: Callable[[], float] = time.monotonic,
         resources: ResourceSource | None = None,
+        backends: Callable[[str], Backend] | None = None,
+        network: Network | None = None,
     ):
+        """``backends(name)`` builds the backend ``name`` (default: its own, one thread);
+        ``network`` runs the client's network side (default: paho's own thread)."""
         self.config = config
         self.clock = clock
         self.resources = resources or PsutilSource()
@@ -132,6 +146,8 @@ class EdgeAgent:
         self._last_progress = 0.0
         self._last_tick = 0.0
         self._backends: dict[str, Backend] = {}
+        self._make_backend = backends or (lambda name: get_backend(name, threads=1))
+        self._network = network
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._stopped = threading.Event()
         self._worker: threading.Thread | None = None
@@ -149,7 +165,10 @@ class EdgeAgent:
         if self.state is not AgentState.NEW:
             raise RuntimeError(f"cannot start an agent in state {self.state.value}")
         connect(self.client, self.config.broker)
-        self.client.loop_start()
+        if self._network is None:
+            self.client.loop_start()
+        else:
+            self._network.add(self.client)
         self._worker = threading.Thread(
             target=self._work, name=f"agent-{self.config.device_id}", daemon=True
         )
@@ -179,7 +198,10 @@ class EdgeAgent:
         if not wait_published(sent, 10):  # the broker sends the last will when it notices
             log.warning("%s: offline status not acknowledged", self.config.device_id)
         self.client.disconnect()
-        self.client.loop_stop()
+        if self._network is None:
+            self.client.loop_stop()
+        else:
+            self._network.remove(self.client)
         self._stopped.set()
 
     # --- serving ------------------------------------------------------------------------
@@ -358,7 +380,8 @@ class EdgeAgent:
             if not refs:
                 continue
             try:
-                self._backends.setdefault(name, get_backend(name, threads=1))
+                if name not in self._backends:
+                    self._backends[name] = self._make_backend(name)
             except BackendError as exc:
                 log.warning("backend %s is unusable here: %s", name, exc)
                 continue
