@@ -190,7 +190,9 @@ class Message:
         body = {"v": PROTOCOL_VERSION, "type": self.type, **self.to_dict()}
         data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         if len(data) > MAX_CONTROL_BYTES:
-            raise ProtocolError(f"message is {len(data)} bytes, limit {MAX_CONTROL_BYTES}")
+            raise ProtocolError(
+                f"message is {len(data)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
+            )
         return data
 
     @classmethod
@@ -236,7 +238,9 @@ class TensorMessage(Message):
         del body["weights"]
         header = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         if len(header) > MAX_CONTROL_BYTES:
-            raise ProtocolError(f"header is {len(header)} bytes, limit {MAX_CONTROL_BYTES}")
+            raise ProtocolError(
+                f"header is {len(header)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
+            )
         return len(header).to_bytes(4, "big") + header + self.weights
 
     def tensors(self) -> bytes:
@@ -261,12 +265,20 @@ def decode(cls: type[M], payload: bytes | str) -> M:
         if len(payload) - 4 - size > MAX_TENSOR_BYTES:
             raise ProtocolError("tensors above the limit", field="weights", code="too-large")
         data = _header(cls, payload[4 : 4 + size])
-        return cls.from_dict({**data, "weights": bytes(payload[4 + size :])})
+        return _fits(cls.from_dict({**data, "weights": bytes(payload[4 + size :])}))
     if len(payload) > MAX_CONTROL_BYTES:
         raise ProtocolError(
             f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
         )
-    return cls.from_dict(_header(cls, payload))
+    return _fits(cls.from_dict(_header(cls, payload)))
+
+
+def _fits(message: M) -> M:
+    """``message`` if it can be sent on as it is (stored, forwarded, signed): its encoding
+    escapes every non-ASCII character, so a string of 4-byte characters that arrived in
+    60 KB takes 180 KB again. ProtocolError (too-large) if it would not fit."""
+    message.encode()
+    return message
 
 
 def _header(cls: type[Message], payload: bytes | str) -> dict:
