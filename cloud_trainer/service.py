@@ -235,7 +235,13 @@ class Service:
                 return
             record = self.state.rollouts().get(f"integrate-{r.id}")
             if record is not None:  # started before a restart: resume or finish it
-                self._finish(Rollout.restore(self.fc, record, journal=self._journal), r)
+                try:
+                    rollout = Rollout.restore(self.fc, record, journal=self._journal)
+                except StateError as exc:  # later rounds must not wait on a damaged one
+                    log.error("round %d is not integrated: %s", r.id, exc)
+                    self.state.finish_round(r.id)
+                    continue
+                self._finish(rollout, r)
             elif r.domain == "clean" and self.config.integration.enabled and self._targets():
                 self._integrate(r)
             else:

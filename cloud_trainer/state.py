@@ -239,10 +239,14 @@ class CloudState:
         return dict(rows)
 
     def rollout_states(self) -> dict[str, wire.RolloutState]:
-        return {
-            rid: wire.RolloutState.from_dict(json.loads(record)["state"])
-            for rid, record in self.rollouts().items()
-        }
+        """Each rollout's state; a damaged record is left out (restoring it says why)."""
+        states = {}
+        for rid, record in self.rollouts().items():
+            try:
+                states[rid] = wire.RolloutState.from_dict(json.loads(record)["state"])
+            except (ValueError, KeyError, TypeError, RecursionError):
+                continue  # ProtocolError and json's errors are ValueErrors
+        return states
 
     def add_version(self, head: bytes, round_id: int, rollout_id: str) -> int:
         """The next model version, made of ``head`` by ``round_id``'s rollout (the one
