@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -141,8 +141,11 @@ class NetworkLoop:
         rc = paho.MQTT_ERR_SUCCESS
         if mask & _READ:
             rc = client.loop_read()
+            # TLS may hold decrypted packets that no readiness event will announce.
+            while not rc and _pending(client.socket()):
+                rc = client.loop_read()
         if not rc and mask & _WRITE:
-            rc = client.loop_write()
+            client.loop_write()
         self._watch(client)
 
     def _handle_requests(self) -> None:
@@ -209,6 +212,10 @@ class NetworkLoop:
         except (KeyError, ValueError):
             pass  # closed and unregistered already
         conn.sock, conn.events = None, 0
+
+
+def _pending(sock) -> int:
+    return sock.pending() if sock is not None and hasattr(sock, "pending") else 0
 
 
 class _SharedProgram(Program):
@@ -324,9 +331,11 @@ def make_devices(
 class FleetSimulator:
     """Runs ``devices`` as real agents against ``broker``, their stores under ``root``.
 
-    A health check's latency is measured on the simulating host, shared by every agent
-    and contended for by all of them at once, so it says nothing of the board: it is held
-    to the board's budget times ``latency_slack`` (1 holds it to the board's own)."""
+    With ``passwords`` (device id -> password) each device logs in as itself, as broker
+    ACLs that keep a device to its own topics expect. A health check's latency is measured
+    on the simulating host, shared by every agent and contended for by all of them at
+    once, so it says nothing of the board: it is held to the board's budget times
+    ``latency_slack`` (1 holds it to the board's own)."""
 
     def __init__(
         self,
@@ -339,9 +348,10 @@ class FleetSimulator:
         learning: LearnerConfig | None = None,
         policy_interval: float = 5.0,
         latency_slack: float = 20.0,
+        passwords: Mapping[str, str] | None = None,
     ) -> None:
         self.devices, self.broker, self.root = list(devices), broker, Path(root)
-        self.latency_slack = latency_slack
+        self.latency_slack, self.passwords = latency_slack, passwords
         self.trust_key, self.eval_data = trust_key, eval_data
         self.learning, self.policy_interval = learning or LearnerConfig(), policy_interval
         self.network = NetworkLoop()
@@ -354,10 +364,14 @@ class FleetSimulator:
         for n, device in enumerate(self.devices, 1):
             budget = device.profile.budget
             slack = replace(budget, latency_ms=budget.latency_ms * self.latency_slack)
+            broker = self.broker
+            if self.passwords is not None:
+                password = self.passwords[device.device_id]
+                broker = replace(broker, username=device.device_id, password=password)
             config = AgentConfig(
                 device.device_id,
                 replace(device.profile, budget=slack),
-                self.broker,
+                broker,
                 self.root / device.device_id,
                 eval_data=self.eval_data,
                 policy_interval=self.policy_interval,

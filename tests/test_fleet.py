@@ -87,3 +87,46 @@ def test_twenty_agents_share_one_network_thread_and_load_each_program_once(
         sim.stop()
         cloud.stop()
         proxy.close()
+
+
+@pytest.mark.slow
+def test_agents_on_the_network_loop_log_in_as_themselves_over_tls(planned, tmp_path):
+    from broker import Access, Broker
+
+    access = Access(tmp_path / "access").init()
+    devices = make_devices(5, ["rpi-zero-2w"], prefix="tls", pressure=0.0)
+    passwords = {d.device_id: access.add_user(d.device_id) for d in devices}
+    private, public = init_keys(tmp_path / "keys")
+    with Broker(
+        kind="mosquitto",
+        data_dir=tmp_path / "broker",
+        password_file=access.password_file,
+        tls=access.tls,
+    ) as broker:
+        cafile = str(access.tls.cafile)
+        address = BrokerAddress(broker.host, broker.port, True, cafile=cafile)
+        cloud = FleetCoordinator(
+            BrokerAddress(
+                broker.host, broker.port, True, "cloud", access.password("cloud"), cafile
+            ),
+            ArtifactStore(planned["store"]),
+            client_id="cloud",
+            signing_key=load_signing_key(private),
+        ).start()
+        sim = FleetSimulator(
+            devices, address, tmp_path / "agents", trust_key=public, passwords=passwords
+        )
+        try:
+            sim.start()
+            wait(lambda: sim.connected() == len(devices), 30, "every TLS connection")
+            serials = {
+                d.device_id: cloud.assign(
+                    d.device_id, planned["refs"], options=planned["options"], target="rpi-zero-2w"
+                ).serial
+                for d in devices
+            }
+            assert wait_for_fleet(cloud, serials, timeout=120)
+            assert all(cloud.online[d.device_id] for d in devices)
+        finally:
+            sim.stop()
+            cloud.stop()
