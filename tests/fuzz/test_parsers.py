@@ -691,3 +691,30 @@ def test_a_rollout_record_restores_a_rollout_or_a_state_error(fuzz, idle_coordin
 
     case()
     rec.assert_both_outcomes()
+
+
+def test_rollout_states_read_every_sound_record_and_leave_damaged_ones_out(fuzz, idle_coordinator):
+    from cloud_trainer.database import Database
+    from cloud_trainer.state import CloudState
+
+    rec = fuzz("CloudState.rollout_states (records)", ())
+    state = CloudState(Database("sqlite://:memory:"))
+    sound = Rollout(idle_coordinator, "sound", {"pi-1": Target(GOOD.artifacts)}, settle=0)
+    state.save_rollout("sound", "running", sound.record())
+
+    @FUZZ
+    @given(record=rollout_records(idle_coordinator))
+    def case(record):
+        state.save_rollout("fuzzed", "running", record)
+        states = rec.call(state.rollout_states).value
+        assert states["sound"] == sound.state  # one damaged record loses no other
+        try:
+            expected = wire.RolloutState.from_dict(json.loads(record)["state"])
+        except Exception:  # what the record says, if it says anything usable
+            expected = None
+        assert states.get("fuzzed") == expected
+        if expected is None:
+            rec.refused("damaged record left out")
+
+    case()
+    rec.assert_both_outcomes()
