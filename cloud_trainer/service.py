@@ -73,6 +73,7 @@ class Service:
         self._saved_reports: dict[str, object] = {}  # what the database has, to write changes
         self._saved_online: dict[str, bool] = {}
         self._planned: dict[str, str] = {}  # device -> the profile a sub-model was planned for
+        self._plans: dict[tuple[str, int], Target] = {}  # (profile, model version) -> target
         self._connected_at = 0.0
         self.db_error = ""
         self.stop_event = threading.Event()
@@ -365,24 +366,36 @@ class Service:
             self._assign(device_id, report.profile)
 
     def _assign(self, device_id: str, profile_name: str) -> None:
-        from cloud_trainer.integration import with_head
-        from cloud_trainer.pipeline import plan_device_modular
-        from device_profiles import ProfileError, load_profile
-
-        try:
-            profile = load_profile(profile_name)
-            options, refs = plan_device_modular(self.model_dir, self.store_dir, profile)
-        except (ProfileError, ValueError) as exc:
-            log.error("cannot plan a sub-model for %s (%s): %s", device_id, profile_name, exc)
+        target = self._plan_for(profile_name)
+        if target is None:
             return
-        target = Target(tuple(refs), tuple(options), profile.name)
-        if self.version:
-            target = with_head(self.net, {device_id: target}, self.model_dir, self.store_dir)[
-                device_id
-            ]
         desired = self.fc.assign(
-            device_id, list(target.artifacts), options=target.options, target=profile.name
+            device_id, list(target.artifacts), options=target.options, target=target.profile
         )
         log.info(
-            "assigned %s (%s) its sub-model: serial %d", device_id, profile.name, desired.serial
+            "assigned %s (%s) its sub-model: serial %d", device_id, target.profile, desired.serial
         )
+
+    def _plan_for(self, profile_name: str) -> Target | None:
+        """The sub-model every new device of a profile gets on this model version, planned
+        once (planning runs the model; a fleet of one board class needs it once)."""
+        from cloud_trainer.integration import with_head
+        from cloud_trainer.pipeline import plan_device_modular
+        from device_profiles import ProfileError, load_profile, profile_names
+
+        if profile_name not in profile_names():  # a device names a board, never a file
+            log.error("a device reported unknown profile %r", profile_name[:80])
+            return None
+        key = (profile_name, self.version)
+        if key not in self._plans:
+            try:
+                profile = load_profile(profile_name)
+                options, refs = plan_device_modular(self.model_dir, self.store_dir, profile)
+            except (ProfileError, ValueError) as exc:
+                log.error("cannot plan a sub-model for profile %s: %s", profile_name, exc)
+                return None
+            target = Target(tuple(refs), tuple(options), profile.name)
+            if self.version:
+                target = with_head(self.net, {"": target}, self.model_dir, self.store_dir)[""]
+            self._plans[key] = target
+        return self._plans[key]
