@@ -31,12 +31,13 @@ def signed_bytes(message: wire.DesiredState | wire.AdapterOffer) -> bytes:
 
 def load_public_key(path: Path):
     """The cloud's ed25519 public key from a PEM file; ValueError naming the file if not."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     try:
         key = load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:  # a damaged key type OID
         raise ValueError(f"{path}: not a readable PEM public key ({exc})") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path}: expected an ed25519 public key, got {type(key).__name__}")
