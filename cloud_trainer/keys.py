@@ -49,7 +49,7 @@ def init_keys(directory: Path, *, force: bool = False) -> tuple[Path, Path]:
 def load_signing_key(path: Path):
     """The private key; ValueError naming the file if it is unreadable, not ed25519, or
     readable by others than its owner."""
-    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.exceptions import InternalError, UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -57,7 +57,9 @@ def load_signing_key(path: Path):
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
         key = load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:  # damaged type OID
+    # a damaged key type OID: unknown (UnsupportedAlgorithm), or Ed448's with an Ed25519
+    # key's 32 bytes, which OpenSSL refuses as "key setup failed" (InternalError)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm, InternalError) as exc:
         raise ValueError(f"{path}: not a readable PEM private key ({exc})") from exc
     if mode & 0o077:
         raise ValueError(f"{path}: mode {mode:o} lets others read the signing key; chmod 600 it")
