@@ -152,7 +152,11 @@ def _tweak(draw, old: Any) -> Any:
     if isinstance(old, bool):
         return draw(st.sampled_from([not old, int(old), str(old).lower(), None]))
     if isinstance(old, int | float):
-        choices = [old + 1, old - 1, -old, old * 10**20, float(old), str(old), [old], None]
+        try:
+            as_float = float(old)
+        except OverflowError:  # an integer beyond any float
+            as_float = math.inf
+        choices = [old + 1, old - 1, -old, old * 10**20, as_float, str(old), [old], None]
         choices += [math.nan, math.inf, -math.inf, Raw(f"{old}e400"), Raw(str(old) * 300)]
         return draw(st.sampled_from(choices))
     if isinstance(old, str):

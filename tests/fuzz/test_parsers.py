@@ -321,8 +321,8 @@ def test_the_gate_reads_any_trust_file_and_never_goes_below_the_active_serial(fu
         gate = rec.call(Gate, None, path, "rpi4", floor=floor).value
         assert isinstance(gate.serial, int) and isinstance(gate.digest, str)
         assert gate.serial >= floor  # the state served is never replayed over
-        try:
-            data = json.loads(content)
+        try:  # strict UTF-8 like read_text(); json.loads(bytes) would let surrogates pass
+            data = json.loads(content.decode("utf-8"))
             written = int(data["serial"]), data["digest"]
         except Exception:  # what the file says, if it says anything usable
             written = None
@@ -494,6 +494,37 @@ def test_the_trust_key_file_is_an_ed25519_key_or_a_value_error(fuzz, scratch):
         outcome = rec.call(load_public_key, path)
         if outcome.accepted:
             assert isinstance(outcome.value, Ed25519PublicKey)
+        else:
+            assert str(path) in str(outcome.error)
+
+    case()
+    rec.assert_both_outcomes()
+
+
+def test_the_signing_key_file_is_an_ed25519_key_or_a_value_error(fuzz, scratch):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    from cloud_trainer.keys import load_signing_key
+
+    rec = fuzz("signing key (PEM)", ValueError)
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+    )
+    path = fresh_dir(scratch) / "signing.key"
+
+    @FUZZ
+    @given(content=st.just(pem) | pem_files(pem))
+    def case(content):
+        path.write_bytes(content)
+        path.chmod(0o600)
+        outcome = rec.call(load_signing_key, path)
+        if outcome.accepted:
+            assert isinstance(outcome.value, Ed25519PrivateKey)
         else:
             assert str(path) in str(outcome.error)
 
