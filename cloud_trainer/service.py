@@ -22,6 +22,7 @@ import numpy as np
 
 from cloud_trainer.config import ServiceConfig
 from cloud_trainer.errors import ConfigError, StateError
+from cloud_trainer.exports import Exporter
 from cloud_trainer.rollout import Rollout, RolloutPlan, Target
 from cloud_trainer.state import CloudState, Round
 
@@ -89,6 +90,7 @@ class Service:
             is_leader=lambda: self.leader,
         )
         self.metrics = Metrics(self)
+        self.exporter = Exporter(self.model_dir, self.store_dir)
         self.http: ThreadingHTTPServer | None = None
         self.started = time.time()
 
@@ -126,6 +128,7 @@ class Service:
 
     def _shutdown(self) -> None:
         self.fc.stop()
+        self.exporter.close()
         if self.http:
             self.http.shutdown()
         try:
@@ -244,14 +247,23 @@ class Service:
                     continue
                 self._finish(rollout, r)
             elif r.domain == "clean" and self.config.integration.enabled and self._targets():
-                self._integrate(r)
+                try:
+                    self._integrate(r)
+                except StateError:
+                    raise  # the database: the next step tries again
+                except Exception:  # an export or a training that fails would fail again
+                    log.exception(
+                        "round %d could not be integrated; the fleet keeps its head", r.id
+                    )
+                    self.state.finish_round(r.id)
             else:
                 self.state.finish_round(r.id)
 
     def _integrate(self, r: Round) -> None:
-        from safetensors.numpy import load
+        from safetensors.numpy import load, save
 
-        from cloud_trainer.integration import blend_head, with_head
+        from cloud_trainer.integration import blend_head
+        from cloud_trainer.pipeline import head_weights
 
         assert r.weights is not None, "a closed round keeps its aggregate"
         weights = load(r.weights)
@@ -260,7 +272,7 @@ class Service:
             net = self._retrained(weights, r.samples)
         else:
             net = blend_head(self.net, weights, i.blend)
-        targets = with_head(net, self._targets(), self.model_dir, self.store_dir)
+        targets = self.exporter.with_head(save(head_weights(net)), self._targets())
         self._assigning = self.version + 1
         rollout = Rollout(
             self.fc, f"integrate-{r.id}", targets, self._plan(), journal=self._journal
@@ -379,23 +391,20 @@ class Service:
     def _plan_for(self, profile_name: str) -> Target | None:
         """The sub-model every new device of a profile gets on this model version, planned
         once (planning runs the model; a fleet of one board class needs it once)."""
-        from cloud_trainer.integration import with_head
-        from cloud_trainer.pipeline import plan_device_modular
-        from device_profiles import ProfileError, load_profile, profile_names
+        from safetensors.numpy import save
+
+        from cloud_trainer.pipeline import head_weights
+        from device_profiles import ProfileError, profile_names
 
         if profile_name not in profile_names():  # a device names a board, never a file
             log.error("a device reported unknown profile %r", profile_name[:80])
             return None
         key = (profile_name, self.version)
         if key not in self._plans:
+            head = save(head_weights(self.net)) if self.version else None
             try:
-                profile = load_profile(profile_name)
-                options, refs = plan_device_modular(self.model_dir, self.store_dir, profile)
+                self._plans[key] = self.exporter.plan(profile_name, head)
             except (ProfileError, ValueError) as exc:
                 log.error("cannot plan a sub-model for profile %s: %s", profile_name, exc)
                 return None
-            target = Target(tuple(refs), tuple(options), profile.name)
-            if self.version:
-                target = with_head(self.net, {"": target}, self.model_dir, self.store_dir)[""]
-            self._plans[key] = target
         return self._plans[key]
