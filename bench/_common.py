@@ -60,3 +60,14 @@ def percentile(values: list[float], q: float) -> float:
 def print_json(figures: dict) -> None:
     """The last line of every benchmark: its figures as one JSON object."""
     print(json.dumps(figures, sort_keys=True))
+
+
+def trained_model(model_dir: Path | None, work: Path, epochs: int, seed: int = 0) -> Path:
+    """``model_dir`` if it holds a trained model, else a model trained into ``work/model``."""
+    model_dir = model_dir or work / "model"
+    if not (model_dir / "model.pt").is_file():
+        from cloud_trainer.pipeline import train_model
+
+        print(f"training the modular model ({epochs} epochs) into {model_dir}", flush=True)
+        train_model(model_dir, epochs=epochs, seed=seed)
+    return model_dir

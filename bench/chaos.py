@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # chaos, netproxy, cloudproc
 
-from bench._common import print_json  # noqa: E402
+from bench._common import print_json, trained_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,12 +65,7 @@ def schedule(args: argparse.Namespace, rng: random.Random) -> list[tuple[str, fl
 
 
 def prepare(args: argparse.Namespace, work: Path) -> dict:
-    model_dir = args.model_dir or work / "model"
-    if not (model_dir / "model.pt").exists():
-        from cloud_trainer.pipeline import train_model
-
-        print(f"training the modular model ({args.epochs} epochs) into {model_dir}", flush=True)
-        train_model(model_dir, epochs=args.epochs)
+    model_dir = trained_model(args.model_dir, work, args.epochs)
     return {"model_dir": model_dir, "store": args.artifacts or work / "artifacts"}
 
 

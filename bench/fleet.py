@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import print_json  # noqa: E402
+from bench._common import print_json, trained_model  # noqa: E402
 
 PROFILES = "rpi4,rpi-zero-2w,android-phone"
 
@@ -63,13 +63,10 @@ def raise_fd_limit(need: int) -> None:
 def prepare_model(args, work: Path) -> tuple[Path, Path]:
     """The model (trained here unless ``--model``) and its per-profile programs, exported
     before the fleet arrives, as ``eclm cloud export`` would."""
-    from cloud_trainer.pipeline import plan_device_modular, train_model
+    from cloud_trainer.pipeline import plan_device_modular
     from device_profiles import load_profile
 
-    model = args.model or work / "model"
-    if not (model / "model.pt").is_file():
-        print(f"training the modular model ({args.epochs} epochs) ...", flush=True)
-        train_model(model, epochs=args.epochs, seed=args.seed)
+    model = trained_model(args.model, work, args.epochs, args.seed)
     artifacts = args.artifacts or work / "artifacts"
     for name in args.profiles.split(","):
         start = time.perf_counter()

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # cloudproc: the service as a process
 
-from bench._common import print_json  # noqa: E402
+from bench._common import print_json, trained_model  # noqa: E402
 
 WAVE_TIMEOUT = 120.0  # a starved machine is slow, not a failed device
 
@@ -167,12 +167,7 @@ def write_status(path: Path, agents: dict, counts: dict) -> None:
 
 
 def prepare_model(args: argparse.Namespace, work: Path) -> dict:
-    model_dir = args.model_dir or work / "model"
-    if not (model_dir / "model.pt").exists():
-        from cloud_trainer.pipeline import train_model
-
-        print(f"training the modular model ({args.epochs} epochs) into {model_dir}", flush=True)
-        train_model(model_dir, epochs=args.epochs)
+    model_dir = trained_model(args.model_dir, work, args.epochs)
     return {"model_dir": model_dir, "store": args.artifacts or work / "artifacts"}
 
 
