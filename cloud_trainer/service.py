@@ -156,6 +156,7 @@ class Service:
     def _step(self) -> None:
         try:
             self._persist_devices()
+            self._follow_version()
             if self.leader:
                 self._close_rounds()
                 self._integrate_rounds()
@@ -184,6 +185,14 @@ class Service:
         return self._serial_versions[serial]
 
     # --- leader's work ----------------------------------------------------------------------
+
+    def _follow_version(self) -> None:
+        """Take the model version another worker (the leader before us) committed."""
+        version, head = self.state.latest_version()
+        if version != self.version and head is not None:
+            self._set_head(head)
+            self.version = self._assigning = version
+            log.info("model version %d committed by another worker", version)
 
     def _persist_devices(self) -> None:
         for device_id, report in list(self.fc.reported.items()):
