@@ -68,34 +68,6 @@ class _Job:
     pull: float
 
 
-def integrate_head(
-    net,
-    aggregates: dict[str, tuple[Weights, int]],
-    data: tuple[np.ndarray, np.ndarray],
-    *,
-    epochs: int = 200,
-    lr: float = 0.01,
-    pull: float = 0.01,
-    world_size: int = 1,
-    seed: int = 0,
-    domains: Iterable[str] = (),
-) -> Weights:
-    """New head weights (``weight``, ``bias``) that integrate the devices' aggregate
-    adapters per domain (``aggregates``: domain -> (weights, samples)) with the cloud's
-    training data ``data`` = (images, labels). See :func:`run_integration`."""
-    return run_integration(
-        net,
-        aggregates,
-        data,
-        epochs=epochs,
-        lr=lr,
-        pull=pull,
-        world_size=world_size,
-        seed=seed,
-        domains=domains,
-    ).weights
-
-
 def run_integration(
     net,
     aggregates: dict[str, tuple[Weights, int]],

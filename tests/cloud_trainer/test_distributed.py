@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cloud_trainer.data import load_digits_split
-from cloud_trainer.distributed import integrate_head, run_integration
+from cloud_trainer.distributed import run_integration
 from cloud_trainer.domains import apply
 from cloud_trainer.pipeline import head_weights
 from edge_runtime.adapter import Adapter, NumpyTrainer
@@ -97,9 +97,9 @@ def test_a_strong_pull_lands_on_the_sample_weighted_aggregate(modular):
     second = {k: v - 0.5 for k, v in head.items()}
     aggregates = {"rotate": (first, 300), "contrast": (second, 100)}
 
-    weights = integrate_head(
+    weights = run_integration(
         net, aggregates, (split.x_train[:200], split.y_train[:200]), epochs=300, pull=100.0
-    )
+    ).weights
 
     for key, value in head.items():  # Adam hovers within a few lr of the optimum
         offset = weights[key] - value
@@ -119,7 +119,7 @@ def test_a_strong_pull_lands_on_the_sample_weighted_aggregate(modular):
 def test_arguments_that_do_not_fit_are_refused_by_name(modular, aggregates, kwargs, names):
     split = load_digits_split(seed=0)
     with pytest.raises(ValueError, match=names):
-        integrate_head(modular["net"], aggregates, (split.x_train, split.y_train), **kwargs)
+        run_integration(modular["net"], aggregates, (split.x_train, split.y_train), **kwargs)
 
 
 def test_the_cli_integrates_an_aggregates_file_and_writes_the_head(modular, tmp_path, capsys):
