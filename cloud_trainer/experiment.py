@@ -36,7 +36,12 @@ PROFILES = ("rpi4", "rpi-zero-2w", "rpi5", "android-phone")
 # What each method's settings are tuned over, on a separate seed (the adaptive system's
 # learner in a rehearsal without the broker: same learner, aggregation and warm starts).
 GRIDS = {
-    ADAPTIVE: [{"lr": lr, "steps_per_batch": s} for lr in (0.01, 0.02, 0.05) for s in (4, 8, 16)],
+    ADAPTIVE: [
+        {"lr": lr, "steps_per_batch": s, "prior": p}
+        for lr in (0.01, 0.02, 0.05)
+        for s in (8, 16, 32)
+        for p in (0.0, 1.0)
+    ],
     "on-device only": [
         {"lr": lr, "hidden": h} for lr in (0.1, 0.3, 0.5, 1.0) for h in (32, 64, 128)
     ],

@@ -81,11 +81,13 @@ class Adapter:
         buffer_size: int = 512,
         batch: int = 32,
         steps_per_batch: int = 4,
+        balanced: bool = False,
         seed: int = 0,
     ) -> None:
         self.trainer = trainer
         self.batch = batch
         self.steps_per_batch = steps_per_batch
+        self.balanced = balanced
         self.buffer_size = buffer_size
         self._x: np.ndarray | None = None
         self._y = np.zeros(buffer_size, np.int64)
@@ -98,7 +100,9 @@ class Adapter:
         return self.trainer.logits(features)
 
     def observe(self, features: np.ndarray, labels: np.ndarray) -> float | None:
-        """Add labelled samples to the buffer and train on minibatches drawn from it."""
+        """Add labelled samples to the buffer and train on minibatches drawn from it
+        (``balanced``: every class the buffer holds equally often, so that the adapter
+        learns what a class looks like and not how often this device sees it)."""
         if self._x is None:
             self._x = np.zeros((self.buffer_size, features.shape[1]), np.float32)
         for f, y in zip(features, labels, strict=True):
@@ -106,9 +110,17 @@ class Adapter:
             self._x[slot], self._y[slot] = f, y
             self._count += 1
         held = min(self._count, self.buffer_size)
+        p = None
+        if self.balanced:
+            held_y = self._y[:held]
+            p = 1.0 / np.bincount(held_y)[held_y]
+            p /= p.sum()
         loss = None
         for _ in range(self.steps_per_batch):
-            idx = self._rng.integers(0, held, self.batch)
+            if p is None:
+                idx = self._rng.integers(0, held, self.batch)
+            else:
+                idx = self._rng.choice(held, self.batch, p=p)
             loss = self.trainer.step(self._x[idx], self._y[idx])
         self.samples_trained += len(labels)
         np.add.at(self.histogram, labels, 1)

@@ -32,6 +32,12 @@ class LearnerConfig:
     min_new_samples: int = 8  # labels an adapter must have learned from since its last upload
     mix_window: int = 48  # latest labels the current label mix is estimated from
     mix_shift: float = 0.35  # total variation distance from the reported mix that is a shift
+    # Label shift: adapters train on class-balanced minibatches from their replay buffer
+    # and predictions add ``prior`` x log of the current label mix (0: off), so a device
+    # that sees a few classes most of the time favours them, and its uploads do not carry
+    # its label mix into the fleet's aggregate.
+    balanced: bool = True
+    prior: float = 1.0
     # Differential privacy of uploads (edge_runtime.privacy): the L2 norm an adapter's delta
     # from the head is clipped to and the noise multiplier; both 0 (off) or both > 0.
     dp_clip: float = 0.0
@@ -44,6 +50,8 @@ class LearnerConfig:
         for name in ("batch", "steps_per_batch", "buffer_size", "upload_every", "mix_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.prior <= 10:
+            raise ValueError(f"prior: must be in [0, 10], got {self.prior}")
         if not 0 < self.mix_shift <= 1:
             raise ValueError(f"mix_shift: must be in (0, 1], got {self.mix_shift}")
         if self.dp_clip < 0 or self.dp_noise < 0 or (self.dp_clip > 0) != (self.dp_noise > 0):
@@ -98,6 +106,7 @@ class Learner:
                 buffer_size=c.buffer_size,
                 batch=c.batch,
                 steps_per_batch=c.steps_per_batch,
+                balanced=c.balanced,
                 seed=self.seed + len(self.bank),
             )
             self.bank[domain] = adapter
@@ -114,7 +123,11 @@ class Learner:
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         with self._lock:
-            return self._adapter(self.domain).logits(features)
+            logits = self._adapter(self.domain).logits(features)
+            if self.config.prior and self._recent:
+                counts = np.bincount(self._recent, minlength=self.classes) + 1.0  # Laplace
+                logits = logits + self.config.prior * np.log(counts / counts.sum())
+            return logits
 
     def learn(self, features: np.ndarray, labels: np.ndarray) -> bool:
         """Train the current domain's adapter; True if a scheduled upload is due."""

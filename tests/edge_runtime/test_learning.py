@@ -120,3 +120,24 @@ def test_an_update_built_by_the_learner_passes_the_wire_checks():
     learner.learn(x, y)
     update = learner.update("clean", "zero-01", "12")
     assert wire.decode(wire.AdapterUpdate, update.encode()) == update
+
+
+def test_predictions_lean_toward_the_label_mix_the_device_sees():
+    """``prior`` adds prior x log of the latest labels' frequencies (one extra count each)
+    to the adapter's logits; 0 turns it off."""
+    x, y = domain_data(0, 48)
+    y = np.where(np.arange(48) < 36, 2, y)  # three labels in four are 2
+    learners = {p: Learner(base(), LearnerConfig(prior=p, mix_window=48)) for p in (0.0, 1.0)}
+    for learner in learners.values():
+        for i in range(0, 48, 8):
+            learner.learn(x[i : i + 8], y[i : i + 8])
+    counts = np.bincount(y, minlength=CLASSES) + 1.0
+    np.testing.assert_allclose(
+        learners[1.0].logits(x) - learners[0.0].logits(x),
+        np.broadcast_to(np.log(counts / counts.sum()), (48, CLASSES)),
+        rtol=1e-5,
+    )
+    ambiguous = np.zeros((1, FEATURES), np.float32)
+    assert learners[1.0].logits(ambiguous).argmax() == 2
+    with pytest.raises(ValueError, match="prior"):
+        LearnerConfig(prior=-1)
