@@ -12,6 +12,7 @@ serial is issued twice. SIGTERM lets the wave or round in flight finish, then ex
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -28,6 +29,20 @@ from cloud_trainer.state import CloudState, Round
 
 log = logging.getLogger(__name__)
 LEASE = "leader"
+TRIM_EVERY = 60.0  # seconds between returns of freed heap to the OS
+
+
+def release_heap() -> bool:
+    """Return the heap's free pages to the OS (glibc's ``malloc_trim``); False where the C
+    library has none. A service that decodes updates and journals rollouts for months on
+    several threads otherwise keeps freed memory in fragmented arenas: RSS crept ~0.5 MB
+    a minute in the soak with no Python object left behind (tracemalloc stayed flat)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
 
 
 class Service:
@@ -115,8 +130,12 @@ class Service:
             self.version,
         )
         try:
+            trimmed = time.monotonic()
             while not self.stop_event.is_set():
                 self._step()
+                if time.monotonic() - trimmed > TRIM_EVERY:
+                    release_heap()
+                    trimmed = time.monotonic()
                 self.stop_event.wait(self.tick)
         finally:
             lease.join(timeout=self.lease_ttl)
