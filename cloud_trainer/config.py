@@ -45,7 +45,7 @@ class FleetSection:
 
 @dataclass(frozen=True)
 class AggregationSection:
-    strategy: str = "trimmed-mean"  # mean, median or trimmed-mean
+    strategy: str = "trimmed-mean"  # mean, class-mean, median or trimmed-mean
     trim: float = 0.2  # share cut from each end by trimmed-mean
     clip: float = 0.0  # max L2 norm of an update's change to the head (0: no clipping)
     max_norm: float = 100.0  # an update tensor above this norm is refused
@@ -98,7 +98,7 @@ class ServiceConfig:
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format: expected json or text, got {self.log_format!r}")
         a = self.aggregation
-        if a.strategy not in ("mean", "median", "trimmed-mean"):
+        if a.strategy not in ("mean", "class-mean", "median", "trimmed-mean"):
             raise ConfigError(f"aggregation.strategy: unknown {a.strategy!r}")
         if a.quorum < 1 or a.deadline <= 0 or not 0 <= a.trim < 0.5:
             raise ConfigError("aggregation: quorum >= 1, deadline > 0, 0 <= trim < 0.5")

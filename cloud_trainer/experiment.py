@@ -23,6 +23,7 @@ import numpy as np
 from cloud_trainer.baselines import FedAvg, Method, OnDeviceOnly, StaticCloud, StaticSubModel
 from cloud_trainer.pipeline import head_weights
 from cloud_trainer.scenario import DeviceStream, ScenarioSpec, build
+from cloud_trainer.strategies import ClassWeightedMean
 from edge_runtime import protocol as wire
 from edge_runtime.learning import Learner, LearnerConfig
 from edge_runtime.monitor import Reading, ResourceSource
@@ -166,9 +167,13 @@ def summarize(records: dict[str, Record], streams: list[DeviceStream], after: in
     return out
 
 
-def newcomer(net, selection, aggregates: dict, x, y, learning: LearnerConfig, seed: int):
+def newcomer(
+    net, selection, aggregates: dict, x, y, learning: LearnerConfig, seed: int, orders: int = 5
+):
     """For each domain the fleet adapted to: labelled samples a new device needs to reach
-    90% of its final accuracy alone, and with the cloud's aggregate as warm start."""
+    90% of its final accuracy alone, and with the cloud's aggregate as warm start. The
+    held-out half is fixed; accuracy curves are averaged over ``orders`` random orders of
+    the labels the newcomer gets (one order alone swings the count by a batch or two)."""
     import torch
     from safetensors.numpy import save
 
@@ -178,37 +183,40 @@ def newcomer(net, selection, aggregates: dict, x, y, learning: LearnerConfig, se
     rng = np.random.default_rng([seed, 99])
     out = {}
     for domain, (weights, samples) in aggregates.items():
-        order = rng.permutation(len(y))
-        train, test = order[: len(y) // 2], order[len(y) // 2 :]
+        split = rng.permutation(len(y))
+        train, test = split[: len(y) // 2], split[len(y) // 2 :]
         with torch.no_grad():
             feats = net.features(torch.from_numpy(apply(domain, x, seed)), selection).numpy()
         curves = {}
         for mode in ("alone", "warm"):
-            learner = Learner(head, learning, seed=seed)
-            learner.enter(domain)
-            if mode == "warm":
-                learner.warm_start(domain, save(weights), samples)
-            curve = []
-            for i in range(0, len(train) + 1, 8):
-                rows = train[i : i + 8]
-                acc = (learner.logits(feats[test]).argmax(1) == y[test]).mean()
-                curve.append((i, float(acc)))
-                if len(rows):
-                    learner.learn(feats[rows], y[rows])
-            curves[mode] = curve
+            runs = []
+            for k in range(orders):
+                order = rng.permutation(train) if k else train
+                learner = Learner(head, learning, seed=seed + k)
+                learner.enter(domain)
+                if mode == "warm":
+                    learner.warm_start(domain, save(weights), samples)
+                curve = []
+                for i in range(0, len(order) + 1, 8):
+                    rows = order[i : i + 8]
+                    curve.append(float((learner.logits(feats[test]).argmax(1) == y[test]).mean()))
+                    if len(rows):
+                        learner.learn(feats[rows], y[rows])
+                runs.append(curve)
+            curves[mode] = list(enumerate(np.mean(runs, axis=0) * 1.0))
         final = curves["alone"][-1][1]
 
         def needed(curve, final=final):
-            return next(n for n, a in curve if a >= 0.9 * final)
+            return next(8 * i for i, a in curve if a >= 0.9 * final)
 
         out[domain] = {
-            "final_alone": final,
+            "final_alone": float(final),
             "samples_alone": needed(curves["alone"]),
             "samples_warm": needed(curves["warm"])
             if max(a for _, a in curves["warm"]) >= 0.9 * final
             else None,
-            "start_alone": curves["alone"][0][1],
-            "start_warm": curves["warm"][0][1],
+            "start_alone": float(curves["alone"][0][1]),
+            "start_warm": float(curves["warm"][0][1]),
         }
     return out
 
@@ -225,7 +233,7 @@ class Rehearsal(Method):
         self.net, self.selections = net, selections
         head = head_weights(net)
         self.learners = {d: Learner(head, learning, seed=i) for i, d in enumerate(selections)}
-        self.aggregator = DomainAggregator(head)
+        self.aggregator = DomainAggregator(head, strategy=ClassWeightedMean())
         self.domain = dict.fromkeys(selections, "clean")
 
     def _features(self, device: str, x: np.ndarray) -> np.ndarray:
@@ -294,12 +302,15 @@ def _drive(
     upload_every: int,
     agents=None,
     after_step=None,
+    before_predict=None,
     progress: str | None = None,
     torch_lock=None,
 ):
     """Step every device's stream in lockstep through ``methods`` (and ``agents``, the
     adaptive devices, when given): predict, then learn from the labelled samples.
-    ``torch_lock`` is held during each step's torch work."""
+    Agents enter each step's domain first, then ``before_predict`` runs (the wire settles:
+    a warm start the cloud sends comes back in a round trip, while a real stream's samples
+    arrive over time). ``torch_lock`` is held during each step's torch work."""
     from contextlib import nullcontext
 
     from tqdm import tqdm
@@ -310,8 +321,14 @@ def _drive(
     accuracy = {n: np.zeros((len(streams), steps)) for n in names}
     iterators = {d: iter(s) for d, s in streams.items()}
     for t in tqdm(range(steps), desc=progress, unit="step", leave=False, disable=not progress):
+        batch = {device: next(iterators[device]) for device in streams}
+        if agents:  # each device learns its context first, as the rehearsal does
+            for device, agent in agents.items():
+                agent.enter(batch[device].domain)
+            if before_predict:
+                before_predict()
         for i, device in enumerate(streams):
-            step = next(iterators[device])
+            step = batch[device]
             lab = step.labelled
             if agents:
                 agent = agents[device]
@@ -366,7 +383,7 @@ def run(
     }
     streams = dict(zip(devices, build(spec, x, y), strict=True))
     address = BrokerAddress.parse(url)
-    aggregator = DomainAggregator(head_weights(net))
+    aggregator = DomainAggregator(head_weights(net), strategy=ClassWeightedMean())
     store = store or work / "artifacts"
     started = time.perf_counter()
     targets = plan_fleet(model_dir, store, list(devices.items()), modular=True)
@@ -436,6 +453,7 @@ def run(
             settings.upload_every,
             agents,
             after_step=after_step,
+            before_predict=lambda: _settle(fc, agents),
             progress="stream",
             torch_lock=torch_lock,
         )

@@ -7,6 +7,10 @@ delta from the reference, the head the adapters started from, scaled down to L2 
 
 - ``mean`` (:class:`WeightedMean`): weighted by the samples behind each update (FedAvg).
   One device that scales its delta by 100 among n moves the result by 100/n of it.
+- ``class-mean`` (:class:`ClassWeightedMean`): every class's row of the head weighted by
+  the labels of that class behind each update. Devices whose label mixes are skewed each
+  learn a few classes; a plain mean dilutes what one device learned about a class by the
+  devices that never saw it.
 - ``median`` (:class:`CoordinateMedian`): per coordinate; holds while fewer than half
   of the contributions are bad.
 - ``trimmed-mean`` (:class:`TrimmedMean`): per coordinate, the ``trim`` share of the
@@ -90,6 +94,29 @@ class WeightedMean(Strategy):
 
 
 @dataclass(frozen=True)
+class ClassWeightedMean(Strategy):
+    """Per class: the rows of tensors with one row per class (``weight``, ``bias``)
+    weighted by each contribution's labels of that class; a class no contribution saw,
+    and any other tensor, by the samples behind each (as ``mean``)."""
+
+    name: ClassVar[str] = "class-mean"
+
+    def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
+        counts = np.array([c.histogram for c in contributions], np.float64)  # (n, classes)
+        samples = np.array([c.samples for c in contributions], np.float64)
+        by_class = np.where(counts.sum(0) > 0, counts, samples[:, None])
+        by_class /= by_class.sum(0)
+        share = samples / samples.sum()
+        out = {}
+        for k, v in _stacked(contributions).items():
+            if v.ndim >= 2 and v.shape[1] == counts.shape[1]:  # (n, classes, ...)
+                out[k] = np.einsum("nc,nc...->c...", by_class, v)
+            else:
+                out[k] = np.tensordot(share, v, axes=1)
+        return out
+
+
+@dataclass(frozen=True)
 class CoordinateMedian(Strategy):
     """The median of every coordinate, unweighted."""
 
@@ -122,7 +149,7 @@ class TrimmedMean(Strategy):
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (WeightedMean, CoordinateMedian, TrimmedMean)
+    cls.name: cls for cls in (WeightedMean, ClassWeightedMean, CoordinateMedian, TrimmedMean)
 }
 
 

@@ -213,21 +213,30 @@ class EdgeAgent:
             raise EdgeError("no program is active yet")
         return runner.predict(x)
 
-    def infer(self, x: np.ndarray, domain: str) -> np.ndarray:
-        """Class scores for a batch seen in ``domain`` (the context the input comes from:
-        camera, site, sensor mode), through that domain's adapter when the device adapts.
+    def enter(self, domain: str) -> None:
+        """The input now comes from ``domain`` (the context: camera, site, sensor mode).
         Entering another domain uploads what the device learned in the one it leaves and
-        tells the cloud, which may send a warm start."""
-        runner, learner = self.runner, self.learner
-        if runner is None:
-            raise EdgeError("no program is active yet")
-        if learner is None:
-            return runner.predict(x)
+        tells the cloud, which may send a warm start; a device that knows its context is
+        about to change calls this before the first sample of it arrives."""
+        learner = self.learner
+        if self.runner is None or learner is None:
+            return
         left = learner.enter(domain)
         if left is not None:
             self._upload(left)
         if self._report.domain != domain:
             self._set_report(domain=domain)
+
+    def infer(self, x: np.ndarray, domain: str) -> np.ndarray:
+        """Class scores for a batch seen in ``domain`` (see :meth:`enter`), through that
+        domain's adapter when the device adapts."""
+        runner = self.runner
+        if runner is None:
+            raise EdgeError("no program is active yet")
+        self.enter(domain)
+        learner = self.learner
+        if learner is None:
+            return runner.predict(x)
         return learner.logits(runner.features(x))
 
     def learn(self, x: np.ndarray, y: np.ndarray) -> None:

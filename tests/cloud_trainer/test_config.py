@@ -33,12 +33,12 @@ def test_values_are_read_by_section(tmp_path):
     ("text", "named"),
     [
         ("[aggregation]\nquorom = 3\n", "aggregation.quorom: unknown key"),
-        ("[aggregation]\nquorum = \"3\"\n", "aggregation.quorum: expected int, got str"),
+        ('[aggregation]\nquorum = "3"\n', "aggregation.quorum: expected int, got str"),
         ("[aggregation]\nquorum = true\n", "aggregation.quorum: expected int, got bool"),
-        ("[rollout]\nwaves = [0.5, \"all\"]\n", "rollout.waves[1]: expected float, got str"),
-        ("[brokers]\nurl = \"x\"\n", "brokers: unknown key"),
+        ('[rollout]\nwaves = [0.5, "all"]\n', "rollout.waves[1]: expected float, got str"),
+        ('[brokers]\nurl = "x"\n', "brokers: unknown key"),
         ("broker = 3\n", "broker: expected a [broker] table"),
-        ("[aggregation]\nstrategy = \"mode\"\n", "aggregation.strategy: unknown 'mode'"),
+        ('[aggregation]\nstrategy = "mode"\n', "aggregation.strategy: unknown 'mode'"),
         ("[aggregation\n", "cloud.toml"),
     ],
 )

@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from cloud_trainer.aggregation import Contribution, DomainAggregator
 from cloud_trainer.strategies import (
     STRATEGIES,
+    ClassWeightedMean,
     CoordinateMedian,
     TrimmedMean,
     WeightedMean,
@@ -46,7 +47,12 @@ def fleet():
         for i in range(0, STREAM, 16):
             adapter.observe(rotated[rows[i : i + 16]], y[rows[i : i + 16]])
         adapters.append(adapter)
-    return {"head": head, "adapters": adapters, "test": (rotated[POOL:], y[POOL:])}
+    return {
+        "head": head,
+        "adapters": adapters,
+        "pool": (rotated[:POOL], y[:POOL]),
+        "test": (rotated[POOL:], y[POOL:]),
+    }
 
 
 def received(message: wire.AdapterUpdate) -> wire.AdapterUpdate:
@@ -167,13 +173,22 @@ def test_each_strategy_combines_coordinates_as_it_says():
     np.testing.assert_allclose(trimmed["bias"], [2.0, -2.0])  # 0 and 100 dropped
     assert mean["bias"].dtype == np.float32
 
+    rows = [np.array([[1.0], [1.0], [1.0]]), np.array([[5.0], [5.0], [5.0]])]
+    by_class = ClassWeightedMean().aggregate(
+        [
+            Contribution({"weight": rows[0]}, 3, np.array([3, 0, 0])),
+            Contribution({"weight": rows[1]}, 1, np.array([1, 0, 2])),
+        ]
+    )  # class 0: 3:1; class 1 nobody saw: by samples (3:1); class 2: only the second
+    np.testing.assert_allclose(by_class["weight"][:, 0], [2.0, 2.0, 5.0])
+
 
 def test_strategies_are_made_by_name_and_bad_names_or_parameters_are_named():
-    assert set(STRATEGIES) == {"mean", "median", "trimmed-mean"}
+    assert set(STRATEGIES) == {"mean", "class-mean", "median", "trimmed-mean"}
     assert make_strategy("trimmed-mean", trim=0.1, clip=3.0) == TrimmedMean(trim=0.1, clip=3.0)
     assert isinstance(make_strategy("median"), CoordinateMedian)
 
-    with pytest.raises(ValueError, match="'krum'.*mean, median, trimmed-mean"):
+    with pytest.raises(ValueError, match="'krum'.*mean, class-mean, median, trimmed-mean"):
         make_strategy("krum")
     with pytest.raises(ValueError, match="no parameter trim"):
         make_strategy("median", trim=0.1)
@@ -266,3 +281,24 @@ def test_a_new_reference_moves_what_clipping_measures_from(fleet):
     np.testing.assert_allclose(at_moved["bias"], moved["bias"], atol=1e-3)
     with pytest.raises(ValueError, match="reference"):
         aggregator.rebase({"bias": head["bias"]})
+
+
+def test_class_mean_keeps_what_each_device_learned_about_the_classes_it_saw(fleet):
+    """Five devices, each seeing two classes of rotated digits in 90% of its labels: the
+    plain mean divides what one device learned about its classes by five; weighting each
+    class's row by the labels of that class keeps it."""
+    head, (x, y) = fleet["head"], fleet["pool"]
+    contributions = []
+    for device in range(5):
+        rng = np.random.default_rng(device)
+        mine = np.flatnonzero((y == 2 * device) | (y == 2 * device + 1))
+        rows = rng.permutation(np.concatenate([mine, rng.choice(len(y), len(mine) // 9)]))
+        adapter = Adapter(NumpyTrainer(head["weight"], head["bias"], lr=0.1), seed=device)
+        for i in range(0, len(rows), 16):
+            adapter.observe(x[rows[i : i + 16]], y[rows[i : i + 16]])
+        contributions.append(
+            Contribution(adapter.trainer.weights(), adapter.samples_trained, adapter.histogram)
+        )
+    plain = accuracy(WeightedMean().aggregate(contributions), fleet["test"])
+    by_class = accuracy(ClassWeightedMean().aggregate(contributions), fleet["test"])
+    assert by_class > plain + 0.1, (plain, by_class)
