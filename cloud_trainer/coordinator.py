@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from edge_runtime.mqtt import BrokerAddress, connect, make_client, wait_publishe
 from edge_runtime.trust import signed_bytes
 
 log = logging.getLogger(__name__)
+EVENTS_KEPT = 1000  # device events kept in memory (a long-running cloud would pile them up)
 
 
 class Aggregator(Protocol):
@@ -77,7 +78,7 @@ class FleetCoordinator:
         self.desired: dict[str, wire.DesiredState] = {}  # retained, as the broker holds it
         self.abort_requests: set[str] = set()  # rollout ids an operator asked to abort
         self.online: dict[str, bool] = {}
-        self.events: list[wire.Event] = []
+        self.events: deque[wire.Event] = deque(maxlen=EVENTS_KEPT)  # the latest; all are logged
         self.rejected: Counter[str] = Counter()
         self.offers = 0  # warm starts sent to devices entering a domain others adapted to
         # called with (previous, new) report on the MQTT thread: hand work off, do not block

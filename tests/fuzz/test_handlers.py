@@ -474,3 +474,16 @@ def test_the_coordinator_applies_or_counts_every_message_and_keeps_state_on_refu
 
     case()
     rec.assert_both_outcomes()
+
+
+def test_the_coordinator_keeps_the_latest_events_only(tmp_path, key):
+    """A cloud that runs for months hears many events: it keeps the latest EVENTS_KEPT in
+    memory (every one is logged)."""
+    from cloud_trainer.coordinator import EVENTS_KEPT
+
+    cloud = Cloud(tmp_path, key[0])
+    for n in range(EVENTS_KEPT + 5):
+        event = wire.Event(device_id=DEVICE, code="swap-failed", reason=f"#{n}")
+        cloud.deliver(topic_for("events", DEVICE), event.encode())
+    assert len(cloud.fc.events) == EVENTS_KEPT
+    assert cloud.fc.events[0].reason == "#5" and cloud.fc.events[-1].reason == f"#{EVENTS_KEPT + 4}"
