@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +39,16 @@ class DeviceProfile:
 
 
 def _fits_float(value: int | float) -> bool:
+    """A finite float: TOML allows ``inf`` and ``nan`` and integers of any length."""
     try:
-        float(value)
-    except OverflowError:  # an integer beyond any float (TOML allows any length)
+        return math.isfinite(float(value))
+    except OverflowError:
         return False
-    return True
 
 
 # field -> (type, check, what the check wants)
 _POSITIVE = (lambda v: v > 0, "must be > 0")
-_POSITIVE_NUMBER = (lambda v: v > 0 and _fits_float(v), "must be > 0 and fit a float")
+_POSITIVE_NUMBER = (lambda v: v > 0 and _fits_float(v), "must be > 0 and a finite number")
 _TOP: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "name": (str, lambda v: bool(v.strip()), "must not be empty"),
     "title": (str, lambda v: bool(v.strip()), "must not be empty"),

@@ -39,6 +39,8 @@ def test_load_by_path_and_by_name_agree(tmp_path):
         ("has_battery = false", "has_battery = 1", "has_battery"),
         ("speed_factor = 0.25", "speed_factor = true", "speed_factor"),
         ("latency_ms = 10.0", "latency_ms = -1.0", "budget.latency_ms"),
+        ("latency_ms = 10.0", "latency_ms = inf", "budget.latency_ms"),
+        ("speed_factor = 0.25", "speed_factor = nan", "speed_factor"),
         ("model_memory_kb = 512", "model_memory_kb = 512\nflash_kb = 3", "budget.flash_kb"),
         ('arch = "aarch64"', 'arch = "sparc"', "arch"),
     ],
