@@ -223,9 +223,12 @@ class FleetCoordinator:
                     for listener in self.listeners:
                         listener(before, report)
                 elif kind == "status":
-                    self.online[device_id] = wire.decode(wire.Status, msg.payload).online
+                    status = wire.decode(wire.Status, msg.payload)
+                    self._check_sender(status.device_id, device_id)
+                    self.online[device_id] = status.online
                 elif kind == "events":
                     event = wire.decode(wire.Event, msg.payload)
+                    self._check_sender(event.device_id, device_id)
                     self.events.append(event)
                     log.warning("event from %s: %s: %s", device_id, event.code, event.reason)
                 elif kind == "updates" and self.aggregator is not None:

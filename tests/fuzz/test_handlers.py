@@ -428,8 +428,7 @@ class Expect:
         device, kind, _ = wire.parse_device_topic(self.topic)
         if kind in KIND_OF:
             m = wire.decode(KIND_OF[kind][0], self.payload)  # it decodes, or it was refused
-            if kind != "status" and kind != "events":
-                assert m.device_id == device  # nobody speaks for another device
+            assert m.device_id == device  # nobody speaks for another device
             seen = {
                 "desired": lambda: same(fc.desired[device], m),
                 "reported": lambda: same(fc.reported[device], m),
@@ -487,3 +486,14 @@ def test_the_coordinator_keeps_the_latest_events_only(tmp_path, key):
         cloud.deliver(topic_for("events", DEVICE), event.encode())
     assert len(cloud.fc.events) == EVENTS_KEPT
     assert cloud.fc.events[0].reason == "#5" and cloud.fc.events[-1].reason == f"#{EVENTS_KEPT + 4}"
+
+
+def test_status_and_events_naming_another_device_are_refused(tmp_path, key):
+    cloud = Cloud(tmp_path, key[0])
+    before = cloud.state()
+    for kind, m in (
+        ("status", wire.Status(device_id=OTHER, online=False)),
+        ("events", wire.Event(device_id=OTHER, code="swap-failed", reason="not mine")),
+    ):
+        cloud.deliver(topic_for(kind, DEVICE), m.encode())
+    assert cloud.state() == before and cloud.fc.rejected["invalid"] == 2
