@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 from cloud_trainer.database import Database
 from edge_runtime import protocol as wire
+from edge_runtime.errors import ProtocolError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
@@ -179,7 +183,12 @@ class CloudState:
             "SELECT device_id, message, weight FROM updates WHERE round_id = ? ORDER BY received",
             (round_id,),
         )
-        latest = {d: (wire.decode(wire.AdapterUpdate, bytes(m)), w) for d, m, w in rows}
+        latest = {}
+        for device, message, weight in rows:
+            try:
+                latest[device] = (wire.decode(wire.AdapterUpdate, bytes(message)), weight)
+            except ProtocolError as exc:  # the round goes on without it
+                log.error("round %d: %s's stored update is damaged: %s", round_id, device, exc)
         return list(latest.values())
 
     def close_round(self, round_id: int, weights: bytes, samples: int, devices: int) -> bool:

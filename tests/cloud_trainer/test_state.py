@@ -113,3 +113,16 @@ def test_a_locked_sqlite_file_is_reported_as_locked(tmp_path):
 def test_an_unreachable_postgres_is_reported():
     with pytest.raises(StateError, match="postgresql://eclm@127.0.0.1:1/none"):
         Database("postgresql://eclm@127.0.0.1:1/none", timeout=1)
+
+
+def test_a_damaged_stored_update_is_left_out_of_its_round(url, caplog):
+    state = CloudState(Database(url))
+    base = state.next_serial(version=0)
+    round_id, _ = state.add_update(update("a", "44" * 8, base), weight=1.0, worker="w1")
+    state.add_update(update("b", "55" * 8, base), weight=1.0, worker="w1")
+    state.db.execute("UPDATE updates SET message = ? WHERE device_id = ?", (b"{damaged", "a"))
+
+    kept = state.round_updates(round_id)
+
+    assert [u.device_id for u, _ in kept] == ["b"]
+    assert "a's stored update is damaged" in caplog.text
