@@ -187,11 +187,11 @@ def newcomer(
         train, test = split[: len(y) // 2], split[len(y) // 2 :]
         with torch.no_grad():
             feats = net.features(torch.from_numpy(apply(domain, x, seed)), selection).numpy()
+        label_orders = [train] + [rng.permutation(train) for _ in range(orders - 1)]
         curves = {}
-        for mode in ("alone", "warm"):
+        for mode in ("alone", "warm"):  # both on the same orders
             runs = []
-            for k in range(orders):
-                order = rng.permutation(train) if k else train
+            for k, order in enumerate(label_orders):
                 learner = Learner(head, learning, seed=seed + k)
                 learner.enter(domain)
                 if mode == "warm":
@@ -203,20 +203,15 @@ def newcomer(
                     if len(rows):
                         learner.learn(feats[rows], y[rows])
                 runs.append(curve)
-            curves[mode] = list(enumerate(np.mean(runs, axis=0) * 1.0))
-        final = curves["alone"][-1][1]
-
-        def needed(curve, final=final):
-            return next(8 * i for i, a in curve if a >= 0.9 * final)
-
+            curves[mode] = np.mean(runs, axis=0)  # accuracy after 0, 8, 16... labels
+        final = curves["alone"][-1]
+        reached = {mode: np.flatnonzero(c >= 0.9 * final) for mode, c in curves.items()}
         out[domain] = {
             "final_alone": float(final),
-            "samples_alone": needed(curves["alone"]),
-            "samples_warm": needed(curves["warm"])
-            if max(a for _, a in curves["warm"]) >= 0.9 * final
-            else None,
-            "start_alone": float(curves["alone"][0][1]),
-            "start_warm": float(curves["warm"][0][1]),
+            "samples_alone": 8 * int(reached["alone"][0]),
+            "samples_warm": 8 * int(reached["warm"][0]) if len(reached["warm"]) else None,
+            "start_alone": float(curves["alone"][0]),
+            "start_warm": float(curves["warm"][0]),
         }
     return out
 
