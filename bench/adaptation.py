@@ -61,7 +61,8 @@ def main() -> None:
             if any(f[key] is None for f in figures)
             else float(np.mean([f[key] for f in figures]))
         )
-        for key in figures[0]
+        for key, value in figures[0].items()
+        if not isinstance(value, dict)  # per-domain figures stay in per_seed
     }
     print_json(
         {

@@ -48,11 +48,8 @@ def headline(report: dict, adaptive: str) -> dict:
     fed = m["FedAvg"]
     fed_bytes = fed["bytes_up"] + fed["bytes_down"]
     own_bytes = a["bytes_up"] + a["bytes_down"]
-    ratios = [
-        v["samples_warm"] / v["samples_alone"]
-        for v in report["newcomer"].values()
-        if v["samples_alone"] and v["samples_warm"] is not None
-    ]
+    ratios = newcomer_ratios(report["newcomer"])
+    reached = [r for r in ratios.values() if r is not None]
     return {
         "accuracy": a["accuracy"],
         "over_on_device_only": 100 * (a["accuracy"] - m["on-device only"]["accuracy"]),
@@ -60,7 +57,20 @@ def headline(report: dict, adaptive: str) -> dict:
         "vs_fedavg_points": 100 * (a["accuracy"] - fed["accuracy"]),
         "fedavg_bytes_ratio": fed_bytes / max(own_bytes, 1),
         "budget_violations": a["budget_violations"],
-        "newcomer_sample_ratio": max(ratios) if ratios else None,
+        # the worst domain; None if a warm start never got there (or no domain needed labels)
+        "newcomer_sample_ratio": max(reached) if reached and len(reached) == len(ratios) else None,
+        "newcomer_mean_ratio": float(np.mean(reached)) if reached else None,
+        "newcomer_ratios": ratios,
+    }
+
+
+def newcomer_ratios(newcomer: dict) -> dict[str, float | None]:
+    """Per domain a new device needs labels in alone: labels it needs with the warm start
+    over labels alone (None: with it, it never reached the mark in the labels it had)."""
+    return {
+        domain: None if v["samples_warm"] is None else v["samples_warm"] / v["samples_alone"]
+        for domain, v in newcomer.items()
+        if v["samples_alone"]
     }
 
 
