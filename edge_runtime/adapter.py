@@ -199,3 +199,27 @@ def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarr
         if not np.isfinite(value).all():
             raise ProtocolError("has non-finite values", field=key, code="not-finite")
     return {key: value.astype(np.float32) for key, value in weights.items()}
+
+
+def check_head(data: bytes, features: int, like: dict[str, np.ndarray] | None = None):
+    """The head a desired state brings, as float32: ``weight`` (classes, ``features``) and
+    ``bias`` (classes,), like ``like`` if given (the head the learner has); ProtocolError
+    otherwise."""
+    if like is None:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        try:
+            like = load(data)
+        except (SafetensorError, ValueError, OSError, KeyError) as exc:  # KeyError: BF16...
+            raise ProtocolError(f"adapter head: {exc}", field="adapter") from None
+    shapes = {k: v.shape for k, v in like.items()}
+    if (
+        set(shapes) != {WEIGHT, BIAS}
+        or shapes[WEIGHT][1:] != (features,)
+        or shapes[BIAS] != shapes[WEIGHT][:1]
+    ):
+        raise ProtocolError(
+            f"adapter head {shapes} does not fit {features} features", field="adapter"
+        )
+    return check_update(data, like)

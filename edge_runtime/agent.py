@@ -21,7 +21,7 @@ import paho.mqtt.client as paho
 
 from device_profiles import DeviceProfile
 from edge_runtime import protocol as wire
-from edge_runtime.adapter import BIAS, WEIGHT, check_update
+from edge_runtime.adapter import check_head
 from edge_runtime.artifacts import ArtifactStore, Download, atomic_write
 from edge_runtime.backends import FORMAT_OF, Backend, get_backend
 from edge_runtime.data import load_npz
@@ -516,19 +516,8 @@ class EdgeAgent:
         if head is None:
             return
         like = self.learner.base if self.learner else None
-        data = self.store.read(head.sha256)
-        if like is None:
-            from safetensors import SafetensorError
-            from safetensors.numpy import load
-
-            try:
-                like = load(data)
-            except (SafetensorError, ValueError) as exc:
-                raise ProtocolError(f"adapter head: {exc}", field="adapter") from None
-        base = check_update(data, like)
         features = runner.features(runner.one_sample()).shape[1]
-        if set(base) != {WEIGHT, BIAS} or base[WEIGHT].shape[1] != features:
-            raise ProtocolError(f"adapter head does not fit {features} features", field="adapter")
+        base = check_head(self.store.read(head.sha256), features, like)
         if self.learner is None:
             self.learner = Learner(base, self.config.learning)
         else:

@@ -123,3 +123,43 @@ def test_balanced_replay_learns_the_classes_a_device_rarely_sees():
     balanced = [accuracy(True, s) for s in range(5)]
     assert min(balanced) > max(plain), (plain, balanced)
     assert np.mean(balanced) > 0.9 > np.mean(plain) + 0.1
+
+
+def raw_safetensors(tensors: dict[str, tuple[str, tuple[int, ...], int]]) -> bytes:
+    """Safetensors bytes with any dtype name (numpy cannot write BF16)."""
+    import json
+
+    header, offset = {}, 0
+    for name, (dtype, shape, itemsize) in tensors.items():
+        size = int(np.prod(shape)) * itemsize
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + bytes(offset)
+
+
+def test_a_head_that_does_not_fit_the_sub_model_is_refused_with_a_reason():
+    from safetensors.numpy import save
+
+    from edge_runtime.adapter import check_head
+
+    good = {"weight": np.ones((10, 8), np.float32), "bias": np.zeros(10, np.float32)}
+    assert check_head(save(good), 8)["weight"].shape == (10, 8)
+    bad_heads = [
+        raw_safetensors({"weight": ("BF16", (10, 8), 2), "bias": ("BF16", (10,), 2)}),
+        save({"weight": np.ones(80, np.float32), "bias": np.zeros(10, np.float32)}),  # 1-D
+        save({**good, "bias": np.zeros(9, np.float32)}),
+        save({"weight": good["weight"]}),
+        save(good),  # fits 8 features, not 16
+        b"garbage",
+    ]
+    for i, data in enumerate(bad_heads):
+        with pytest.raises(ProtocolError):
+            check_head(data, 16 if i == 4 else 8)
+    # a learner's head decides the shapes: another number of classes does not fit it
+    with pytest.raises(ProtocolError):
+        check_head(save({"weight": np.ones((9, 8), np.float32), "bias": np.zeros(9)}), 8, good)
