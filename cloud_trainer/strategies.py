@@ -8,9 +8,9 @@ delta from the reference, the head the adapters started from, scaled down to L2 
 - ``mean`` (:class:`WeightedMean`): weighted by the samples behind each update (FedAvg).
   One device that scales its delta by 100 among n moves the result by 100/n of it.
 - ``class-mean`` (:class:`ClassWeightedMean`): every class's row of the head weighted by
-  the labels of that class behind each update. Devices whose label mixes are skewed each
-  learn a few classes; a plain mean dilutes what one device learned about a class by the
-  devices that never saw it.
+  the labels of that class behind each update, and by how many classes the device saw.
+  Devices whose label mixes are skewed each learn a few classes; a plain mean dilutes
+  what one device learned about a class by the devices that never saw it.
 - ``median`` (:class:`CoordinateMedian`): per coordinate; holds while fewer than half
   of the contributions are bad.
 - ``trimmed-mean`` (:class:`TrimmedMean`): per coordinate, the ``trim`` share of the
@@ -96,15 +96,26 @@ class WeightedMean(Strategy):
 @dataclass(frozen=True)
 class ClassWeightedMean(Strategy):
     """Per class: the rows of tensors with one row per class (``weight``, ``bias``)
-    weighted by each contribution's labels of that class; a class no contribution saw,
-    and any other tensor, by the samples behind each (as ``mean``)."""
+    weighted by each contribution's labels of that class, times its coverage: (its
+    effective number of classes / classes) ** ``coverage``. A device that saw few classes
+    learned what they look like and little of what they are not, so its rows carry
+    less. A class no contribution saw, and any other tensor, by the samples behind each
+    (as ``mean``)."""
 
     name: ClassVar[str] = "class-mean"
+    coverage: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.coverage) and self.coverage >= 0):
+            raise ValueError(f"coverage: must be >= 0, got {self.coverage}")
 
     def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
         counts = np.array([c.histogram for c in contributions], np.float64)  # (n, classes)
         samples = np.array([c.samples for c in contributions], np.float64)
-        by_class = np.where(counts.sum(0) > 0, counts, samples[:, None])
+        covered = np.array([effective_classes(h) for h in counts]) / counts.shape[1]
+        by_class = counts * covered[:, None] ** self.coverage
+        by_class = np.where(counts.sum(0) > 0, by_class, samples[:, None])
         by_class /= by_class.sum(0)
         share = samples / samples.sum()
         out = {}
@@ -114,6 +125,16 @@ class ClassWeightedMean(Strategy):
             else:
                 out[k] = np.tensordot(share, v, axes=1)
         return out
+
+
+def effective_classes(histogram: np.ndarray) -> float:
+    """exp(entropy) of a label histogram: 1 for one class, k for k classes seen equally
+    often (1 for no labels)."""
+    total = histogram.sum()
+    if total <= 0:
+        return 1.0
+    p = histogram[histogram > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 @dataclass(frozen=True)

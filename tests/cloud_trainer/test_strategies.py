@@ -174,13 +174,18 @@ def test_each_strategy_combines_coordinates_as_it_says():
     assert mean["bias"].dtype == np.float32
 
     rows = [np.array([[1.0], [1.0], [1.0]]), np.array([[5.0], [5.0], [5.0]])]
-    by_class = ClassWeightedMean().aggregate(
-        [
-            Contribution({"weight": rows[0]}, 3, np.array([3, 0, 0])),
-            Contribution({"weight": rows[1]}, 1, np.array([1, 0, 2])),
-        ]
-    )  # class 0: 3:1; class 1 nobody saw: by samples (3:1); class 2: only the second
+    skewed = [
+        Contribution({"weight": rows[0]}, 3, np.array([3, 0, 0])),
+        Contribution({"weight": rows[1]}, 1, np.array([1, 0, 2])),
+    ]
+    by_class = ClassWeightedMean(coverage=0).aggregate(skewed)
+    # class 0: 3:1; class 1 nobody saw: by samples (3:1); class 2: only the second
     np.testing.assert_allclose(by_class["weight"][:, 0], [2.0, 2.0, 5.0])
+    # the first saw one class, the second 1.89 (exp of its labels' entropy) of three
+    covered = ClassWeightedMean(coverage=1).aggregate(skewed)
+    first, second = 3 * 1 / 3, 1 * 1.8899 / 3
+    expected = (first * 1 + second * 5) / (first + second)
+    np.testing.assert_allclose(covered["weight"][:, 0], [expected, 2.0, 5.0], rtol=1e-4)
 
 
 def test_strategies_are_made_by_name_and_bad_names_or_parameters_are_named():
@@ -196,6 +201,8 @@ def test_strategies_are_made_by_name_and_bad_names_or_parameters_are_named():
         TrimmedMean(trim=0.5)
     with pytest.raises(ValueError, match="clip"):
         WeightedMean(clip=-1.0)
+    with pytest.raises(ValueError, match="coverage"):
+        ClassWeightedMean(coverage=float("nan"))
 
 
 def test_a_replayed_update_is_refused_and_counted(fleet):
