@@ -167,10 +167,9 @@ def tensor_bytes(weights: dict[str, np.ndarray]) -> bytes:
     return save({k: np.asarray(v, np.float16) for k, v in weights.items()})
 
 
-def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors update as float32, if they have exactly ``like``'s
-    names and shapes, are float16 or float32 and all finite; ProtocolError (with a code)
-    otherwise."""
+def load_tensors(data: bytes) -> dict[str, np.ndarray]:
+    """The tensors of safetensors bytes up to ``MAX_UPDATE_BYTES``; ProtocolError (with a
+    code) for more bytes or bytes numpy cannot load."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -179,13 +178,20 @@ def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarr
             f"update is {len(data)} bytes, limit {MAX_UPDATE_BYTES}", code="too-large"
         )
     try:
-        weights = load(data)
+        return load(data)
     except (SafetensorError, ValueError, OSError) as exc:
         raise ProtocolError(f"not a safetensors update: {exc}", code="malformed") from None
     except KeyError as exc:  # a dtype safetensors knows and numpy lacks (BF16, F8_E4M3...)
         raise ProtocolError(
             f"not a safetensors update: dtype {exc} unknown", code="malformed"
         ) from None
+
+
+def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors update as float32, if they have exactly ``like``'s
+    names and shapes, are float16 or float32 and all finite; ProtocolError (with a code)
+    otherwise."""
+    weights = load_tensors(data)
     if set(weights) != set(like):
         raise ProtocolError(
             f"expected tensors {sorted(like)}, got {sorted(weights)}", field="update"
@@ -205,14 +211,7 @@ def check_head(data: bytes, features: int, like: dict[str, np.ndarray] | None = 
     """The head a desired state brings, as float32: ``weight`` (classes, ``features``) and
     ``bias`` (classes,), like ``like`` if given (the head the learner has); ProtocolError
     otherwise."""
-    if like is None:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
-        try:
-            like = load(data)
-        except (SafetensorError, ValueError, OSError, KeyError) as exc:  # KeyError: BF16...
-            raise ProtocolError(f"adapter head: {exc}", field="adapter") from None
+    like = load_tensors(data) if like is None else like
     shapes = {k: v.shape for k, v in like.items()}
     if (
         set(shapes) != {WEIGHT, BIAS}
