@@ -48,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import print_json, trained_model  # noqa: E402
+from eclm_common.lifeline import popen  # noqa: E402
 
 PROFILES = "rpi4,rpi-zero-2w,android-phone"
 
@@ -122,7 +123,7 @@ port = {self.port}
 
         cmd = [sys.executable, "-m", "eclm", "cloud", "serve", "--config", str(self.config)]
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         self.ps = psutil.Process(self.proc.pid)
         threading.Thread(target=self._sample, daemon=True).start()
         wait(self._healthy, 120, "the service to answer /healthz")
@@ -352,7 +353,7 @@ def fan_out(broker, groups: list[tuple[int, list[bytes]]]) -> float:
         # A retained probe arrives first: its line on stdout says the subscription is live.
         pub.publish(f"bench/fanout/{g}/ready", b"1", qos=1, retain=True).wait_for_publish(10)
         for i in range(count):
-            proc = subprocess.Popen(
+            proc = popen(
                 [
                     sub,
                     *host,

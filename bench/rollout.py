@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import print_json  # noqa: E402
+from eclm_common.lifeline import popen
 
 
 def program(size_kb: int) -> bytes:
@@ -88,7 +89,7 @@ def fan_out(broker, data: bytes, devices: int, chunk: int, work: Path) -> float:
         files[-1].write_bytes(part)
     host = ["-h", broker.host, "-p", str(broker.port), "-q", "1"]
     subscribers = [
-        subprocess.Popen(
+        popen(
             [sub, *host, "-t", "bench/fanout/#", "-C", str(len(parts)), "-i", f"fan-{i}"],
             stdout=subprocess.DEVNULL,
         )

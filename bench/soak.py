@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # cloudproc: the service as a process
 
 from bench._common import print_json, trained_model  # noqa: E402
+from eclm_common.lifeline import popen  # noqa: E402
 
 WAVE_TIMEOUT = 120.0  # a starved machine is slow, not a failed device
 
@@ -213,7 +214,7 @@ def start_fleet(args: argparse.Namespace, work: Path):
             str(work / f"agents-{k}.json"),
         ]
         with open(work / f"agents-{k}.log", "ab") as log:
-            procs[f"agents-{k}"] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            procs[f"agents-{k}"] = popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     return broker, cloud, procs
 
 

@@ -10,6 +10,8 @@ import asyncio
 import logging
 import signal
 
+from eclm_common.lifeline import watch_from_env
+
 
 async def _serve(host: str, port: int) -> None:
     from amqtt.broker import Broker
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
     args = parser.parse_args(argv)
+    watch_from_env()  # started by the launcher: end with it
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_serve(args.host, args.port))
 

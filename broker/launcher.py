@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from broker.config import BrokerConfig, TLSFiles, write_config
+from eclm_common.lifeline import popen
 
 log = logging.getLogger(__name__)
 MOSQUITTO_PATHS = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -101,9 +102,7 @@ class Broker:
                 str(self.port),
             ]
         with open(self.log_path, "ab") as logfile:
-            self.proc = subprocess.Popen(
-                cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.proc = popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout)
         log.info("%s listening on %s (data in %s)", self.kind, self.url, self.data_dir)
         return self

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from eclm_common.lifeline import popen
 from edge_runtime.cli import run_command
 from edge_runtime.exit_codes import ExitCode
 
@@ -170,7 +171,7 @@ def _spawn_agent(device_id: str, profile: str, url: str, work: Path) -> subproce
         trust_key=work / "keys" / "signing.pub",
     )
     with open(work / "logs" / f"{device_id}.log", "ab") as logfile:
-        return subprocess.Popen(
+        return popen(
             cmd,
             stdout=logfile,
             stderr=subprocess.STDOUT,

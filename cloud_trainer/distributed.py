@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -150,7 +151,9 @@ def _spawn(job: _Job, world_size: int):
     with tempfile.TemporaryDirectory(prefix="eclm-integrate-") as tmp:
         out = Path(tmp)
         try:
-            mp.spawn(_worker, args=(world_size, job, _free_port(), out), nprocs=world_size)
+            parent = (os.getpid(), threading.current_thread() is threading.main_thread())
+            args = (world_size, job, _free_port(), out, parent)
+            mp.spawn(_worker, args=args, nprocs=world_size)
         # a worker that raised or died ends the others, and this job with a CloudError
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             raise CloudError(f"integration on {world_size} processes failed: {exc}") from exc
@@ -162,12 +165,17 @@ def _spawn(job: _Job, world_size: int):
     return weights, losses, workers
 
 
-def _worker(rank: int, world_size: int, job: _Job, port: int, out: Path) -> None:
+def _worker(
+    rank: int, world_size: int, job: _Job, port: int, out: Path, parent: tuple[int, bool]
+) -> None:
     """One spawned process: join the group, train its shard, write its report (rank 0
-    also writes the head)."""
+    also writes the head). It ends with ``parent`` (pid, started from its main thread)."""
     import torch
     import torch.distributed as dist
 
+    from eclm_common.lifeline import die_with_parent
+
+    die_with_parent(parent[0], main_thread=parent[1])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // world_size))  # no oversubscription
     dist.init_process_group(

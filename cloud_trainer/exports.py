@@ -4,17 +4,22 @@ Exporting a program leaves state behind in the process that does it (torch.fx ke
 generated source of every graph, ExecuTorch and the LiteRT converter keep caches): about
 0.5 MB a program, which a service that plans and integrates for months must not pile up.
 A child started with ``spawn`` does the exports and is replaced after ``jobs_per_worker``
-jobs; programs land in the content-addressed store, so nothing but refs comes back.
+jobs; programs land in the content-addressed store, so nothing but refs comes back. The
+child ends with the service, whatever ends the service (:mod:`eclm_common.lifeline`).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
+from cloud_trainer.errors import ExportError
 from cloud_trainer.rollout import Target
+from eclm_common.lifeline import die_with_parent
 
 
 class Exporter:
@@ -39,24 +44,36 @@ class Exporter:
 
     @staticmethod
     def _new_pool() -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+        # The worker ends with the service, however the service ends (SIGKILL included).
+        main = threading.current_thread() is threading.main_thread()
+        pool = ProcessPoolExecutor(
+            1,
+            mp_context=get_context("spawn"),
+            initializer=die_with_parent,
+            initargs=(os.getpid(), main),
+        )
         # A worker is always there: the first job does not wait for torch to import, and
         # the service holds the same descriptors whether a job runs or not.
         pool.submit(_warm)
         return pool
 
     def _run(self, job, *args):
-        try:
-            return self._pool.submit(job, *args).result()
-        except BrokenProcessPool:
-            self._jobs = self.jobs_per_worker - 1  # a dead worker is replaced at once
-            raise
-        finally:
-            self._jobs += 1
-            if self._jobs >= self.jobs_per_worker:
-                self._jobs = 0
-                old, self._pool = self._pool, self._new_pool()
-                old.shutdown(wait=False)
+        """``job(*args)`` in the worker; a worker that dies (killed, out of memory) is
+        replaced and the job tried once more, then ExportError."""
+        for attempt in (1, 2):
+            try:
+                return self._pool.submit(job, *args).result()
+            except BrokenProcessPool as exc:
+                self._jobs = self.jobs_per_worker - 1  # a dead worker is replaced at once
+                if attempt == 2:
+                    what, why = job.__name__.strip("_"), f"the export worker died twice: {exc}"
+                    raise ExportError(what, "every backend", why) from exc
+            finally:
+                self._jobs += 1
+                if self._jobs >= self.jobs_per_worker:
+                    self._jobs = 0
+                    old, self._pool = self._pool, self._new_pool()
+                    old.shutdown(wait=False)
 
 
 def _warm() -> None:

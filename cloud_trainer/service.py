@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_trainer.config import ServiceConfig
-from cloud_trainer.errors import ConfigError, StateError
+from cloud_trainer.errors import ConfigError, ExportError, StateError
 from cloud_trainer.exports import Exporter
 from cloud_trainer.rollout import Rollout, RolloutPlan, Target
 from cloud_trainer.state import CloudState, Round
@@ -432,7 +432,7 @@ class Service:
             head = save(head_weights(self.net)) if self.version else None
             try:
                 self._plans[key] = self.exporter.plan(profile_name, head)
-            except (ProfileError, ValueError) as exc:
+            except (ProfileError, ValueError, ExportError) as exc:
                 log.error("cannot plan a sub-model for profile %s: %s", profile_name, exc)
                 return None
         return self._plans[key]

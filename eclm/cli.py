@@ -16,6 +16,7 @@ from cloud_trainer import demo
 from device_profiles import ProfileError
 from device_profiles import cli as profiles_cli
 from eclm import bundle
+from eclm_common.lifeline import watch_from_env
 from edge_runtime import cli as edge_cli
 from edge_runtime.errors import BrokerUnreachable
 from edge_runtime.exit_codes import ExitCode, epilog
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    watch_from_env()  # started by one of our harnesses: end with it
     args = build_parser().parse_args(argv)
     # Our packages log at INFO; libraries (the LiteRT converter is chatty) at WARNING.
     logging.basicConfig(

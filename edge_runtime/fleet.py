@@ -33,6 +33,7 @@ import numpy as np
 import paho.mqtt.client as paho
 
 from device_profiles import DeviceProfile, load_profile
+from eclm_common.lifeline import watch_from_env
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import sha256_bytes
 from edge_runtime.backends import Backend, Program, get_backend
@@ -427,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, ...")
     parser.add_argument("--seed", type=int, default=0, help="for the resource traces")
     args = parser.parse_args(argv)
+    watch_from_env()  # started by a harness: end with it
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     devices = make_devices(
         args.devices, args.profiles.split(","), seed=args.seed, prefix=args.prefix

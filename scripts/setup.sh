@@ -33,7 +33,8 @@ if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
 stamp="$venv/.eclm-installed-$extras"
-want=$(sha256sum pyproject.toml | cut -c1-16)
+# The editable install knows the top-level packages it was made with: a new one reinstalls.
+want=$({ cat pyproject.toml; ls -d -- */__init__.py; } | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "[setup] installing Python packages (extras: $extras); the first run takes a few minutes"
   "$venv/bin/python" -m pip install -q --upgrade pip

@@ -14,6 +14,7 @@ from broker.launcher import free_port
 from cloud_trainer.database import Database
 from cloud_trainer.keys import init_keys
 from cloud_trainer.state import CloudState
+from eclm_common.lifeline import popen
 
 
 def wait(predicate, timeout=60.0, what="condition"):
@@ -56,7 +57,7 @@ class Cloud:
     def start(self) -> None:
         cmd = [sys.executable, "-m", "eclm", "cloud", "serve", "--config", str(self.config)]
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         wait(self.healthy, 60, "the service to answer /healthz")
 
     def healthy(self) -> bool:

@@ -2,14 +2,63 @@
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import psutil
 import pytest
 
 from broker import Broker, find_mosquitto
 from edge_runtime.mqtt import BrokerAddress
+
+# Every process the tests start inherits this marker, so the session can find those that
+# outlived their test even after they were re-parented away from pytest.
+MARKER = "ECLM_TEST_SESSION"
+os.environ[MARKER] = uuid.uuid4().hex
+
+
+def started_by_tests() -> list[psutil.Process]:
+    """Live processes the suite started: pytest's descendants and every process with the
+    marker, less the resource tracker of pytest's own multiprocessing (it ends with pytest)."""
+    me = psutil.Process()
+    found = {p.pid: p for p in me.children(recursive=True)}
+    for p in psutil.process_iter():
+        try:
+            if p.pid != me.pid and p.environ().get(MARKER) == os.environ[MARKER]:
+                found[p.pid] = p
+        except psutil.Error:
+            pass
+    alive = []
+    for p in found.values():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if p.ppid() == me.pid and "resource_tracker" in " ".join(p.cmdline()):
+                continue
+            alive.append(p)
+        except psutil.Error:
+            pass
+    return alive
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite():
+    """Fails the run if a process the tests started is still alive when they end (set up
+    first, so it is torn down after every other fixture)."""
+    yield
+    _, alive = psutil.wait_procs(started_by_tests(), timeout=10)
+    if alive:
+        names = []
+        for p in alive:
+            try:
+                names.append(f"{p.pid}: {' '.join(p.cmdline())[:200]}")
+                p.kill()
+            except psutil.Error:
+                pass
+        pytest.fail("processes the tests started outlived them (now killed):\n" + "\n".join(names))
 
 
 @pytest.fixture(scope="session")

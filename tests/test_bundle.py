@@ -29,6 +29,7 @@ from cloud_trainer.keys import init_keys, load_signing_key
 from device_profiles import load_profile
 from eclm.bundle import TEMPLATES, BundleSpec, build_bundle, requirements
 from eclm.cli import main
+from eclm_common.lifeline import popen
 from edge_runtime.exit_codes import ExitCode
 from edge_runtime.mqtt import BrokerAddress
 
@@ -334,7 +335,7 @@ def test_a_bundle_installs_into_a_fresh_venv_and_its_agent_reaches_its_desired_s
         tls=access.tls,
     ).start()
     log = open(tmp_path / "agent.log", "wb")
-    agent = subprocess.Popen(
+    agent = popen(
         shlex.split(unit["ExecStart"][0]),
         env=env,
         cwd=unit["WorkingDirectory"][0],

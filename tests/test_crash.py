@@ -13,6 +13,7 @@ import pytest
 
 from cloud_trainer.coordinator import FleetCoordinator
 from cloud_trainer.pipeline import export_fused_for
+from eclm_common.lifeline import popen
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore, sha256_file
 from edge_runtime.cli import run_command
@@ -23,7 +24,7 @@ DEVICE = "pi4-crash"
 
 def start_agent(url: str, store, log) -> subprocess.Popen:
     cmd = run_command("rpi4", url, DEVICE, store, backend="litert")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    return popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def check_consistent(store) -> int | None:

@@ -10,6 +10,7 @@ import pytest
 from cloud_trainer.cli import wait_for_fleet
 from cloud_trainer.coordinator import FleetCoordinator
 from cloud_trainer.keys import init_keys, load_signing_key, sign
+from eclm_common.lifeline import popen
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import FORMAT_OF
@@ -28,7 +29,7 @@ def spawn(device_id, profile, url, tmp_path, exported):
         trust_key=tmp_path / "keys" / "signing.pub",
     )
     log = open(tmp_path / f"{device_id}.log", "ab")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    return popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ IMPORT = re.compile(r"^\s*(?:from|import)\s+([\w.]+)", re.MULTILINE)
 
 
 @pytest.mark.parametrize(
-    "package", ["edge_runtime", "cloud_trainer", "broker", "device_profiles", "eclm"]
+    "package", ["edge_runtime", "cloud_trainer", "broker", "device_profiles", "eclm", "eclm_common"]
 )
 def test_public_names_exist(package):
     module = importlib.import_module(package)

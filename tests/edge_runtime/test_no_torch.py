@@ -10,6 +10,7 @@ import pytest
 
 from cloud_trainer.cli import wait_for_fleet
 from cloud_trainer.coordinator import FleetCoordinator
+from eclm_common.lifeline import popen
 from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
 
@@ -46,7 +47,7 @@ def test_a_litert_agent_installs_serves_and_rejects_without_torch(
     mosquitto, address, exported, tmp_path, collector_factory
 ):
     stop = tmp_path / "stop"
-    proc = subprocess.Popen(
+    proc = popen(
         [
             sys.executable,
             "-c",
