@@ -26,6 +26,11 @@ def descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
+def spawned(pid: int) -> list[psutil.Process]:
+    """The multiprocessing children of ``pid``, less its resource tracker."""
+    return [p for p in descendants(pid) if "multiprocessing.spawn" in " ".join(p.cmdline())]
+
+
 def cpu_seconds(procs: list[psutil.Process]) -> float:
     total = 0.0
     for p in procs:
@@ -88,23 +93,22 @@ def mosquitto_address(mosquitto):
 def test_a_sigkilled_integration_job_leaves_no_rank(tmp_path, modular):
     code = """
         import sys
+        from pathlib import Path
+
         from cloud_trainer.data import load_digits_split
         from cloud_trainer.distributed import run_integration
         from cloud_trainer.pipeline import load_model
 
         if __name__ == "__main__":
             split = load_digits_split(seed=0)
-            net = load_model(sys.argv[1])
+            net = load_model(Path(sys.argv[1]))
             data = (split.x_train, split.y_train)
             run_integration(net, {}, data, epochs=10**7, world_size=2)
         """
     starter = python(tmp_path, code, str(modular["model_dir"]))
-    ranks = wait(
-        lambda: [p for p in descendants(starter.pid) if "resource_tracker" not in p.name()][1:],
-        60,
-        "two ranks",
-    )
-    wait(lambda: cpu_seconds(ranks) > 2.0, 120, "the ranks to train")
+    ranks = wait(lambda: len(spawned(starter.pid)) == 2 and spawned(starter.pid), 60, "two ranks")
+    # Each rank is past importing torch and watching its parent once it trains.
+    wait(lambda: all(cpu_seconds([r]) > 4.0 for r in ranks), 180, "both ranks to train")
     assert_gone_after_kill(starter, descendants(starter.pid))
 
 
@@ -163,7 +167,7 @@ def test_an_export_worker_that_dies_is_replaced_and_its_job_retried(tmp_path, mo
             30,
             "the warm export worker",
         )
-        worker = next(p for p in new if "resource_tracker" not in " ".join(p.cmdline()))
+        worker = next(p for p in new if "multiprocessing.spawn" in " ".join(p.cmdline()))
         worker.kill()
         worker.wait(10)
 
