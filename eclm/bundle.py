@@ -177,11 +177,11 @@ def device_broker_url(url: str, device_id: str) -> str:
 def build_wheel(dest: Path) -> Path:
     """A wheel of this project built from a copy of the checkout (so no build/ or
     egg-info lands in it), offline: ``pip wheel --no-deps --no-build-isolation``."""
-    import tomllib
+    from device_profiles import toml
 
     if not (ROOT / "pyproject.toml").is_file():
         raise ValueError(f"{ROOT} is not a checkout of eclm-fleet: pass --wheel")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = toml.loads((ROOT / "pyproject.toml").read_text())
     src = dest / "src"
     src.mkdir(parents=True)
     for name in ("pyproject.toml", project["project"].get("readme", "README.md")):
