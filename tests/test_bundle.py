@@ -174,8 +174,12 @@ def test_requirements_are_pinned_to_this_venv_and_only_executorch_boards_get_tor
     assert none is None
 
 
-def install(bundle_dir: Path, prefix: Path, *args: str) -> subprocess.CompletedProcess:
+def install(
+    bundle_dir: Path, prefix: Path, *args: str, **extra: str
+) -> subprocess.CompletedProcess:
+    """install.sh with ``args`` and a service's PATH; ``extra`` adds to its environment."""
     env = {"PATH": SYSTEMD_PATH, "HOME": os.environ.get("HOME", "/root"), "PREFIX": str(prefix)}
+    env.update(extra)
     for key in ("PIP_FIND_LINKS", "PIP_CERT", "PIP_DEFAULT_TIMEOUT"):  # this machine's pip
         if key in os.environ:
             env[key] = os.environ[key]
