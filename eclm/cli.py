@@ -20,7 +20,6 @@ from edge_runtime import cli as edge_cli
 from edge_runtime.errors import BrokerUnreachable
 from edge_runtime.exit_codes import ExitCode, epilog
 
-
 # Commands that run the cloud side (torch, executorch, litert-torch): Python >= 3.11 only;
 # the edge side runs on 3.10-3.13 (pyproject.toml).
 CLOUD_COMMANDS = ("cloud", "demo")
