@@ -113,7 +113,7 @@ def _make_cert(common_name: str, issuer, *, hosts: tuple[str, ...]):
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.timezone.utc)  # datetime.UTC is 3.11+
     issuer_key, issuer_cert = issuer or (key, None)
     builder = (
         x509.CertificateBuilder()

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloud_trainer.errors import ConfigError
+from device_profiles import toml as tomllib
 
 
 @dataclass(frozen=True)

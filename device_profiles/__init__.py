@@ -4,6 +4,7 @@ from device_profiles.errors import ProfileError
 from device_profiles.profile import (
     Budget,
     DeviceProfile,
+    OsImage,
     list_profiles,
     load_profile,
     parse_profile,
@@ -13,6 +14,7 @@ from device_profiles.profile import (
 __all__ = [
     "Budget",
     "DeviceProfile",
+    "OsImage",
     "ProfileError",
     "list_profiles",
     "load_profile",

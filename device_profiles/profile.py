@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
-import tomllib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_profiles import toml
 from device_profiles.errors import ProfileError
 
 BOARDS_DIR = Path(__file__).parent / "boards"
 KNOWN_BACKENDS = ("executorch", "litert")
 ARCHES = ("aarch64", "armv7l", "x86_64")
+# The CPython versions the edge side runs on (scripts/python-matrix.sh tests each).
+PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+GLIBC_FLOOR = (2, 17)  # manylinux2014, the oldest wheels PyPI's packages here still ship
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,20 @@ class Budget:
 
     model_memory_kb: int
     latency_ms: float
+
+
+@dataclass(frozen=True)
+class OsImage:
+    """The OS image the profile was written for: what a bundle installs onto."""
+
+    image: str  # e.g. "Raspberry Pi OS (64-bit) bookworm (Debian 12)"
+    python: str  # its CPython, "3.11": the bundle's packages are pinned for it
+    glibc: str  # its glibc, "2.36": the newest manylinux wheels it can load
+
+    @property
+    def glibc_version(self) -> tuple[int, int]:
+        major, minor = self.glibc.split(".")
+        return int(major), int(minor)
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,7 @@ class DeviceProfile:
     speed_factor: float
     has_battery: bool
     budget: Budget
+    os: OsImage
 
 
 def _fits_float(value: int | float) -> bool:
@@ -69,9 +88,26 @@ _BUDGET: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
 }
 
 
+def _glibc_ok(value: str) -> bool:
+    found = re.fullmatch(r"2\.(\d{1,3})", value)
+    return bool(found) and (2, int(found.group(1))) >= GLIBC_FLOOR
+
+
+_OS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "image": (str, lambda v: bool(v.strip()), "must not be empty"),
+    "python": (str, lambda v: v in PYTHONS, f"must be one of {PYTHONS}"),
+    "glibc": (
+        str,
+        _glibc_ok,
+        f"must be a glibc version 2.N, at least {'.'.join(map(str, GLIBC_FLOOR))}",
+    ),
+}
+_TABLES = {"budget": _BUDGET, "os": _OS}
+
+
 def _check(source: str, table: dict[str, Any], spec: dict, prefix: str = "") -> None:
     for key in table:
-        if key not in spec and key != "budget":
+        if key not in spec and (prefix or key not in _TABLES):
             raise ProfileError(source, "unknown field", field=prefix + key)
     for key, (kind, ok, want) in spec.items():
         if key not in table:
@@ -96,16 +132,17 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def parse_profile(text: str, *, source: str = "<profile>") -> DeviceProfile:
     """Validate TOML text into a DeviceProfile; raise ProfileError naming the field."""
     try:
-        data = tomllib.loads(text)
+        data = toml.loads(text)
     except (ValueError, RecursionError) as exc:
         # TOMLDecodeError; tomllib also raises ValueError for an integer beyond Python's
         # 4,300-digit limit and RecursionError for arrays or tables nested thousands deep
         raise ProfileError(source, f"not valid TOML: {exc}") from exc
     _check(source, data, _TOP)
-    budget = data.get("budget")
-    if not isinstance(budget, dict):
-        raise ProfileError(source, "missing table [budget]", field="budget")
-    _check(source, budget, _BUDGET, prefix="budget.")
+    for name, spec in _TABLES.items():
+        if not isinstance(data.get(name), dict):
+            raise ProfileError(source, f"missing table [{name}]", field=name)
+        _check(source, data[name], spec, prefix=f"{name}.")
+    budget, image = data["budget"], data["os"]
     return DeviceProfile(
         name=data["name"],
         title=data["title"],
@@ -116,6 +153,7 @@ def parse_profile(text: str, *, source: str = "<profile>") -> DeviceProfile:
         speed_factor=float(data["speed_factor"]),
         has_battery=data["has_battery"],
         budget=Budget(budget["model_memory_kb"], float(budget["latency_ms"])),
+        os=OsImage(image["image"], image["python"], image["glibc"]),
     )
 
 

@@ -3,7 +3,7 @@
 Built on the operator's machine. The archive (``eclm-edge-<device-id>/``) holds::
 
     install.sh                 fresh venv, packages, config, systemd unit (see --help)
-    requirements.txt           the board's packages, pinned to this venv's versions
+    requirements.txt           the board's packages, pinned for its CPU, Python and glibc
     requirements-nodeps.txt    ExecuTorch boards only: executorch, installed with --no-deps
     wheels/eclm_fleet-*.whl    this project, built from the checkout
     etc/edge.env               device id, profile, broker URL, store, labels
@@ -36,23 +36,24 @@ from pathlib import Path
 
 from broker.access import Access
 from device_profiles import DeviceProfile
+from eclm.pins import NO_DEPS, Target, pin_from_index, pin_here
 from edge_runtime.exit_codes import ExitCode
 
 TEMPLATES = Path(__file__).parent / "templates"
 ROOT = Path(__file__).resolve().parents[1]  # the checkout, when run from one
 DISTRIBUTION = "eclm-fleet"
-NO_DEPS = {"executorch"}  # DESIGN.md section 6: installed after torch, without its deps
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./@-]+$")  # install.sh substitutes it with sed
 
 # What PyPI offers each board, checked with `pip install --dry-run --only-binary=:all:
-# --platform ... --python-version 3.11` for ai-edge-litert 2.3.0, numpy 2.4.6, psutil 7.2.2,
-# cryptography 50.0.2, cffi 2.1.1, safetensors 0.8.0, ml_dtypes 0.6.0, protobuf 7.36.2,
-# torch 2.13.0 and executorch 1.5.1 (the rest are pure Python).
+# --platform ... --python-version 3.10|3.11|3.12|3.13` for ai-edge-litert 2.3.0, numpy
+# 2.4.6 (2.2.6 on 3.10), psutil 7.2.2, cryptography 50.0.2, cffi 2.1.1, safetensors 0.8.0,
+# ml_dtypes 0.6.0, protobuf 7.36.2, torch 2.13.0 and executorch 1.5.1 (the rest are pure
+# Python).
 WHEEL_NOTES = {
     "aarch64": [
-        "PyPI has cp311 manylinux aarch64 wheels of each compiled package here (checked for",
-        "ai-edge-litert 2.3.0, numpy 2.4.6, cryptography 50.0.2, torch 2.13.0, executorch",
-        "1.5.1 and the others); they need glibc >= 2.28 (Raspberry Pi OS bookworm has 2.36).",
+        "PyPI has cp310-cp313 manylinux aarch64 wheels of each compiled package here (checked",
+        "for ai-edge-litert 2.3.0, numpy, cryptography 50.0.2, torch 2.13.0, executorch 1.5.1",
+        "and the others); they need glibc >= 2.28 (Raspberry Pi OS bookworm has 2.36).",
     ],
     "armv7l": [
         "PyPI has no armv7l wheels of ai-edge-litert 2.3.0 or numpy 2.4.6 (checked): on a",
@@ -76,6 +77,7 @@ class BundleSpec:
     trust_key: Path
     broker: str | None = None  # default: mqtts://<first name in server.pem>:8883
     arch: str | None = None  # default: the profile's
+    python: str | None = None  # the board's CPython X.Y; default: the profile's OS image's
     labels: tuple[str, ...] = ()
     store: str | None = None  # on the board; default @PREFIX@/var/<device-id>
     wheel: Path | None = None  # default: built from the checkout
@@ -99,6 +101,7 @@ def build_bundle(spec: BundleSpec, out: Path) -> Bundle:
     wire.check_labels(spec.labels)
     profile = load_profile(spec.profile)
     arch = spec.arch or profile.arch
+    python = board_python(spec.python, profile)
     store = spec.store or f"@PREFIX@/var/{spec.device_id}"
     if not _SAFE_PATH.match(store):
         raise ValueError(f"--store {store!r}: only letters, digits and _ . / @ - please")
@@ -113,10 +116,11 @@ def build_bundle(spec: BundleSpec, out: Path) -> Bundle:
         "ARCH": arch,
         "BACKEND": backend,
         "BROKER": broker,
+        "PYTHON": python,
     }
     with tempfile.TemporaryDirectory(prefix="eclm-bundle-") as tmp:
         wheel = spec.wheel or build_wheel(Path(tmp) / "wheel")
-        main, nodeps = requirements(wheel, profile, arch)
+        main, nodeps = requirements(wheel, profile, arch, python=python)
         password, added = _device_password(access, spec.device_id)  # last: it writes
         files = {
             "install.sh": (_render("install.sh", values), 0o755),
@@ -135,6 +139,16 @@ def build_bundle(spec: BundleSpec, out: Path) -> Bundle:
         files["SHA256SUMS"] = (_sha256sums(files), 0o644)
         members = _write_archive(out, f"eclm-edge-{spec.device_id}", files)
     return Bundle(out, members, added)
+
+
+def board_python(asked: str | None, profile: DeviceProfile) -> str:
+    """The CPython X.Y the bundle is for: ``--python``, else the profile's OS image's."""
+    from device_profiles.profile import PYTHONS
+
+    python = asked or profile.os.python
+    if python not in PYTHONS:
+        raise ValueError(f"--python {python}: the edge side runs on {', '.join(PYTHONS)}")
+    return python
 
 
 def _device_password(access: Access, device_id: str) -> tuple[str, bool]:
@@ -177,11 +191,11 @@ def device_broker_url(url: str, device_id: str) -> str:
 def build_wheel(dest: Path) -> Path:
     """A wheel of this project built from a copy of the checkout (so no build/ or
     egg-info lands in it), offline: ``pip wheel --no-deps --no-build-isolation``."""
-    import tomllib
+    from device_profiles import toml
 
     if not (ROOT / "pyproject.toml").is_file():
         raise ValueError(f"{ROOT} is not a checkout of eclm-fleet: pass --wheel")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = toml.loads((ROOT / "pyproject.toml").read_text())
     src = dest / "src"
     src.mkdir(parents=True)
     for name in ("pyproject.toml", project["project"].get("readme", "README.md")):
@@ -199,27 +213,39 @@ def build_wheel(dest: Path) -> Path:
     return wheels[0]
 
 
-def requirements(wheel: Path, profile: DeviceProfile, arch: str) -> tuple[str, str | None]:
+def requirements(
+    wheel: Path, profile: DeviceProfile, arch: str, *, python: str | None = None
+) -> tuple[str, str | None]:
     """requirements.txt for the board (the ``edge`` extra the wheel declares, and
     ``edge-executorch`` when the profile prefers ExecuTorch, each package and what it
-    needs pinned to this venv's version) and requirements-nodeps.txt (executorch), or None."""
+    needs pinned for the board's CPython ``python``, default this interpreter's) and
+    requirements-nodeps.txt (executorch), or None."""
     from packaging.requirements import Requirement
 
     extras = ["edge"] + (["edge-executorch"] if profile.backends[0] == "executorch" else [])
-    env = _target_env(arch)
+    target = Target(arch, python or "{}.{}".format(*sys.version_info[:2]), profile.os.glibc_version)
+    env = target.markers()
     roots = []  # (requirement, the extra that asks for it)
     for line in _wheel_requires(wheel):
         req = Requirement(line)
         wanted = [e for e in extras if req.marker and req.marker.evaluate({**env, "extra": e})]
-        if req.name != DISTRIBUTION and wanted:
-            roots.append((req, f"{DISTRIBUTION}[{wanted[0]}]"))
-    pins = _pin(roots, env)
+        base = req.marker is None or req.marker.evaluate({**env, "extra": ""})
+        if req.name != DISTRIBUTION and (wanted or base):
+            roots.append((req, DISTRIBUTION if base else f"{DISTRIBUTION}[{wanted[0]}]"))
+    pins = pin_here(roots, env) if target.is_here else pin_from_index(roots, target)
+    how = (
+        f"the versions of the venv it was built from (Python {platform.python_version()})"
+        if target.is_here
+        else f"the newest wheels for CPython {target.python}, manylinux glibc <= "
+        f"{profile.os.glibc}, no newer than the venv it was built from"
+    )
     head = [
-        f"# eclm edge bundle: packages for profile {profile.name} ({profile.title}), {arch}.",
+        f"# eclm edge bundle: packages for profile {profile.name} ({profile.title}), {arch},",
+        f"# Python {target.python} ({profile.os.image}: Python {profile.os.python}, glibc "
+        f"{profile.os.glibc}).",
         f"# Backends in the profile's order: {', '.join(profile.backends)}; packages for "
         f"{'executorch and litert' if len(extras) > 1 else 'litert'}.",
-        f"# Pinned to the versions of the venv it was built from (Python "
-        f"{platform.python_version()}).",
+        f"# Pinned to {how}.",
         *(f"# {line}" for line in WHEEL_NOTES[arch]),
     ]
     main = [line for name, line in pins if name not in NO_DEPS]
@@ -239,56 +265,6 @@ def _wheel_requires(wheel: Path) -> list[str]:
         name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         metadata = HeaderParser().parsestr(zf.read(name).decode())
     return metadata.get_all("Requires-Dist") or []
-
-
-def _target_env(arch: str) -> dict[str, str]:
-    """Marker values of a Linux board of ``arch`` running this Python version."""
-    return {
-        "platform_machine": arch,
-        "platform_system": "Linux",
-        "sys_platform": "linux",
-        "os_name": "posix",
-        "platform_python_implementation": "CPython",
-        "implementation_name": "cpython",
-        "python_version": ".".join(platform.python_version_tuple()[:2]),
-        "python_full_version": platform.python_version(),
-    }
-
-
-def _pin(roots, env: dict[str, str]) -> list[tuple[str, str]]:
-    """(name, requirement line) for ``roots`` and everything they need on the board,
-    each ``==`` the version installed here (its public part: no ``+cpu``)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-    from packaging.version import Version
-
-    pins: dict[str, str] = {}
-    todo = list(roots)
-    while todo:
-        req, why = todo.pop(0)
-        name = canonicalize_name(req.name)
-        if name in pins:
-            continue
-        try:
-            dist = distribution(req.name)
-        except PackageNotFoundError:  # needed there, not here: pip picks the version
-            pins[name] = f"{req.name}{req.specifier}  # {why}; not installed here"
-            continue
-        version = Version(dist.version).public
-        if not req.specifier.contains(version, prereleases=True):
-            raise ValueError(f"{why} needs {req}, this venv has {dist.version}")
-        local = f"; this venv has {dist.version}" if dist.version != version else ""
-        pins[name] = f"{dist.metadata['Name']}=={version}  # {why}{local}"
-        if name in NO_DEPS:
-            continue
-        for line in dist.requires or []:
-            dep = Requirement(line)
-            wanted = [""] + sorted(req.extras)
-            if dep.marker is None or any(dep.marker.evaluate({**env, "extra": e}) for e in wanted):
-                todo.append((dep, f"via {dist.metadata['Name']}"))
-    return sorted(pins.items())
 
 
 def _render(template: str, values: dict[str, str]) -> bytes:
@@ -388,6 +364,12 @@ def add_parser(edge_cmds: argparse._SubParsersAction) -> None:
         "--arch", choices=ARCHES, help="the board's CPU (default: the profile's; uname -m)"
     )
     bundle.add_argument(
+        "--python",
+        metavar="X.Y",
+        help="the board's CPython; requirements are pinned for it and install.sh wants it "
+        "(default: the Python of the profile's OS image)",
+    )
+    bundle.add_argument(
         "--label",
         action="append",
         default=[],
@@ -411,6 +393,7 @@ def _bundle(args: argparse.Namespace) -> int:
         trust_key=args.trust_key,
         broker=args.broker,
         arch=args.arch,
+        python=args.python,
         labels=tuple(args.labels),
         store=args.store,
         wheel=args.wheel,

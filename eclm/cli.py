@@ -21,6 +21,10 @@ from edge_runtime import cli as edge_cli
 from edge_runtime.errors import BrokerUnreachable
 from edge_runtime.exit_codes import ExitCode, epilog
 
+# Commands that run the cloud side (torch, executorch, litert-torch): Python >= 3.11 only;
+# the edge side runs on 3.10-3.13 (pyproject.toml).
+CLOUD_COMMANDS = ("cloud", "demo")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -50,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("eclm", "edge_runtime", "cloud_trainer", "broker", "device_profiles"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.command in CLOUD_COMMANDS and sys.version_info < (3, 11):
+        print(
+            f"eclm {args.command}: the cloud side needs Python >= 3.11 (this is "
+            f"{sys.version.split()[0]}); here the edge, broker and profiles commands work",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     try:
         return int(args.func(args))
     except (ProfileError, ValueError) as exc:

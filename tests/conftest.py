@@ -61,6 +61,9 @@ def no_process_outlives_the_suite():
         pytest.fail("processes the tests started outlived them (now killed):\n" + "\n".join(names))
 
 
+NO_CLOUD = "the cloud side (torch) is not installed: an edge-only venv"
+
+
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory) -> Broker:
     """A real Mosquitto for the whole session (scripts/setup.sh installs it)."""
@@ -153,6 +156,9 @@ def write(path: Path, text: str) -> Path:
 @pytest.fixture(scope="session")
 def modular(tmp_path_factory):
     """The modular model trained with the defaults and exported in every variant."""
+    pytest.importorskip(
+        "torch", reason="the cloud side (torch) is not installed: an edge-only venv"
+    )
     from cloud_trainer.pipeline import export_model, load_model, train_model
 
     root = tmp_path_factory.mktemp("modular")

@@ -22,12 +22,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from pythons import find_python
 
 from broker import Access, Broker
 from broker.launcher import free_port
 from cloud_trainer.keys import init_keys, load_signing_key
 from device_profiles import load_profile
-from eclm.bundle import TEMPLATES, BundleSpec, build_bundle, requirements
+from eclm.bundle import TEMPLATES, BundleSpec, board_python, build_bundle, requirements
 from eclm.cli import main
 from eclm_common.lifeline import popen
 from edge_runtime.exit_codes import ExitCode
@@ -175,8 +176,45 @@ def test_requirements_are_pinned_to_this_venv_and_only_executorch_boards_get_tor
     assert none is None
 
 
-def install(bundle_dir: Path, prefix: Path, *args: str) -> subprocess.CompletedProcess:
+def test_requirements_for_another_python_are_pinned_for_it_from_the_index(bundle):
+    from packaging.version import Version
+
+    wheel = next((bundle["dir"] / "wheels").glob("*.whl"))
+    text, nodeps = requirements(wheel, load_profile("rpi-zero-2w"), "aarch64", python="3.10")
+    lines = [ln.split("#") for ln in text.splitlines() if ln and not ln.startswith("#")]
+    pins = {pin.strip().split("==")[0]: (pin.strip().split("==")[1], why) for pin, why in lines}
+
+    assert "# Python 3.10 (" in text and nodeps is None
+    assert {"ai-edge-litert", "numpy", "psutil", "paho-mqtt", "cryptography", "tomli"} <= set(pins)
+    assert Version(pins["numpy"][0]) < Version("2.3")  # numpy 2.3 dropped Python 3.10
+    for name, (pinned, why) in pins.items():  # no newer than this venv's, or says so
+        assert Version(pinned) <= Version(version(name)) or "this venv has" in why, name
+
+
+def test_the_bundles_python_defaults_to_the_profiles_os_image():
+    assert board_python(None, load_profile("jetson-orin-nano")) == "3.10"
+    assert board_python(None, load_profile("rpi4")) == "3.11"
+    assert board_python("3.13", load_profile("rpi4")) == "3.13"
+
+
+def test_install_refuses_a_python_the_bundle_was_not_built_for(bundle, tmp_path):
+    other = next(filter(None, (find_python(v) for v in ("3.10", "3.12", "3.13"))), None)
+    if other is None:
+        pytest.skip("no CPython 3.10, 3.12 or 3.13 here (pyenv install 3.12)")
+
+    refused = install(bundle["dir"], tmp_path / "p", "--no-systemd", "--ignore-arch", PYTHON=other)
+
+    assert refused.returncode == 1
+    assert "pinned for Python 3.11" in refused.stderr and "--python" in refused.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def install(
+    bundle_dir: Path, prefix: Path, *args: str, **extra: str
+) -> subprocess.CompletedProcess:
+    """install.sh with ``args`` and a service's PATH; ``extra`` adds to its environment."""
     env = {"PATH": SYSTEMD_PATH, "HOME": os.environ.get("HOME", "/root"), "PREFIX": str(prefix)}
+    env.update(extra)
     for key in ("PIP_FIND_LINKS", "PIP_CERT", "PIP_DEFAULT_TIMEOUT"):  # this machine's pip
         if key in os.environ:
             env[key] = os.environ[key]
@@ -211,6 +249,7 @@ def test_install_refuses_another_architecture_and_a_damaged_bundle(bundle, tmp_p
         (["--broker", "mqtts://someone@h:8883"], "the user must be the device"),
         (["--label", "no spaces=x"], "is not key=value"),
         (["--trust-key", "/nonexistent.pub"], "no such file"),
+        (["--python", "3.9"], "the edge side runs on 3.10, 3.11, 3.12, 3.13"),
     ],
 )
 def test_bad_input_exits_3_naming_it(bundle, args, message, capsys):

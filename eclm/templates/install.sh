@@ -3,25 +3,33 @@
 # this bundle: a fresh venv with the pinned packages and the eclm-fleet wheel, the config
 # and credentials (owner-only), and the systemd unit eclm-edge.service, enabled and started.
 #
-# usage: [PREFIX=/opt/eclm] [PYTHON=python3] [SERVICE_USER=eclm] sh install.sh [options]
-#   --no-systemd    do not install the unit (default: install it when systemd runs)
-#   --systemd       install the unit (needs root)
-#   --ignore-arch   install although this machine is not {{ARCH}}
-#   -h, --help      this text
+# The packages are pinned for CPython {{PYTHON}} (the board's OS image's, or --python when
+# the bundle was built): PYTHON defaults to python{{PYTHON}}, else python3, and must be {{PYTHON}}.
+#
+# usage: [PREFIX=/opt/eclm] [PYTHON=python{{PYTHON}}] [SERVICE_USER=eclm] sh install.sh [options]
+#   --no-systemd      do not install the unit (default: install it when systemd runs)
+#   --systemd         install the unit (needs root)
+#   --ignore-arch     install although this machine is not {{ARCH}}
+#   --ignore-python   install although PYTHON is not {{PYTHON}} (pip may find no wheels)
+#   -h, --help        this text
 # Installing again replaces the venv, config and unit and keeps the store (what the
 # agent downloaded and accepted).
 set -eu
 umask 022
 
 PREFIX=${PREFIX:-/opt/eclm}
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then
+    if command -v python{{PYTHON}} >/dev/null 2>&1; then PYTHON=python{{PYTHON}}; else PYTHON=python3; fi
+fi
 SYSTEMD=auto
 CHECK_ARCH=yes
+CHECK_PYTHON=yes
 for arg in "$@"; do
     case $arg in
     --no-systemd) SYSTEMD=no ;;
     --systemd) SYSTEMD=yes ;;
     --ignore-arch) CHECK_ARCH=no ;;
+    --ignore-python) CHECK_PYTHON=no ;;
     -h | --help)
         sed -n '2,/^set -eu/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
         exit 0
@@ -56,8 +64,11 @@ machine=$(uname -m)
 if [ "$CHECK_ARCH" = yes ] && [ "$machine" != "{{ARCH}}" ]; then
     die "this bundle is for {{ARCH}}, this machine is $machine (build one with --arch $machine, or pass --ignore-arch)"
 fi
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
-    die "needs Python >= 3.11; $PYTHON is $("$PYTHON" -V 2>&1) (set PYTHON=...)"
+have=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) ||
+    die "cannot run $PYTHON (install python{{PYTHON}}, or set PYTHON=...)"
+if [ "$CHECK_PYTHON" = yes ] && [ "$have" != "{{PYTHON}}" ]; then
+    die "this bundle's packages are pinned for Python {{PYTHON}}, $PYTHON is $have (set PYTHON=python{{PYTHON}}, build one with --python $have, or pass --ignore-python)"
+fi
 if [ "$SYSTEMD" = auto ]; then
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
         SYSTEMD=yes

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 
-from cloud_trainer.adapter_export import export_adapter_training
 from edge_runtime.adapter import Adapter, NumpyTrainer
 from edge_runtime.errors import ProtocolError
+
+pytest.importorskip("torch", reason="the cloud side (torch) is not installed: an edge-only venv")
+from cloud_trainer.adapter_export import export_adapter_training  # noqa: E402
 
 
 def make_trainer(kind, shifted, lr=0.01):

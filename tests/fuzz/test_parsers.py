@@ -13,7 +13,6 @@ import math
 import random
 import re
 import tempfile
-import tomllib
 import typing
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,8 @@ from cloud_trainer.coordinator import FleetCoordinator
 from cloud_trainer.errors import ConfigError, StateError
 from cloud_trainer.rollout import Rollout, RolloutPlan, Target
 from device_profiles import DeviceProfile, ProfileError, load_profile
-from device_profiles.profile import ARCHES, BOARDS_DIR, KNOWN_BACKENDS
+from device_profiles import toml as tomllib
+from device_profiles.profile import ARCHES, BOARDS_DIR, KNOWN_BACKENDS, PYTHONS
 from edge_runtime import protocol as wire
 from edge_runtime.adapter import check_update
 from edge_runtime.agent import AgentConfig, EdgeAgent
@@ -559,6 +559,13 @@ def profile_docs() -> st.SearchStrategy[dict]:
             "budget": st.fixed_dictionaries(
                 {"model_memory_kb": st.integers(1, 2**31), "latency_ms": st.floats(0.1, 1e4)}
             ),
+            "os": st.fixed_dictionaries(
+                {
+                    "image": st.text(min_size=1, max_size=40).filter(str.strip),
+                    "python": st.sampled_from(PYTHONS),
+                    "glibc": st.integers(17, 60).map(lambda minor: f"2.{minor}"),
+                }
+            ),
         }
     )
     return st.sampled_from(shipped) | built
@@ -607,6 +614,7 @@ def test_a_profile_file_gives_a_valid_profile_or_a_profile_error(fuzz, scratch):
         assert p.backends and set(p.backends) <= set(KNOWN_BACKENDS)
         assert len(set(p.backends)) == len(p.backends)
         assert p.budget.model_memory_kb > 0 and p.budget.latency_ms > 0
+        assert p.os.image.strip() and p.os.python in PYTHONS and p.os.glibc_version >= (2, 17)
         path.write_text(toml_dumps(_profile_doc(p)))
         assert load_profile(path) == p
 
