@@ -12,7 +12,7 @@ if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
   [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo="sudo -n"
   if command -v apt-get >/dev/null && { [[ $(id -u) -eq 0 ]] || [[ -n $sudo ]]; }; then
     echo "[setup] installing Mosquitto from the system packages"
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null \
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null 2>&1 \
       || echo "[setup] Mosquitto could not be installed; the embedded amqtt broker will be used"
   else
     echo "[setup] Mosquitto is not installed and apt-get is not usable; the embedded amqtt broker will be used"
@@ -36,11 +36,20 @@ stamp="$venv/.eclm-installed-$extras"
 # The editable install knows the top-level packages it was made with: a new one reinstalls.
 want=$({ cat pyproject.toml; ls -d -- */__init__.py; } | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-  echo "[setup] installing Python packages (extras: $extras); the first run takes a few minutes"
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  log="$venv/setup.log"
+  echo "[setup] installing Python packages (extras: $extras); the first run takes a few minutes (log: $log)"
+  pip_install() {
+    "$venv/bin/python" -m pip install -q "$@" >>"$log" 2>&1 || {
+      echo "[setup] pip install $* failed; the end of $log:" >&2
+      tail -n 30 "$log" >&2
+      exit 1
+    }
+  }
+  : >"$log"
+  pip_install --upgrade pip
   # torch first and pinned: an open range would pull a multi-GB CUDA build.
-  "$venv/bin/python" -m pip install -q "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q -e ".[$extras]"
+  pip_install "torch==2.13.0"
+  pip_install -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $venv/bin/eclm"
