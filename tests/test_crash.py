@@ -22,7 +22,7 @@ DEVICE = "pi4-crash"
 
 
 def start_agent(url: str, store, log) -> subprocess.Popen:
-    cmd = run_command("rpi4", url, DEVICE, store, backend="litert")
+    cmd = run_command("rpi4", url, DEVICE, store, backend="litert", insecure=True)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 

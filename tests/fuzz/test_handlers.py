@@ -131,7 +131,7 @@ class Device:
         self.deliver(topic_for("desired", DEVICE), self.good.encode())
         self.deliver(*chunk(0, BLOB[:1024]))
         assert self.agent.report.phase == "downloading" and not self.events()
-        assert self.agent._fetch.current.received == {0}
+        assert self.agent.keeper.transfer.current.received == {0}
         self.dirty = False
 
     def deliver(self, topic: str, payload: bytes) -> None:
@@ -145,8 +145,8 @@ class Device:
         return [wire.decode(wire.Event, p) for t, p in self.sent.messages if t == events_topic]
 
     def state(self) -> tuple:
-        a, f = self.agent, self.agent._fetch
-        fetch = f and (f.desired, f.backend, tuple(f.refs), tuple(f.pending), f.current.ref)
+        a, f, g = self.agent, self.agent.keeper.transfer, self.agent.keeper.goal
+        fetch = f and (g.desired, g.backend, tuple(g.refs), tuple(f.pending), f.current.ref)
         fetch = fetch and (*fetch, frozenset(f.current.received), tuple(f.asked), tuple(f.queue))
         trust = a.gate.state_path.read_bytes() if a.gate.state_path.exists() else None
         return (
