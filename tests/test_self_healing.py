@@ -172,15 +172,17 @@ def test_a_device_whose_every_set_is_damaged_comes_back_when_the_chunks_arrive(
         # Only the active set is damaged: the one before it serves at once, no cloud up.
         agent = EdgeAgent(config).start()
         deadline = time.monotonic() + 30
-        while agent.runner is None and time.monotonic() < deadline:
+        while agent.report.phase != "downloading" and time.monotonic() < deadline:
             time.sleep(0.02)
+        assert agent.report.serial == desired.serial  # on its way back, while A serves
         assert agent.runner is not None and agent.runner.active == (refs[0].sha256,)
-        assert agent.report.phase == "downloading" and agent.report.serial == desired.serial
         agent.stop()
 
         # Every set damaged: nothing to serve until the cloud's chunks come.
-        for ref in refs:
-            damage(store.path(ref.sha256), "truncate", b"", 1)
+        damage(store.path(refs[0].sha256), "truncate", b"", 1)  # B is still set aside
+        assert not any(
+            store.has(r.sha256) and sha256_file(store.path(r.sha256)) == r.sha256 for r in refs
+        )
         agent = EdgeAgent(config).start()
         time.sleep(1.0)
         assert agent.runner is None and agent.report.phase == "downloading"
