@@ -275,17 +275,20 @@ def test_the_agent_applies_or_refuses_every_message_and_reports_each_refusal(
             assert len(new) <= 1, [e.code for e in new]  # one report per message
             code = new[0].code if new else None
             assert code != "internal", new[0].reason  # the handler's own bug
-            whole = code == "artifact" and "does not match declared" in new[0].reason
+            whole = code == "transfer-retry" and "does not match declared" in new[0].reason
             after = d.state()
             if code is None:
                 assert _decodes(topic, payload)  # nothing malformed passes in silence
             elif code in REFUSALS and not whole:
                 assert after == before, code  # a refused message changes nothing
-            elif whole or code == "install-failed":
-                # the last chunk arrived: a wrong whole file, or a program that does not load
+            elif whole:
+                # the last chunk arrived and the whole file is wrong: fetched again, later
                 a = d.agent
-                assert a.runner is None and a.report.phase == "failed" and a._fetch is None
-                assert not (whole and a.store.has(BLOB_REF.sha256))
+                assert a.runner is None and a.report.phase == "downloading"
+                assert a.keeper.transfer is not None and not a.store.has(BLOB_REF.sha256)
+            elif code == "install-failed":  # the last chunk arrived: a program that won't load
+                a = d.agent
+                assert a.runner is None and a.report.phase == "failed" and a.keeper.goal is None
             else:
                 # a signed state this device cannot run: refused, its serial remembered
                 assert code == "no-usable-artifact", code
