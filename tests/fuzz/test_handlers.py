@@ -41,6 +41,7 @@ from edge_runtime import protocol as wire
 from edge_runtime.adapter import tensor_bytes
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore, sha256_bytes
+from edge_runtime.events import EventLimits
 
 DEVICE, OTHER = "pi-1", "pi-2"
 # What a device reports when it refuses a message that must change nothing.
@@ -120,6 +121,7 @@ class Device:
             backend="litert",
             trust_key=public,
             fetch_timeout=1e9,  # no re-requests in the middle of a case
+            events=EventLimits(rate=1e6, burst=10**6),  # one event per refusal, unbounded
         )
         self.agent = EdgeAgent(config)
         self.sent = Sent()
