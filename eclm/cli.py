@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from broker import cli as broker_cli
@@ -45,7 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``eclm`` command; its exit code. A reader that goes away (``| head``) ends
+    the command quietly."""
     watch_from_env()  # started by one of our harnesses: end with it
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe prints a traceback
+    except BrokenPipeError:
+        # Python would try to flush stdout again at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # Our packages log at INFO; libraries (the LiteRT converter is chatty) at WARNING.
     logging.basicConfig(

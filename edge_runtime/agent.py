@@ -2,6 +2,12 @@
 
 paho's network thread only queues incoming messages; one worker thread handles them in
 order, so a slow install never blocks the connection and state changes have one writer.
+Downloads are :class:`~edge_runtime.download.Transfer`'s; what the device says goes
+through its :class:`~edge_runtime.reporting.Reporter`.
+
+The store heals itself: an object is used only after its sha256 was checked (every object
+at start, a desired state's objects when it arrives, each program as it is loaded); a
+damaged one is moved aside, reported and fetched again while the last good set serves.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -21,15 +27,25 @@ import paho.mqtt.client as paho
 
 from device_profiles import DeviceProfile
 from edge_runtime import protocol as wire
-from edge_runtime.adapter import check_head
-from edge_runtime.artifacts import ArtifactStore, Download, atomic_write
-from edge_runtime.backends import FORMAT_OF, Backend, get_backend
+from edge_runtime.artifacts import ArtifactStore
+from edge_runtime.backends import Backend, get_backend
 from edge_runtime.data import load_npz
-from edge_runtime.errors import ArtifactError, BackendError, EdgeError, ProtocolError
+from edge_runtime.download import RetryPolicy
+from edge_runtime.errors import (
+    ArtifactError,
+    BackendError,
+    DamagedArtifact,
+    EdgeError,
+    ProtocolError,
+)
+from edge_runtime.events import EventCode, EventLimits
+from edge_runtime.installer import Installer
 from edge_runtime.learning import Learner, LearnerConfig
 from edge_runtime.monitor import PsutilSource, ResourceSource
 from edge_runtime.mqtt import BrokerAddress, connect, make_client, wait_published
-from edge_runtime.runner import ModularRunner, ProgramRunner, Runner
+from edge_runtime.reconcile import Goal, Keeper
+from edge_runtime.reporting import Reporter
+from edge_runtime.runner import Runner
 from edge_runtime.trust import Gate, load_public_key
 from edge_runtime.watchdog import Notifier
 
@@ -70,28 +86,26 @@ class AgentConfig:
     fetch_timeout: float = 10.0
     fetch_window: int = 2  # chunks asked for and not yet arrived: what a cut can cost
     policy_interval: float = 5.0  # seconds between resource readings
-    trust_key: Path | None = None  # the cloud's public key; None accepts unsigned states
+    trust_key: Path | None = None  # the cloud's public key (required unless insecure)
+    insecure: bool = False  # no trust key, on purpose: accepts unsigned desired states
     labels: tuple[str, ...] = ()  # key=value, for rollouts to pick devices by
     learning: LearnerConfig = LearnerConfig()  # the adapter heads trained on the device
+    retry: RetryPolicy = RetryPolicy()  # files that fail their whole-file check
+    events: EventLimits = EventLimits()  # the bound on events about refused messages
+    scrub_interval: float = 3600.0  # seconds between re-hashes of the active set
 
     def __post_init__(self) -> None:
         wire.check_device_id(self.device_id)
         wire.check_labels(self.labels)
         if self.fetch_window < 1:
             raise ValueError(f"fetch_window: must be >= 1, got {self.fetch_window}")
-
-
-@dataclass
-class _Fetch:
-    """The artifacts of one desired state still to download, one at a time."""
-
-    desired: wire.DesiredState
-    backend: str
-    refs: list[wire.ArtifactRef]
-    pending: list[wire.ArtifactRef]
-    current: Download
-    asked: list[int] = field(default_factory=list)  # chunks of ``current`` on their way
-    queue: list[int] = field(default_factory=list)  # chunks of ``current`` not asked for
+        if self.trust_key is None and not self.insecure:
+            raise ValueError(
+                "no trust key: give the cloud's public key (--trust-key signing.pub), or "
+                "--insecure to accept unsigned desired states (development only)"
+            )
+        if self.trust_key is not None and self.insecure:
+            raise ValueError("--insecure and --trust-key contradict each other: choose one")
 
 
 class EdgeAgent:
@@ -113,45 +127,63 @@ class EdgeAgent:
         self.resources = resources or PsutilSource()
         self.state = AgentState.NEW
         self.store = ArtifactStore(config.store_dir)
-        if config.trust_key is None:
-            log.warning("no trust key: accepting unsigned desired states (development only)")
-        saved = self._saved_active()
+        self.runner: Runner | None = None
+        self.eval_set = load_npz(config.eval_data) if config.eval_data else None
+        self.installer = Installer(
+            self.store,
+            config.profile,
+            self.resources,
+            backends or (lambda name: get_backend(name, threads=1)),
+            backend=config.backend,
+            eval_set=self.eval_set,
+        )
+        saved = self.installer.saved()
         self.gate = Gate(
             load_public_key(config.trust_key) if config.trust_key else None,
             self.store.root / "trust.json",
             config.profile.name,
-            floor=saved.serial if saved else -1,
+            floor=saved[0].serial if saved else -1,
         )
-        self.runner: Runner | None = None
-        self.eval_set = load_npz(config.eval_data) if config.eval_data else None
-        self._report = wire.ReportedState(
+        self.client = make_client(config.device_id, config.broker)
+        initial = wire.ReportedState(
             device_id=config.device_id,
             profile=config.profile.name,
             backends=config.profile.backends,
             labels=config.labels,
             serial=0,
             phase="idle",
+            insecure=config.insecure,
         )
-        self._report_lock = threading.Lock()
+        self.voice = Reporter(
+            self.client,
+            initial,
+            self.store.root / "reported.json",
+            limits=config.events,
+            clock=clock,
+        )
+        self.keeper = Keeper(
+            self.store,
+            self.voice,
+            install=self._install,
+            request=self._request_chunk,
+            clock=clock,
+            window=config.fetch_window,
+            timeout=config.fetch_timeout,
+            retry=config.retry,
+            scrub_interval=config.scrub_interval,
+        )
         self._applied_serial = -1
-        self._active_shas: set[str] = set()
-        self.duplicate_chunks = 0  # chunks that arrived again (after a cut, say)
         self.learner: Learner | None = None  # with a modular sub-model that brings a head
         self.uploads = 0
         self.warm_starts = 0
         self.offers_received = 0
         self.budget_violations = 0  # readings after which the sub-model stayed too large
         self.swaps = 0  # module sets switched to on a resource reading
-        self._fetch: _Fetch | None = None
-        self._last_progress = 0.0
         self._last_tick = 0.0
-        self._backends: dict[str, Backend] = {}
-        self._make_backend = backends or (lambda name: get_backend(name, threads=1))
         self._network = network
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._stopped = threading.Event()
         self._worker: threading.Thread | None = None
-        self.client = make_client(config.device_id, config.broker)
         offline = wire.Status(device_id=config.device_id, online=False).encode()
         self.client.will_set(self._topic("status"), offline, qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -164,6 +196,12 @@ class EdgeAgent:
         """Connect and handle messages in background threads; BrokerUnreachable if it can't."""
         if self.state is not AgentState.NEW:
             raise RuntimeError(f"cannot start an agent in state {self.state.value}")
+        if self.config.insecure:
+            log.warning(
+                "%s runs INSECURE: no trust key, unsigned desired states are accepted "
+                "(development only; it says so in its reported state)",
+                self.config.device_id,
+            )
         connect(self.client, self.config.broker)
         if self._network is None:
             self.client.loop_start()
@@ -224,8 +262,8 @@ class EdgeAgent:
         left = learner.enter(domain)
         if left is not None:
             self._upload(left)
-        if self._report.domain != domain:
-            self._set_report(domain=domain)
+        if self.report.domain != domain:
+            self.voice.set(domain=domain)
 
     def infer(self, x: np.ndarray, domain: str) -> np.ndarray:
         """Class scores for a batch seen in ``domain`` (see :meth:`enter`), through that
@@ -250,7 +288,7 @@ class EdgeAgent:
             self._upload(learner.domain)
         mix = learner.mix_shifted()
         if mix is not None:
-            self._set_report(mix=tuple(round(float(p), 4) for p in mix))
+            self.voice.set(mix=tuple(round(float(p), 4) for p in mix))
 
     def _upload(self, domain: str) -> None:
         update = self.learner.update(domain, self.config.device_id, str(self._applied_serial))
@@ -267,14 +305,16 @@ class EdgeAgent:
         try:
             changed = runner.tick(self.resources.read())
         except (BackendError, ArtifactError) as exc:  # the previous set keeps serving
-            self._reject("swap-failed", str(exc), self._topic("reported"))
+            self.voice.event(EventCode.SWAP_FAILED, str(exc), self._topic("reported"))
+            if isinstance(exc, DamagedArtifact):
+                self.keeper.damaged(exc.sha256, "a module")  # fetched again when idle
             return False
         finally:
             if runner.over_budget:
                 self.budget_violations += 1
         if changed:
             self.swaps += 1
-            self._set_report(active=runner.active, detail=runner.detail)
+            self.voice.set(active=runner.active, detail=runner.detail)
         return changed
 
     # --- MQTT callbacks (network thread: queue only) --------------------------------------
@@ -292,7 +332,7 @@ class EdgeAgent:
         )
         online = wire.Status(device_id=self.config.device_id, online=True).encode()
         client.publish(self._topic("status"), online, qos=1, retain=True)
-        client.publish(self._topic("reported"), self._report.encode(), qos=1, retain=True)
+        self.voice.publish_report()
         log.info("%s connected to %s", self.config.device_id, self.config.broker)
         self.notifier.ready(f"connected to {self.config.broker}")
 
@@ -315,17 +355,18 @@ class EdgeAgent:
             try:
                 self._handle(*item)
             except (ProtocolError, ArtifactError) as exc:
-                self._reject(getattr(exc, "code", "artifact"), str(exc), item[0])
+                self.voice.refused(getattr(exc, "code", EventCode.ARTIFACT), str(exc), item[0])
             except Exception as exc:  # one place where handler bugs are caught and reported
                 log.exception("handling a message on %s failed", item[0])
-                self._fetch = None  # what was active keeps serving
-                self._set_report(phase="failed", detail=f"internal error: {exc!r}"[:1000])
-                self._reject("internal", repr(exc), item[0])
+                self.keeper.drop()  # what was active keeps serving
+                self.voice.set(phase="failed", detail=f"internal error: {exc!r}"[:1000])
+                self.voice.refused(EventCode.INTERNAL, repr(exc), item[0])
             self._idle()
 
     def _idle(self) -> None:
         self.notifier.ping()  # the worker loop turns: systemd's watchdog need not restart us
-        self._check_stall()
+        self.voice.flush()
+        self.keeper.idle()
         if self.clock() - self._last_tick >= self.config.policy_interval:
             self.tick()
 
@@ -338,7 +379,7 @@ class EdgeAgent:
         elif kind == "adapter":
             self._on_offer(wire.decode(wire.AdapterOffer, payload))
         elif kind == "chunks" and len(rest) == 2 and _chunk_index(rest[1]):
-            self._on_chunk(rest[0], int(rest[1]), wire.unpack_chunk(payload))
+            self.keeper.on_chunk(rest[0], int(rest[1]), wire.unpack_chunk(payload))
         else:
             raise ProtocolError(f"unexpected topic {topic[:200]!r}", field="topic")
 
@@ -346,27 +387,16 @@ class EdgeAgent:
         if desired.device_id != self.config.device_id:
             raise ProtocolError("names another device", field="device_id", code="wrong-device")
         again = self.gate.check(desired)  # ProtocolError: refused, what runs keeps running
-        if again and desired.serial in (
-            self._applied_serial,
-            self._fetch.desired.serial if self._fetch else None,
-        ):
-            log.info("desired serial %d is applied or on its way; ignored", desired.serial)
+        goal = self.keeper.goal
+        if again and goal is not None and desired.serial == goal.desired.serial:
+            log.info("desired serial %d is on its way; ignored", desired.serial)
             return
         if not again:
             self.gate.accept(desired)
-        backend, refs = self._choose(desired)
-        missing = [r for r in refs if not self.store.has(r.sha256)]
-        if not missing:
-            self._fetch = None
-            self._install(desired, refs, backend)
-            return
-        self._fetch = _Fetch(desired, backend, refs, missing[1:], self.store.download(missing[0]))
-        self._set_report(
-            phase="downloading",
-            serial=desired.serial,
-            detail=f"fetching {len(missing)} artifacts ({sum(r.size for r in missing)} bytes)",
-        )
-        self._continue_fetch()
+        backend, refs = self.installer.choose(desired)
+        # The state that serves already is only checked: its damaged parts come again.
+        applied = again and desired.serial == self._applied_serial
+        self.keeper.want(Goal(desired, backend, refs, install=not applied))
 
     def _on_offer(self, offer: wire.AdapterOffer) -> None:
         self.offers_received += 1
@@ -380,120 +410,34 @@ class EdgeAgent:
             self.warm_starts += 1
             log.info("warm start for %s (the fleet's %d samples)", offer.domain, offer.samples)
 
-    def _choose(self, desired: wire.DesiredState) -> tuple[str, list[wire.ArtifactRef]]:
-        """The first backend of the profile's order that can run what is offered, and the
-        artifacts it needs: one whole program, or every part of a modular sub-model."""
-        order = (self.config.backend,) if self.config.backend else self.config.profile.backends
-        for name in order:
-            refs = [a for a in desired.artifacts if a.format == FORMAT_OF[name]]
-            if not refs:
-                continue
-            try:
-                if name not in self._backends:
-                    self._backends[name] = self._make_backend(name)
-            except BackendError as exc:
-                log.warning("backend %s is unusable here: %s", name, exc)
-                continue
-            if not desired.options:
-                return name, refs[:1]
-            return name, refs + [a for a in desired.artifacts if a.format == "safetensors"]
-        formats = sorted({a.format for a in desired.artifacts})
-        raise ProtocolError(
-            f"no artifact this device can run: offered {formats}, backends {list(order)}",
-            field="artifacts",
-            code="no-usable-artifact",
-        )
-
-    def _on_chunk(self, sha: str, index: int, data: bytes) -> None:
-        fetch = self._fetch
-        if fetch is None or fetch.current.ref.sha256 != sha:
-            log.debug("chunk %d of %s arrived with no download for it", index, sha[:12])
-            return
-        if not fetch.current.add(index, data):
-            self.duplicate_chunks += 1
-        self._last_progress = self.clock()
-        if index in fetch.asked:
-            fetch.asked.remove(index)
-        self._continue_fetch()
-
-    def _continue_fetch(self) -> None:
-        """Keep ``fetch_window`` chunks of the current download on their way (a resumed
-        download asks only for the chunks it lacks); when it has them all, verify it and go
-        on to the next artifact, then install."""
-        fetch = self._fetch
-        assert fetch is not None
-        while fetch.current.complete:
-            self._set_report(phase="verifying", detail=f"verifying {fetch.current.ref.name}")
-            try:
-                fetch.current.finish()
-            except ArtifactError as exc:
-                self._fetch = None
-                self._set_report(phase="failed", detail=str(exc)[:1000])
-                raise
-            if not fetch.pending:
-                self._fetch = None
-                self._install(fetch.desired, fetch.refs, fetch.backend)
-                return
-            fetch.current = self.store.download(fetch.pending.pop(0))
-            fetch.asked, fetch.queue = [], []
-            self._set_report(phase="downloading", detail=f"fetching {fetch.current.ref.name}")
-        if not fetch.asked and not fetch.queue:
-            fetch.queue = fetch.current.missing()
-        while len(fetch.asked) < self.config.fetch_window and fetch.queue:
-            index = fetch.queue.pop(0)
-            if index not in fetch.current.received:
-                self._request_chunk(index)
-                fetch.asked.append(index)
-
-    def _install(
-        self, desired: wire.DesiredState, refs: list[wire.ArtifactRef], backend: str
-    ) -> None:
-        self._set_report(
+    def _install(self, goal: Goal) -> None:
+        desired, refs, backend = goal.desired, goal.refs, goal.backend
+        self.voice.set(
             phase="installing", serial=desired.serial, detail=f"loading {len(refs)} programs"
         )
+        like = self.learner.base if self.learner else None
         try:
-            if desired.options:
-                runner: Runner = ModularRunner(
-                    backend,
-                    self._backends[backend],
-                    self.store,
-                    refs,
-                    desired.options,
-                    self.config.profile.budget,
-                    self.resources.read(),
-                )
-            else:
-                runner = ProgramRunner(
-                    backend, self._backends[backend], refs[0], self.store.read(refs[0].sha256)
-                )
-            accuracy, latency = self._health_check(runner)
+            runner, accuracy, latency, head = self.installer.load(desired, refs, backend, like)
+        except DamagedArtifact as exc:  # changed since it was checked: fetch it again
+            self.keeper.damaged(exc.sha256, "a program")
+            self.keeper.want(goal)
+            return
         except (BackendError, ArtifactError, ProtocolError) as exc:
-            self._set_report(phase="failed", detail=str(exc)[:1000])
-            self._reject("install-failed", str(exc), self._topic("desired"))
+            self.voice.set(phase="failed", detail=str(exc)[:1000])
+            self.voice.event(EventCode.INSTALL_FAILED, str(exc), self._topic("desired"))
             return
-        try:
-            self._adapt_on(runner, refs)
-        except (ProtocolError, ArtifactError, BackendError) as exc:
-            runner.close()
-            self._set_report(phase="failed", detail=f"adapter: {exc}"[:1000])
-            self._reject("install-failed", str(exc), self._topic("desired"))
-            return
+        if head is not None and self.learner is None:
+            self.learner = Learner(head, self.config.learning)
+        elif head is not None:
+            self.learner.rebase(head)
         previous, self.runner = self.runner, runner
         if previous is not None:
             previous.close()
         self._applied_serial = desired.serial
+        self.keeper.served(goal)
         self._last_tick = self.clock()
-        try:  # what to serve after a restart, whatever the retained desired state says
-            atomic_write(self._active_path, desired.encode())
-        except OSError as exc:
-            log.warning("cannot save the active state: %s", exc)
-        else:  # keep this set and the one before it (a rollback needs no download)
-            shas = {r.sha256 for r in refs}
-            removed = self.store.prune(shas | self._active_shas)
-            self._active_shas = shas
-            if removed:
-                log.info("removed %d artifacts no longer needed", len(removed))
-        self._set_report(
+        self.installer.save(desired, refs)
+        self.voice.set(
             phase="active",
             active=runner.active,
             backend=backend,
@@ -509,111 +453,47 @@ class EdgeAgent:
             latency,
         )
 
-    def _adapt_on(self, runner: Runner, refs: list[wire.ArtifactRef]) -> None:
-        """Start (or rebase) the learner on the head the desired state brings, if its
-        shape fits the sub-model's features."""
-        head = next((r for r in refs if r.part == "adapter" and r.format == "safetensors"), None)
-        if head is None:
-            return
-        like = self.learner.base if self.learner else None
-        features = runner.features(runner.one_sample()).shape[1]
-        base = check_head(self.store.read(head.sha256), features, like)
-        if self.learner is None:
-            self.learner = Learner(base, self.config.learning)
-        else:
-            self.learner.rebase(base)
-
-    @property
-    def _active_path(self) -> Path:
-        return self.store.root / "active.json"
-
-    def _saved_active(self) -> wire.DesiredState | None:
-        """The last state that passed its health check, as saved on disk."""
-        try:
-            return wire.decode(wire.DesiredState, self._active_path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ProtocolError) as exc:
-            log.error("cannot read the active state from %s: %s", self._active_path, exc)
-            return None
-
     def _restore(self) -> None:
-        """Serve the last state that passed its health check, before any new one arrives:
-        a restart (even in the middle of an update) comes back to a working set."""
-        desired = self._saved_active()
-        if desired is None:
+        """Check every stored object, then serve the last state that passed its health
+        check, before any new one arrives: a restart (even in the middle of an update)
+        comes back to a working set. If that set is damaged, the one before it serves
+        while the damaged parts are fetched again."""
+        for sha in self.store.scrub():
+            self.keeper.damaged(sha, "a stored object")
+        saved = self.installer.saved()
+        if not saved:
             return
+        self.installer.kept = self.store.names()  # nothing held is pruned yet
         try:
-            backend, refs = self._choose(desired)
-            if all(self.store.has(r.sha256) for r in refs):
-                log.info("restoring serial %d from %s", desired.serial, self._active_path)
-                # Nothing held is pruned yet: what arrived for the next state stays.
-                self._active_shas = self.store.names()
-                self._install(desired, refs, backend)
-        except (ProtocolError, ArtifactError, BackendError) as exc:
-            log.error("cannot restore serial %d: %s", desired.serial, exc)
+            goals = [Goal(s, *self.installer.choose(s)) for s in saved]
+        except (ProtocolError, BackendError) as exc:
+            log.error("cannot restore serial %d: %s", saved[0].serial, exc)
+            return
+        whole = [g for g in goals if all(self.store.has(r.sha256) for r in g.refs)]
+        if whole:
+            log.info("restoring serial %d", whole[0].desired.serial)
+            self._install(whole[0])
+        if not whole or whole[0] is not goals[0]:
+            log.warning("serial %d is damaged: fetching it again", goals[0].desired.serial)
+            self.keeper.want(goals[0])
 
-    def _health_check(self, runner: Runner) -> tuple[float | None, float]:
-        """Accuracy on the eval set (None without one) and single-sample latency; a runner
-        with non-finite outputs or over the profile's latency budget is closed and refused."""
-        try:
-            accuracy, latency = runner.evaluate(self.eval_set), runner.latency_ms()
-            budget = self.config.profile.budget.latency_ms
-            if latency > budget:
-                raise BackendError(
-                    f"health check: {latency:.1f} ms per sample, budget {budget:g} ms"
-                )
-        except Exception:
-            runner.close()
-            raise
-        return accuracy, latency
-
-    def _check_stall(self) -> None:
-        fetch = self._fetch
-        if fetch and self.clock() - self._last_progress > self.config.fetch_timeout:
-            log.warning(
-                "download of %s stalled; asking again for chunks %s",
-                fetch.current.ref.name,
-                fetch.asked,
-            )
-            for index in fetch.asked:
-                self._request_chunk(index)
-            self._last_progress = self.clock()
-
-    def _request_chunk(self, index: int) -> None:
-        assert self._fetch is not None
+    def _request_chunk(self, sha: str, index: int) -> None:
         request = wire.FetchRequest(
-            device_id=self.config.device_id,
-            sha256=self._fetch.current.ref.sha256,
-            first_chunk=index,
-            count=1,
+            device_id=self.config.device_id, sha256=sha, first_chunk=index, count=1
         )
         self.client.publish(self._topic("fetch"), request.encode(), qos=1)
-        self._last_progress = self.clock()
 
     # --- reporting ----------------------------------------------------------------------
-
-    def _set_report(self, **changes) -> None:
-        with self._report_lock:  # the worker and the serving thread both report, in order
-            self._report = replace(self._report, ts=time.time(), **changes)
-            payload = self._report.encode()
-            self.client.publish(self._topic("reported"), payload, qos=1, retain=True)
-            try:  # for `eclm edge status`; a full disk must not stop the agent
-                atomic_write(self.store.root / "reported.json", payload)
-            except OSError as exc:
-                log.warning("cannot save the reported state: %s", exc)
-
-    def _reject(self, code: str, reason: str, topic: str) -> None:
-        log.warning("%s rejected a message on %s: %s", self.config.device_id, topic, reason)
-        event = wire.Event(
-            device_id=self.config.device_id, code=code[:64], reason=reason[:2000], topic=topic[:512]
-        )
-        self.client.publish(self._topic("events"), event.encode(), qos=1)
 
     def _topic(self, kind: str) -> str:
         return wire.device_topic(self.config.device_id, kind)
 
     @property
+    def duplicate_chunks(self) -> int:
+        """Chunks that arrived again (after a cut, say)."""
+        return self.keeper.duplicate_chunks
+
+    @property
     def report(self) -> wire.ReportedState:
         """The state last reported."""
-        return self._report
+        return self.voice.report

@@ -36,7 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     run.add_argument(
         "--trust-key",
         type=Path,
-        help="the cloud's public key (signing.pub); without it unsigned states are accepted",
+        help="the cloud's public key (signing.pub); required unless --insecure",
+    )
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run without a trust key, accepting unsigned desired states (development "
+        "only: warned at every start and shown in the reported state)",
     )
     run.add_argument(
         "--label",
@@ -82,6 +88,7 @@ def run_command(
     eval_data: Path | None = None,
     trust_key: Path | None = None,
     backend: str | None = None,
+    insecure: bool = False,
 ) -> list[str]:
     """The argv that starts ``eclm edge run`` with this interpreter (for launchers)."""
     import sys
@@ -95,7 +102,7 @@ def run_command(
     ):
         if value is not None:
             cmd += [flag, str(value)]
-    return cmd
+    return cmd + (["--insecure"] if insecure else [])
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -112,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         backend=args.backend,
         trust_key=args.trust_key,
+        insecure=args.insecure,
         labels=tuple(args.labels),
         learning=LearnerConfig(dp_clip=args.dp_clip, dp_noise=args.dp_noise),
     )

@@ -3,6 +3,8 @@
 EdgeError
 ├── ProtocolError        a message that fails validation (names the field)
 ├── ArtifactError        a program file that is missing, truncated or does not match its hash
+│   ├── DamagedArtifact      a stored object whose bytes changed on disk (moved aside)
+│   └── HashMismatch         a downloaded file whose chunks do not add up to its sha256
 ├── BackendError         a program that cannot be loaded or run
 │   └── BackendUnavailable   the backend's package is not installed
 └── BrokerUnreachable    the MQTT broker cannot be reached
@@ -27,6 +29,18 @@ class ProtocolError(EdgeError, ValueError):
 
 class ArtifactError(EdgeError):
     """A program file that is missing, truncated or does not match its declared hash."""
+
+
+class DamagedArtifact(ArtifactError):
+    """A stored object whose bytes no longer match its name; it was moved aside."""
+
+    def __init__(self, sha256: str) -> None:
+        super().__init__(f"artifact {sha256[:12]} is corrupt on disk (hash mismatch)")
+        self.sha256 = sha256
+
+
+class HashMismatch(ArtifactError):
+    """A download whose chunks, all held, do not hash to the declared sha256."""
 
 
 class BackendError(EdgeError):

@@ -345,6 +345,7 @@ class FleetSimulator:
         root: Path,
         *,
         trust_key: Path | None = None,
+        insecure: bool = False,
         eval_data: Path | None = None,
         learning: LearnerConfig | None = None,
         policy_interval: float = 5.0,
@@ -353,7 +354,7 @@ class FleetSimulator:
     ) -> None:
         self.devices, self.broker, self.root = list(devices), broker, Path(root)
         self.latency_slack, self.passwords = latency_slack, passwords
-        self.trust_key, self.eval_data = trust_key, eval_data
+        self.trust_key, self.insecure, self.eval_data = trust_key, insecure, eval_data
         self.learning, self.policy_interval = learning or LearnerConfig(), policy_interval
         self.network = NetworkLoop()
         self.cache = ProgramCache()
@@ -377,6 +378,7 @@ class FleetSimulator:
                 eval_data=self.eval_data,
                 policy_interval=self.policy_interval,
                 trust_key=self.trust_key,
+                insecure=self.insecure,
                 labels=device.labels,
                 learning=self.learning,
             )
@@ -422,13 +424,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=100, help="how many (default: 100)")
     parser.add_argument("--broker", required=True, help="mqtt://host:port")
-    parser.add_argument("--trust-key", type=Path, help="the cloud's public key")
+    parser.add_argument(
+        "--trust-key", type=Path, help="the cloud's public key (required unless --insecure)"
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="accept unsigned states (development only)"
+    )
     parser.add_argument("--profiles", default="rpi4,rpi-zero-2w,android-phone")
     parser.add_argument("--store", type=Path, default=Path("runs/fleet"), help="agents' stores")
     parser.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, ...")
     parser.add_argument("--seed", type=int, default=0, help="for the resource traces")
     args = parser.parse_args(argv)
     watch_from_env()  # started by a harness: end with it
+    if args.trust_key is None and not args.insecure:
+        parser.error("--trust-key is required (or --insecure, to accept unsigned states)")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     devices = make_devices(
         args.devices, args.profiles.split(","), seed=args.seed, prefix=args.prefix
@@ -436,7 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     sim = FleetSimulator(
-        devices, BrokerAddress.parse(args.broker), args.store, trust_key=args.trust_key
+        devices,
+        BrokerAddress.parse(args.broker),
+        args.store,
+        trust_key=args.trust_key,
+        insecure=args.insecure,
     )
     with sim:
         try:

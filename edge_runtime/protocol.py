@@ -153,6 +153,19 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def _out_of_range(value: Any) -> bool:
+    """Whether ``value`` is a number no float holds (inf, nan, 10**400), or a list of
+    numbers with one such."""
+    if isinstance(value, tuple):
+        return any(_out_of_range(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return not math.isfinite(value)
+    except OverflowError:
+        return True
+
+
 def _hint_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint)
 
@@ -167,6 +180,8 @@ class Message:
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if not _type_ok(value, hints[f.name]):
+                if _out_of_range(value):  # 1e400 parses as inf: the type is right
+                    raise ProtocolError("out of range: must be a finite number", field=f.name)
                 raise ProtocolError(
                     f"expected {_hint_name(hints[f.name])}, got {type(value).__name__}",
                     field=f.name,
@@ -441,6 +456,7 @@ class ReportedState(Message):
     domain: str = ""  # the data domain the device sees now ("" before it serves)
     mix: tuple[float, ...] = ()  # the label mix of its latest labels (() before it has any)
     ts: float = field(default_factory=time.time)
+    insecure: bool = False  # runs without a trust key: accepts unsigned desired states
 
     def check(self) -> None:
         check_device_id(self.device_id)

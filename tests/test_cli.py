@@ -98,6 +98,30 @@ def test_edge_status_without_state_says_so(tmp_path, capsys):
     assert "has not run there yet" in capsys.readouterr().out
 
 
+def test_edge_run_without_a_trust_key_refuses_to_start(tmp_path):
+    cmd = [sys.executable, "-m", "eclm", "edge", "run", "--profile", "rpi4"]
+    cmd += ["--device-id", "pi4-nokey", "--store", str(tmp_path), "--broker", "mqtt://127.0.0.1:9"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    insecure = subprocess.run([*cmd, "--insecure"], capture_output=True, text=True, timeout=60)
+
+    assert refused.returncode == ExitCode.CONFIG
+    assert "no trust key" in refused.stderr and "--insecure" in refused.stderr
+    assert insecure.returncode == ExitCode.BROKER_UNREACHABLE  # it got as far as connecting
+    assert "runs INSECURE" in insecure.stderr
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    from edge_runtime import protocol as wire
+
+    report = wire.ReportedState("d", "rpi4", ("litert",), 3, "active", detail="x" * 900)
+    (tmp_path / "reported.json").write_bytes(report.encode())
+    cmd = f"{sys.executable} -m eclm edge status --device-id d --store {tmp_path} | head -n 1"
+    for _ in range(3):  # head may or may not close the pipe before eclm writes
+        out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60)
+        assert out.stdout.startswith("device    d")
+        assert out.stderr == "", out.stderr
+
+
 def test_eclm_starts_without_importing_torch():
     code = (
         "import sys; from eclm.cli import build_parser; build_parser(); "

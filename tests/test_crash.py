@@ -23,7 +23,7 @@ DEVICE = "pi4-crash"
 
 
 def start_agent(url: str, store, log) -> subprocess.Popen:
-    cmd = run_command("rpi4", url, DEVICE, store, backend="litert")
+    cmd = run_command("rpi4", url, DEVICE, store, backend="litert", insecure=True)
     return popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 

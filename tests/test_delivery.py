@@ -39,6 +39,7 @@ def test_an_interrupted_download_resumes_and_a_damaged_chunk_is_fetched_again(
             store_dir=tmp_path / device,
             eval_data=exported["test_npz"],
             fetch_timeout=1.0,
+            insecure=True,
         )
     ).start()
     coordinator = FleetCoordinator(address, ArtifactStore(exported["store"]), client_id="c-r")
@@ -74,7 +75,11 @@ def test_a_program_over_the_latency_budget_fails_its_health_check(exported, addr
     ref = exported["refs"]["tflite"]
     agent = EdgeAgent(
         AgentConfig(
-            device_id="pi4-slow", profile=impatient, broker=address, store_dir=tmp_path / "d"
+            device_id="pi4-slow",
+            profile=impatient,
+            broker=address,
+            store_dir=tmp_path / "d",
+            insecure=True,
         )
     ).start()
     coordinator = FleetCoordinator(address, ArtifactStore(exported["store"]), client_id="c-h")
@@ -128,7 +133,9 @@ def test_a_restart_after_a_failed_update_comes_back_serving_the_last_good_set(
 
 def _one_board(device_id, exported, address, tmp_path):
     """An rpi4 agent's config and a started coordinator serving the exported programs."""
-    config = AgentConfig(device_id, load_profile("rpi4"), address, tmp_path / device_id)
+    config = AgentConfig(
+        device_id, load_profile("rpi4"), address, tmp_path / device_id, insecure=True
+    )
     store = ArtifactStore(exported["store"])
     return config, FleetCoordinator(address, store, client_id=f"c-{device_id}").start()
 

@@ -139,7 +139,9 @@ def test_a_device_that_cannot_reach_the_broker_exits_with_a_clear_message(tmp_pa
     from broker import free_port
 
     result = subprocess.run(
-        run_command("rpi4", f"mqtt://127.0.0.1:{free_port()}", "lonely", tmp_path / "s"),
+        run_command(
+            "rpi4", f"mqtt://127.0.0.1:{free_port()}", "lonely", tmp_path / "s", insecure=True
+        ),
         capture_output=True,
         text=True,
         timeout=60,

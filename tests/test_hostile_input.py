@@ -17,6 +17,7 @@ from device_profiles import load_profile
 from edge_runtime import protocol as wire
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore
+from edge_runtime.events import EventLimits
 
 EACH = 30  # of the six kinds of bad desired state, plus 20 damaged chunks
 
@@ -36,6 +37,7 @@ def test_two_hundred_hostile_messages_are_refused_while_inference_goes_on(
             broker=address,
             store_dir=tmp_path / device,
             trust_key=public,
+            events=EventLimits(rate=1000.0, burst=1000),  # one event each: bounds are elsewhere
         )
     ).start()
     coordinator = FleetCoordinator(

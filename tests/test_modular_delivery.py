@@ -59,6 +59,7 @@ def test_a_memory_drop_swaps_to_a_smaller_module_set_while_serving(
             store_dir=tmp_path / "device",
             eval_data=modular["model_dir"] / "test.npz",
             backend=backend,
+            insecure=True,
             policy_interval=0.05,
         ),
         resources=dial,

@@ -21,7 +21,15 @@ def start_agents(devices, address, tmp_path):
     profile = load_profile("rpi4")
     return [
         EdgeAgent(
-            AgentConfig(d, profile, address, tmp_path / d, backend="litert", labels=RINGS[i % 2])
+            AgentConfig(
+                d,
+                profile,
+                address,
+                tmp_path / d,
+                backend="litert",
+                labels=RINGS[i % 2],
+                insecure=True,
+            )
         ).start()
         for i, d in enumerate(devices)
     ]

@@ -36,7 +36,7 @@ def cut_while_downloading(agent: EdgeAgent, proxy: CutProxy, chunks: int, cuts: 
     deadline = time.monotonic() + 120
     for k in range(1, cuts + 1):
         while time.monotonic() < deadline:
-            fetch = agent._fetch
+            fetch = agent.keeper.transfer
             if fetch is not None and len(fetch.current.received) >= k * chunks // (cuts + 2):
                 proxy.cut()
                 break
@@ -62,6 +62,7 @@ def test_a_20_mb_program_arrives_whole_through_a_steady_and_a_cut_link(
             BrokerAddress("127.0.0.1", proxy.port),
             tmp_path / "device",
             backend="litert",
+            insecure=True,
         )
     ).start()
     try:

@@ -209,3 +209,14 @@ def test_a_bad_tensor_message_names_what_is_wrong(payload, field, code):
         wire.decode(wire.AdapterOffer, payload)
     assert (info.value.field, info.value.code) == (field, code)
     assert wire.decode(wire.AdapterOffer, offer_bytes(GOOD_OFFER)).weights == b"tensors"
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1" + "0" * 400])
+def test_a_number_no_float_holds_is_refused_as_out_of_range(number):
+    event = wire.Event(device_id="dev-1", code="c", reason="r").encode()
+    body = json.dumps({**json.loads(event), "ts": 0}).encode()
+    payload = body.replace(b'"ts": 0', b'"ts": ' + number.encode())
+
+    with pytest.raises(ProtocolError, match="out of range") as info:
+        wire.decode(wire.Event, payload)
+    assert info.value.field == "ts" and "float, got float" not in str(info.value)

@@ -122,6 +122,7 @@ def test_an_agent_says_ready_once_connected_pings_while_its_loop_turns_and_says_
             profile=load_profile("rpi-zero-2w"),
             broker=address,
             store_dir=tmp_path / "store",
+            insecure=True,
         )
     )
     assert listener.drain() == []

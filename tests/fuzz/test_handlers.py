@@ -41,6 +41,7 @@ from edge_runtime import protocol as wire
 from edge_runtime.adapter import tensor_bytes
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore, sha256_bytes
+from edge_runtime.events import EventLimits
 
 DEVICE, OTHER = "pi-1", "pi-2"
 # What a device reports when it refuses a message that must change nothing.
@@ -120,6 +121,7 @@ class Device:
             backend="litert",
             trust_key=public,
             fetch_timeout=1e9,  # no re-requests in the middle of a case
+            events=EventLimits(rate=1e6, burst=10**6),  # one event per refusal, unbounded
         )
         self.agent = EdgeAgent(config)
         self.sent = Sent()
@@ -131,7 +133,7 @@ class Device:
         self.deliver(topic_for("desired", DEVICE), self.good.encode())
         self.deliver(*chunk(0, BLOB[:1024]))
         assert self.agent.report.phase == "downloading" and not self.events()
-        assert self.agent._fetch.current.received == {0}
+        assert self.agent.keeper.transfer.current.received == {0}
         self.dirty = False
 
     def deliver(self, topic: str, payload: bytes) -> None:
@@ -145,8 +147,8 @@ class Device:
         return [wire.decode(wire.Event, p) for t, p in self.sent.messages if t == events_topic]
 
     def state(self) -> tuple:
-        a, f = self.agent, self.agent._fetch
-        fetch = f and (f.desired, f.backend, tuple(f.refs), tuple(f.pending), f.current.ref)
+        a, f, g = self.agent, self.agent.keeper.transfer, self.agent.keeper.goal
+        fetch = f and (g.desired, g.backend, tuple(g.refs), tuple(f.pending), f.current.ref)
         fetch = fetch and (*fetch, frozenset(f.current.received), tuple(f.asked), tuple(f.queue))
         trust = a.gate.state_path.read_bytes() if a.gate.state_path.exists() else None
         return (
@@ -275,17 +277,20 @@ def test_the_agent_applies_or_refuses_every_message_and_reports_each_refusal(
             assert len(new) <= 1, [e.code for e in new]  # one report per message
             code = new[0].code if new else None
             assert code != "internal", new[0].reason  # the handler's own bug
-            whole = code == "artifact" and "does not match declared" in new[0].reason
+            whole = code == "transfer-retry" and "does not match declared" in new[0].reason
             after = d.state()
             if code is None:
                 assert _decodes(topic, payload)  # nothing malformed passes in silence
             elif code in REFUSALS and not whole:
                 assert after == before, code  # a refused message changes nothing
-            elif whole or code == "install-failed":
-                # the last chunk arrived: a wrong whole file, or a program that does not load
+            elif whole:
+                # the last chunk arrived and the whole file is wrong: fetched again, later
                 a = d.agent
-                assert a.runner is None and a.report.phase == "failed" and a._fetch is None
-                assert not (whole and a.store.has(BLOB_REF.sha256))
+                assert a.runner is None and a.report.phase == "downloading"
+                assert a.keeper.transfer is not None and not a.store.has(BLOB_REF.sha256)
+            elif code == "install-failed":  # the last chunk arrived: a program that won't load
+                a = d.agent
+                assert a.runner is None and a.report.phase == "failed" and a.keeper.goal is None
             else:
                 # a signed state this device cannot run: refused, its serial remembered
                 assert code == "no-usable-artifact", code

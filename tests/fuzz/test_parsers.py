@@ -427,6 +427,7 @@ def _agent(store: Path) -> EdgeAgent:
         broker=NOWHERE,
         store_dir=store,
         backend="litert",  # the rpi4 profile would try ExecuTorch too, which imports torch
+        insecure=True,
     )
     return EdgeAgent(config)
 

@@ -1,0 +1,168 @@
+"""Bringing the store to what a desired state needs, and keeping it there.
+
+A :class:`Goal` is a desired state and the artifacts it needs. :class:`Keeper` re-hashes
+each of them, fetches what is missing or damaged (a :class:`~edge_runtime.download.Transfer`)
+and hands the goal to ``install`` once the store holds all of it. It also keeps the set
+that serves whole: a part found damaged later (on a swap, or by the periodic re-hash) is
+moved aside and fetched again while the programs already loaded keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_runtime import protocol as wire
+from edge_runtime.artifacts import ArtifactStore, Check
+from edge_runtime.download import RetryPolicy, Transfer
+from edge_runtime.events import EventCode
+from edge_runtime.reporting import Reporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A desired state whose artifacts the store must hold: installed once they are all
+    there, or (``install`` False) only repaired because it serves already."""
+
+    desired: wire.DesiredState
+    backend: str
+    refs: list[wire.ArtifactRef]
+    install: bool = True
+
+    def repair(self) -> Goal:
+        return Goal(self.desired, self.backend, self.refs, install=False)
+
+
+class Keeper:
+    """Owns the goal on its way and the transfer for it (one of each at a time)."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        voice: Reporter,
+        *,
+        install: Callable[[Goal], None],
+        request: Callable[[str, int], None],
+        clock: Callable[[], float],
+        window: int = 2,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        scrub_interval: float = 3600.0,
+    ) -> None:
+        self.store, self.voice, self.install, self.request = store, voice, install, request
+        self.clock, self.window, self.timeout = clock, window, timeout
+        self.retry, self.scrub_interval = retry or RetryPolicy(), scrub_interval
+        self.goal: Goal | None = None
+        self.transfer: Transfer | None = None
+        self.active: Goal | None = None  # what serves, kept whole
+        self.repairs = 0  # objects found damaged and moved aside
+        self.duplicate_chunks = 0  # chunks that arrived again (after a cut, say)
+        self._last_scrub = clock()
+
+    def drop(self) -> None:
+        """Forget the goal on its way (what serves keeps serving)."""
+        self.goal = self.transfer = None
+
+    def served(self, goal: Goal) -> None:
+        """``goal`` was installed and serves now."""
+        self.active = goal.repair()
+        self._last_scrub = self.clock()
+
+    def want(self, goal: Goal) -> None:
+        """Install ``goal`` if the store holds all of it (each object re-hashed), else
+        fetch what is missing or damaged first."""
+        missing = {r.sha256: r for r in goal.refs if self.check(r) is not Check.GOOD}
+        if not missing:
+            self.drop()
+            if goal.install:
+                self.install(goal)
+            return
+        refs = list(missing.values())
+        self.goal = goal
+        self.transfer = Transfer(
+            self.store,
+            refs,
+            request=self.request,
+            event=self._event,
+            clock=self.clock,
+            window=self.window,
+            timeout=self.timeout,
+            retry=self.retry,
+        )
+        detail = f"fetching {len(refs)} artifacts ({sum(r.size for r in refs)} bytes)"
+        if goal.install:
+            self.voice.set(phase="downloading", serial=goal.desired.serial, detail=detail)
+        else:
+            self.voice.set(detail=f"repairing the serving set: {detail}")
+        self.transfer.start()
+        self._after()
+
+    def check(self, ref: wire.ArtifactRef) -> Check:
+        """Re-hash one stored object; a damaged one is moved aside and reported."""
+        found = self.store.verify(ref.sha256)
+        if found is Check.DAMAGED:
+            self.damaged(ref.sha256, ref.name)
+        return found
+
+    def damaged(self, sha: str, name: str) -> None:
+        """Report an object found damaged (and already moved aside)."""
+        self.repairs += 1
+        self.voice.event(
+            EventCode.ARTIFACT_DAMAGED,
+            f"{name} ({sha[:12]}) was damaged on disk: moved aside, fetching it again",
+        )
+
+    def on_chunk(self, sha: str, index: int, data: bytes) -> None:
+        transfer = self.transfer
+        if transfer is None:
+            log.debug("chunk %d of %s arrived with no download for it", index, sha[:12])
+            return
+        duplicates = transfer.duplicates
+        if not transfer.on_chunk(sha, index, data):
+            log.debug("chunk %d of %s is not awaited", index, sha[:12])
+            return
+        self.duplicate_chunks += transfer.duplicates - duplicates
+        self._after()
+
+    def idle(self) -> None:
+        """Retry and re-ask for the transfer; drop a goal that expired; keep the serving
+        set whole (re-hashed every ``scrub_interval`` seconds)."""
+        transfer, goal = self.transfer, self.goal
+        if transfer is not None and goal is not None:
+            if goal.desired.expires and goal.desired.expires < time.time():
+                self.drop()
+                self.voice.set(phase="failed", detail=f"serial {goal.desired.serial} expired")
+            else:
+                transfer.poll()
+                self._after()
+        active = self.active
+        if active is None or self.transfer is not None:
+            return
+        if self.clock() - self._last_scrub >= self.scrub_interval:
+            self._last_scrub = self.clock()
+            for ref in active.refs:
+                self.check(ref)
+        if not all(self.store.has(r.sha256) for r in active.refs):
+            self.want(active)
+
+    def _after(self) -> None:
+        """Install (or only note the repair) once the transfer holds every artifact."""
+        transfer, goal = self.transfer, self.goal
+        if transfer is None or goal is None or not transfer.done:
+            return
+        self.drop()
+        if goal.install:
+            self.want(goal)  # re-checks each file, then installs
+        else:
+            log.info("repaired the serving set of serial %d", goal.desired.serial)
+            self.voice.set(detail=f"repaired the serving set of serial {goal.desired.serial}")
+
+    def _event(self, code: EventCode, reason: str) -> None:
+        self.voice.event(code, reason, self.voice.topic("fetch"))
+        goal = self.goal
+        if code is EventCode.TRANSFER_FAILING and goal is not None and goal.install:
+            self.voice.set(phase="failed", detail=f"{reason} (still trying)"[:1000])
