@@ -90,13 +90,17 @@ class Access:
             capture_output=True,
         )
         os.chmod(self.password_file, 0o600)
-        (self.dir / "credentials").mkdir(exist_ok=True)
+        (self.dir / "credentials").mkdir(mode=0o700, exist_ok=True)
         creds = {"username": username, "password": password}
-        _write_private(self.dir / "credentials" / f"{username}.json", json.dumps(creds).encode())
+        _write_private(self.credentials_file(username), json.dumps(creds).encode())
         return password
 
+    def credentials_file(self, username: str) -> Path:
+        """Where ``username``'s plain password is kept (0600)."""
+        return self.dir / "credentials" / f"{check_user(username)}.json"
+
     def password(self, username: str) -> str:
-        path = self.dir / "credentials" / f"{check_user(username)}.json"
+        path = self.credentials_file(username)
         try:
             return json.loads(path.read_text())["password"]
         except FileNotFoundError:

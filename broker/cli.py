@@ -130,11 +130,11 @@ def _access_init(args: argparse.Namespace) -> int:
 
 def _access_add(args: argparse.Namespace) -> int:
     access = Access(args.dir).check()
-    password = access.add_user(args.user)
-    print(f"{args.user}: password in {access.dir / 'credentials' / (args.user + '.json')}")
+    access.add_user(args.user)  # the password goes to the owner-only file, never to stdout
+    print(f"{args.user}: new password in {access.credentials_file(args.user)} (owner-only)")
     print(
-        f"on the board: eclm edge run --device-id {args.user} "
-        f"--broker mqtts://{args.user}:{password}@BROKER:PORT --cafile ca.pem ..."
+        f"on the board: ECLM_BROKER_PASSWORD=<that password> eclm edge run --device-id "
+        f"{args.user} --broker mqtts://{args.user}@BROKER:PORT --cafile ca.pem ..."
     )
     print("(a running broker reads new passwords on SIGHUP or restart)")
     return 0

@@ -54,7 +54,6 @@ class Service:
         from cloud_trainer.ledger import UpdateLedger
         from cloud_trainer.metrics import Metrics
         from cloud_trainer.pipeline import head_weights, load_model
-        from cloud_trainer.strategies import make_strategy
         from edge_runtime.artifacts import ArtifactStore
         from edge_runtime.mqtt import BrokerAddress
 
@@ -73,8 +72,7 @@ class Service:
         if head is not None:
             self._set_head(head)
         a = c.aggregation
-        params = {"clip": a.clip, **({"trim": a.trim} if a.strategy == "trimmed-mean" else {})}
-        self.strategy = make_strategy(a.strategy, **params)
+        self.strategy = a.make_strategy()
         checker = DomainAggregator(head_weights(self.net), max_norm=a.max_norm)
         self.ledger = UpdateLedger(
             self.state,

@@ -171,3 +171,22 @@ def test_a_device_gets_its_sub_model_through_tls_passwords_and_acls(secured, exp
     finally:
         agent.stop()
         coordinator.stop()
+
+
+def test_access_add_prints_where_the_password_is_never_the_password(tmp_path, capsys):
+    import json
+
+    from eclm.cli import main
+
+    directory = tmp_path / "access"
+    assert main(["broker", "access", "init", "--dir", str(directory)]) == 0
+    assert main(["broker", "access", "add", "pi4-kitchen", "--dir", str(directory)]) == 0
+    out = capsys.readouterr().out
+
+    path = directory / "credentials" / "pi4-kitchen.json"
+    password = json.loads(path.read_text())["password"]
+    cloud = json.loads((directory / "credentials" / "cloud.json").read_text())["password"]
+    assert str(path) in out
+    assert password not in out and cloud not in out
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
