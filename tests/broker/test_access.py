@@ -15,9 +15,12 @@ from edge_runtime.mqtt import BrokerAddress, make_client
 class Session:
     """A connected client recording what arrives, or why it could not connect."""
 
-    def __init__(self, broker: Broker, username: str | None, password: str | None, *, tls=True):
+    def __init__(
+        self, broker: Broker, username: str | None, password: str | None, *, tls=True, port=None
+    ):
+        port = port or broker.port
         self.address = BrokerAddress(
-            broker.host, broker.port, tls, username, password, str(broker.config.tls.cafile)
+            broker.host, port, tls, username, password, str(broker.config.tls.cafile)
         )
         self.messages: list[tuple[str, bytes]] = []
         self.result: str | None = None
@@ -37,7 +40,7 @@ class Session:
         self.client.on_disconnect = on_disconnect
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
         try:
-            self.client.connect(broker.host, broker.port)
+            self.client.connect(broker.host, port)
         except OSError as exc:
             self.result = f"refused: {exc}"
             return
@@ -96,7 +99,7 @@ def test_plaintext_and_wrong_passwords_are_refused(secured):
 
 def test_each_device_reads_and_writes_only_its_own_topics(secured):
     access, broker = secured
-    cloud = Session(broker, "cloud", access.password("cloud"))
+    cloud = Session(broker, "cloud", access.password("cloud"), port=broker.cloud_port)
     a = Session(broker, "dev-a", access.password("dev-a"))
     b = Session(broker, "dev-b", access.password("dev-b"))
     try:
@@ -136,7 +139,9 @@ def test_a_device_gets_its_sub_model_through_tls_passwords_and_acls(secured, exp
     access, broker = secured
     cafile = str(access.tls.cafile)
     private, public = init_keys(tmp_path / "keys")
-    cloud = BrokerAddress(broker.host, broker.port, True, "cloud", access.password("cloud"), cafile)
+    cloud = BrokerAddress(
+        broker.host, broker.cloud_port, True, "cloud", access.password("cloud"), cafile
+    )
     device = BrokerAddress(
         broker.host, broker.port, True, "dev-a", access.password("dev-a"), cafile
     )
