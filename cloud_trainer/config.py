@@ -89,6 +89,33 @@ class RolloutSection:
 
 
 @dataclass(frozen=True)
+class LimitsSection:
+    """Per device: messages a second and the burst allowed at once, per kind (rate 0: no
+    limit). Far above what a device sends; the excess is dropped and counted."""
+
+    updates_per_s: float = 2.0  # adapter uploads: a device sends one per shift or schedule
+    updates_burst: int = 60
+    events_per_s: float = 10.0
+    events_burst: int = 200
+    fetches_per_s: float = 200.0  # one per artifact chunk asked for
+    fetches_burst: int = 2000
+    reports_per_s: float = 10.0  # reported and status
+    reports_burst: int = 100
+
+    def limiter(self):
+        from cloud_trainer.ratelimit import Kind, Limit, RateLimiter
+
+        names = {Kind.UPDATES: "updates", Kind.EVENTS: "events"}
+        names |= {Kind.FETCHES: "fetches", Kind.REPORTS: "reports"}
+        return RateLimiter(
+            {
+                kind: Limit(getattr(self, f"{n}_per_s"), getattr(self, f"{n}_burst"))
+                for kind, n in names.items()
+            }
+        )
+
+
+@dataclass(frozen=True)
 class HttpSection:
     host: str = "127.0.0.1"
     port: int = 9108  # /metrics (Prometheus) and /healthz; 0 picks a free port
@@ -105,6 +132,7 @@ class ServiceConfig:
     aggregation: AggregationSection = AggregationSection()
     integration: IntegrationSection = IntegrationSection()
     rollout: RolloutSection = RolloutSection()
+    limits: LimitsSection = LimitsSection()
     http: HttpSection = HttpSection()
 
     def __post_init__(self) -> None:
@@ -124,6 +152,10 @@ class ServiceConfig:
             raise ConfigError("aggregation: quorum >= 1, deadline > 0")
         if self.integration.workers < 1:
             raise ConfigError("integration.workers: must be >= 1")
+        try:
+            self.limits.limiter()
+        except ValueError as exc:
+            raise ConfigError(f"limits: {exc}") from None
 
 
 def load_config(path: str | Path) -> ServiceConfig:

@@ -101,6 +101,7 @@ class Service:
             serials=lambda: self.state.next_serial(self._assigning),
             shared_group=c.broker.shared_group,
             is_leader=lambda: self.leader,
+            limiter=c.limits.limiter(),
         )
         self.metrics = Metrics(self)
         self.exporter = Exporter(self.model_dir, self.store_dir)
