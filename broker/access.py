@@ -5,8 +5,12 @@ An access directory holds::
 
     ca.pem, ca.key           the CA devices trust (ca.key: 0600, keep it off the broker)
     server.pem, server.key   the broker's certificate for the names it is reached by
-    passwd                   Mosquitto's password file (hashed by mosquitto_passwd)
+    passwd                   the devices' Mosquitto password file (hashed by mosquitto_passwd)
+    cloud-passwd             the cloud's: its users log in on the cloud's own listener
     credentials/<user>.json  the plain password of each user (0600), to hand to the board
+
+A device's user is its client id on the broker (``use_username_as_clientid``), so device
+ids may not start with ``eclm-``, which the cloud's own client ids do.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from broker.config import TLSFiles
 
 CLOUD_USER = "cloud"
+CLOUD_PREFIX = "eclm-"  # the cloud's client ids (eclm-<worker>, eclm-cloud, eclm-cli-<pid>)
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a device id, as on the wire
 
 
@@ -53,13 +58,21 @@ class Access:
     def password_file(self) -> Path:
         return self.dir / "passwd"
 
+    @property
+    def cloud_password_file(self) -> Path:
+        return self.dir / "cloud-passwd"
+
     def check(self) -> Access:
         """ValueError naming what is missing if the directory is not set up."""
-        missing = [
-            p.name for p in (*vars(self.tls).values(), self.password_file) if not p.is_file()
-        ]
+        files = (*vars(self.tls).values(), self.password_file)
+        missing = [p.name for p in files if not p.is_file()]
         if missing:
             raise ValueError(f"{self.dir}: missing {missing}; run `eclm broker access init`")
+        if not self.cloud_password_file.is_file():  # set up before the cloud had its own
+            raise ValueError(
+                f"{self.dir}: no {self.cloud_password_file.name}; run `eclm broker access add "
+                f"{CLOUD_USER}` (the cloud now logs in on its own listener)"
+            )
         return self
 
     def init(self, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), force: bool = False):
@@ -73,30 +86,49 @@ class Access:
             _write_private(self.dir / f"{name}.key", _pem_key(key))
             (self.dir / f"{name}.pem").write_bytes(_pem_cert(cert))
         self.password_file.unlink(missing_ok=True)
+        self.cloud_password_file.unlink(missing_ok=True)
         self.add_user(CLOUD_USER)
+        self._passwd(self.password_file, [])  # no device yet
         return self
 
-    def add_user(self, username: str) -> str:
-        """Give ``username`` (a device id, or the cloud) a new random password; return it."""
+    def add_user(self, username: str, *, cloud: bool | None = None) -> str:
+        """Give ``username`` a new random password and return it: a device, or with
+        ``cloud`` (default: for the user ``cloud``) a user of the cloud's listener."""
         check_user(username)
+        cloud = username == CLOUD_USER if cloud is None else cloud
+        if not cloud and username.startswith(CLOUD_PREFIX):
+            raise ValueError(f"user {username!r}: device ids may not start with {CLOUD_PREFIX!r}")
+        password = secrets.token_urlsafe(24)
+        path = self.cloud_password_file if cloud else self.password_file
+        self._passwd(path, [username, password])
+        (self.dir / "credentials").mkdir(mode=0o700, exist_ok=True)
+        creds = {"username": username, "password": password}
+        _write_private(self.credentials_file(username), json.dumps(creds).encode())
+        return password
+
+    def _passwd(self, path: Path, user_password: list[str]) -> None:
+        """Add (or replace) a user in a Mosquitto password file; with no user, create
+        an empty one if there is none."""
+        if not user_password:
+            if not path.exists():
+                _write_private(path, b"")
+            return
         tool = shutil.which("mosquitto_passwd")
         if tool is None:
             raise ValueError("mosquitto_passwd is not installed (apt-get install -y mosquitto)")
-        password = secrets.token_urlsafe(24)
-        create = [] if self.password_file.exists() else ["-c"]
-        subprocess.run(
-            [tool, *create, "-b", str(self.password_file), username, password],
-            check=True,
-            capture_output=True,
-        )
-        os.chmod(self.password_file, 0o600)
-        (self.dir / "credentials").mkdir(exist_ok=True)
-        creds = {"username": username, "password": password}
-        _write_private(self.dir / "credentials" / f"{username}.json", json.dumps(creds).encode())
-        return password
+        create = [] if path.exists() else ["-c"]
+        # -b takes the password as an argument: a short-lived child of ours, seen in the
+        # process list only by this user and root for a few milliseconds
+        command = [tool, *create, "-b", str(path), *user_password]
+        subprocess.run(command, check=True, capture_output=True)
+        os.chmod(path, 0o600)
+
+    def credentials_file(self, username: str) -> Path:
+        """Where ``username``'s plain password is kept (0600)."""
+        return self.dir / "credentials" / f"{check_user(username)}.json"
 
     def password(self, username: str) -> str:
-        path = self.dir / "credentials" / f"{check_user(username)}.json"
+        path = self.credentials_file(username)
         try:
             return json.loads(path.read_text())["password"]
         except FileNotFoundError:

@@ -55,6 +55,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback)")
     parser.add_argument("--port", type=int, default=1883, help="0 picks a free port")
     parser.add_argument(
+        "--cloud-port",
+        type=int,
+        help="with --access: the cloud's own listener (default: --port + 1; 0: a free one)",
+    )
+    parser.add_argument(
         "--data-dir",
         type=Path,
         default=Path(".eclm/broker"),
@@ -78,6 +83,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "max_packet_size": args.max_packet_size,
         "password_file": access.password_file if access else None,
         "tls": access.tls if access else None,
+        "cloud_port": args.cloud_port if access else None,
     }
 
 
@@ -88,9 +94,10 @@ def _run(args: argparse.Namespace) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with broker:
+        cloud = f", the cloud's listener on {broker.cloud_url}" if args.access else ""
         print(
-            f"{broker.kind} broker on {broker.url}; config and log in {broker.data_dir}; "
-            "Ctrl-C stops it",
+            f"{broker.kind} broker on {broker.url}{cloud}; config and log in "
+            f"{broker.data_dir}; Ctrl-C stops it",
             flush=True,
         )
         try:
@@ -130,11 +137,11 @@ def _access_init(args: argparse.Namespace) -> int:
 
 def _access_add(args: argparse.Namespace) -> int:
     access = Access(args.dir).check()
-    password = access.add_user(args.user)
-    print(f"{args.user}: password in {access.dir / 'credentials' / (args.user + '.json')}")
+    access.add_user(args.user)  # the password goes to the owner-only file, never to stdout
+    print(f"{args.user}: new password in {access.credentials_file(args.user)} (owner-only)")
     print(
-        f"on the board: eclm edge run --device-id {args.user} "
-        f"--broker mqtts://{args.user}:{password}@BROKER:PORT --cafile ca.pem ..."
+        f"on the board: ECLM_BROKER_PASSWORD=<that password> eclm edge run --device-id "
+        f"{args.user} --broker mqtts://{args.user}@BROKER:PORT --cafile ca.pem ..."
     )
     print("(a running broker reads new passwords on SIGHUP or restart)")
     return 0

@@ -42,6 +42,8 @@ class Broker:
 
     ``kind`` is ``mosquitto``, ``amqtt`` or ``auto`` (Mosquitto when installed). ``port=0``
     picks a free port. The generated config, persistence and log live in ``data_dir``.
+    With a ``password_file``, the cloud's users log in on ``cloud_port`` (0: a free one;
+    None: ``port + 1``) with the ``cloud-passwd`` beside it (:attr:`cloud_url`).
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class Broker:
         max_packet_size: int = 256 * 1024,
         password_file: Path | None = None,
         tls: TLSFiles | None = None,
+        cloud_port: int | None = 0,
     ) -> None:
         if kind not in ("auto", "mosquitto", "amqtt"):
             raise ValueError(f"kind: expected auto, mosquitto or amqtt, got {kind!r}")
@@ -64,6 +67,8 @@ class Broker:
         self._fell_back = kind == "auto" and not self.binary
         self.host = host
         self.port = port or free_port(host)
+        if password_file and cloud_port == 0:
+            cloud_port = free_port(host)
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="eclm-broker-"))
         self.config = BrokerConfig(
             port=self.port,
@@ -72,6 +77,7 @@ class Broker:
             max_packet_size=max_packet_size,
             password_file=password_file,
             tls=tls,
+            cloud_port=cloud_port if password_file else None,
         )
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / f"{self.kind}.log"
@@ -79,6 +85,15 @@ class Broker:
     @property
     def url(self) -> str:
         return f"{'mqtts' if self.config.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
+    def cloud_port(self) -> int:
+        """Where the cloud logs in: its own listener with logins, else the only one."""
+        return self.config.cloud_port or self.port
+
+    @property
+    def cloud_url(self) -> str:
+        return f"{'mqtts' if self.config.tls else 'mqtt'}://{self.host}:{self.cloud_port}"
 
     def start(self, timeout: float = 10.0) -> Broker:
         """Start the broker and return once it accepts TCP connections."""

@@ -118,6 +118,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--print-config", action="store_true", help="print the default config and exit"
     )
+    serve.add_argument("--strategy", help="aggregation.strategy, e.g. krum or multi-krum")
     serve.set_defaults(func=_serve)
 
     keys = cmds.add_parser("keys", help="the ed25519 key pair that signs desired states")
@@ -389,6 +390,7 @@ def _deploy(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import signal
     import sys
+    from dataclasses import replace
 
     from cloud_trainer.config import ServiceConfig, example, load_config
     from cloud_trainer.errors import StateError
@@ -399,6 +401,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(example(), end="")
         return ExitCode.OK
     config = load_config(args.config) if args.config else ServiceConfig()
+    if args.strategy:  # ConfigError (exit 2) names an unknown one
+        config = replace(config, aggregation=replace(config.aggregation, strategy=args.strategy))
     if config.log_format == "json":
         use_json_logs(config.worker)
     try:

@@ -45,13 +45,26 @@ class FleetSection:
 
 @dataclass(frozen=True)
 class AggregationSection:
-    strategy: str = "trimmed-mean"  # mean, class-mean, median or trimmed-mean
+    strategy: str = "trimmed-mean"  # mean, class-mean, median, trimmed-mean, krum, multi-krum
     trim: float = 0.2  # share cut from each end by trimmed-mean
+    malicious: float = 0.2  # krum, multi-krum: the share of updates assumed hostile
+    keep: float = 0.0  # multi-krum: the share of best-scored updates averaged (0: all but those)
+    # where samples weigh (mean, class-mean, multi-krum): an update counts at most this many
+    # times the round's median samples, so a lying count cannot take the round (0: no cap)
+    cap: float = 1.0
     clip: float = 0.0  # max L2 norm of an update's change to the head (0: no clipping)
     max_norm: float = 100.0  # an update tensor above this norm is refused
     quorum: int = 4  # devices whose updates close a round
     deadline: float = 600.0  # seconds after which a round closes with what it has
     max_staleness: int = 2  # model versions an update may lag; older ones are refused
+
+    def make_strategy(self):
+        """The configured strategy with the parameters it takes; ValueError naming a bad one."""
+        from cloud_trainer.strategies import STRATEGIES, make_strategy
+
+        taken = {f.name for f in dataclasses.fields(STRATEGIES[self.strategy])}
+        params = {k: getattr(self, k) for k in ("clip", "cap", "trim", "malicious", "keep")}
+        return make_strategy(self.strategy, **{k: v for k, v in params.items() if k in taken})
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,33 @@ class RolloutSection:
 
 
 @dataclass(frozen=True)
+class LimitsSection:
+    """Per device: messages a second and the burst allowed at once, per kind (rate 0: no
+    limit). Far above what a device sends; the excess is dropped and counted."""
+
+    updates_per_s: float = 2.0  # adapter uploads: a device sends one per shift or schedule
+    updates_burst: int = 60
+    events_per_s: float = 10.0
+    events_burst: int = 200
+    fetches_per_s: float = 200.0  # one per artifact chunk asked for
+    fetches_burst: int = 2000
+    reports_per_s: float = 10.0  # reported and status
+    reports_burst: int = 100
+
+    def limiter(self):
+        from cloud_trainer.ratelimit import Kind, Limit, RateLimiter
+
+        names = {Kind.UPDATES: "updates", Kind.EVENTS: "events"}
+        names |= {Kind.FETCHES: "fetches", Kind.REPORTS: "reports"}
+        return RateLimiter(
+            {
+                kind: Limit(getattr(self, f"{n}_per_s"), getattr(self, f"{n}_burst"))
+                for kind, n in names.items()
+            }
+        )
+
+
+@dataclass(frozen=True)
 class HttpSection:
     host: str = "127.0.0.1"
     port: int = 9108  # /metrics (Prometheus) and /healthz; 0 picks a free port
@@ -92,18 +132,30 @@ class ServiceConfig:
     aggregation: AggregationSection = AggregationSection()
     integration: IntegrationSection = IntegrationSection()
     rollout: RolloutSection = RolloutSection()
+    limits: LimitsSection = LimitsSection()
     http: HttpSection = HttpSection()
 
     def __post_init__(self) -> None:
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"log_format: expected json or text, got {self.log_format!r}")
         a = self.aggregation
-        if a.strategy not in ("mean", "class-mean", "median", "trimmed-mean"):
-            raise ConfigError(f"aggregation.strategy: unknown {a.strategy!r}")
-        if a.quorum < 1 or a.deadline <= 0 or not 0 <= a.trim < 0.5:
-            raise ConfigError("aggregation: quorum >= 1, deadline > 0, 0 <= trim < 0.5")
+        from cloud_trainer.strategies import STRATEGIES
+
+        if a.strategy not in STRATEGIES:
+            known = ", ".join(STRATEGIES)
+            raise ConfigError(f"aggregation.strategy: unknown {a.strategy!r} (known: {known})")
+        try:
+            a.make_strategy()
+        except ValueError as exc:
+            raise ConfigError(f"aggregation: {exc}") from None
+        if a.quorum < 1 or a.deadline <= 0:
+            raise ConfigError("aggregation: quorum >= 1, deadline > 0")
         if self.integration.workers < 1:
             raise ConfigError("integration.workers: must be >= 1")
+        try:
+            self.limits.limiter()
+        except ValueError as exc:
+            raise ConfigError(f"limits: {exc}") from None
 
 
 def load_config(path: str | Path) -> ServiceConfig:

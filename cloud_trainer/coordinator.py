@@ -15,6 +15,7 @@ import paho.mqtt.client as paho
 
 from cloud_trainer.errors import StateError
 from cloud_trainer.keys import sign
+from cloud_trainer.ratelimit import DropReason, RateLimiter
 from edge_runtime import protocol as wire
 from edge_runtime.adapter import tensor_bytes
 from edge_runtime.artifacts import ArtifactStore
@@ -24,6 +25,7 @@ from edge_runtime.trust import signed_bytes
 
 log = logging.getLogger(__name__)
 EVENTS_KEPT = 1000  # device events kept in memory (a long-running cloud would pile them up)
+FETCHES_QUEUED = 10_000  # chunk requests waiting for the sender; more are dropped, counted
 
 
 class Aggregator(Protocol):
@@ -54,6 +56,7 @@ class FleetCoordinator:
         serials: Callable[[], int] | None = None,
         shared_group: str = "",
         is_leader: Callable[[], bool] = lambda: True,
+        limiter: RateLimiter | None = None,
     ) -> None:
         """``signing_key`` (see :mod:`cloud_trainer.keys`) signs every desired state, which
         devices then refuse after ``ttl`` seconds; ``aggregator`` takes the devices' adapter
@@ -63,7 +66,8 @@ class FleetCoordinator:
         Several coordinators (service workers) may share the fleet: with ``shared_group``
         each update, fetch and event goes to one of them (a shared subscription), while
         every one sees all desired, reported and status messages; only the one for which
-        ``is_leader()`` holds sends warm starts."""
+        ``is_leader()`` holds sends warm starts. ``limiter`` drops what a device sends over
+        its limits before it is decoded (default: no limits); drops are in ``dropped``."""
         self.address = address
         self.signing_key = signing_key
         self.aggregator = aggregator
@@ -71,6 +75,7 @@ class FleetCoordinator:
         self.serials = serials
         self.shared_group = shared_group
         self.is_leader = is_leader
+        self.limiter = limiter or RateLimiter({})
         self.ttl = ttl
         self.store = store
         self.chunk_size = chunk_size
@@ -85,7 +90,7 @@ class FleetCoordinator:
         self.listeners: list[Callable[[wire.ReportedState | None, wire.ReportedState], None]] = []
         self._serial = int(time.time() * 1000)  # grows across restarts without stored state
         self._changed = threading.Condition()
-        self._fetches: queue.Queue[wire.FetchRequest | None] = queue.Queue()
+        self._fetches: queue.Queue[wire.FetchRequest | None] = queue.Queue(FETCHES_QUEUED)
         self._sender = threading.Thread(target=self._send_loop, name="cloud-sender", daemon=True)
         self._unstored: list[paho.MQTTMessage] = []  # not acknowledged: the store failed
         self.store_error = ""  # why the last store write failed ("" once it works again)
@@ -104,6 +109,11 @@ class FleetCoordinator:
         self._sender.join(timeout=10)
         self.client.disconnect()
         self.client.loop_stop()
+
+    @property
+    def dropped(self) -> Counter[tuple[str, str]]:
+        """Messages dropped unread, by (kind, reason): over a device's limit, queue full."""
+        return self.limiter.counts()
 
     def __enter__(self) -> FleetCoordinator:
         return self.start()
@@ -201,10 +211,15 @@ class FleetCoordinator:
                     self._changed.notify_all()
                 return
             device_id, kind, _ = wire.parse_device_topic(msg.topic)
+            if not self.limiter.allow(device_id, kind):
+                return  # counted; acknowledged, so the broker does not keep it either
             if kind == "fetch":
                 request = wire.decode(wire.FetchRequest, msg.payload)
                 self._check_sender(request.device_id, device_id)
-                self._fetches.put(request)
+                try:
+                    self._fetches.put_nowait(request)
+                except queue.Full:
+                    self.limiter.count_drop(kind, DropReason.QUEUE_FULL)
                 return
             with self._changed:
                 if kind == "desired":

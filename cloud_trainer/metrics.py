@@ -64,6 +64,14 @@ class FleetCollector:
         for reason, n in sorted(state.counters("rejected:").items()):
             rejected.add_metric([reason], n)
         yield rejected
+        dropped = CounterMetricFamily(
+            "eclm_messages_dropped",
+            "Device messages dropped unread in this worker, by kind and reason.",
+            labels=["kind", "reason"],
+        )
+        for (kind, reason), n in sorted(fc.dropped.items()):
+            dropped.add_metric([kind, reason], n)
+        yield dropped
         rounds = GaugeMetricFamily("eclm_rounds", "Aggregation rounds by state.", labels=["state"])
         for name in ("open", "closed", "done"):
             rounds.add_metric([name], len(state.rounds(name)))

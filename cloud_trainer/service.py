@@ -54,7 +54,6 @@ class Service:
         from cloud_trainer.ledger import UpdateLedger
         from cloud_trainer.metrics import Metrics
         from cloud_trainer.pipeline import head_weights, load_model
-        from cloud_trainer.strategies import make_strategy
         from edge_runtime.artifacts import ArtifactStore
         from edge_runtime.mqtt import BrokerAddress
 
@@ -73,8 +72,7 @@ class Service:
         if head is not None:
             self._set_head(head)
         a = c.aggregation
-        params = {"clip": a.clip, **({"trim": a.trim} if a.strategy == "trimmed-mean" else {})}
-        self.strategy = make_strategy(a.strategy, **params)
+        self.strategy = a.make_strategy()
         checker = DomainAggregator(head_weights(self.net), max_norm=a.max_norm)
         self.ledger = UpdateLedger(
             self.state,
@@ -103,6 +101,7 @@ class Service:
             serials=lambda: self.state.next_serial(self._assigning),
             shared_group=c.broker.shared_group,
             is_leader=lambda: self.leader,
+            limiter=c.limits.limiter(),
         )
         self.metrics = Metrics(self)
         self.exporter = Exporter(self.model_dir, self.store_dir)

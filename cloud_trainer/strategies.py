@@ -16,8 +16,19 @@ delta from the reference, the head the adapters started from, scaled down to L2 
 - ``trimmed-mean`` (:class:`TrimmedMean`): per coordinate, the ``trim`` share of the
   largest and of the smallest values dropped, the rest averaged.
 
-The robust two ignore sample counts: a count is the sender's claim, and weighting by it
-would give an attacker the weight it asks for.
+- ``krum`` (:class:`Krum`): the one contribution closest to its ``n - f - 2`` nearest
+  neighbours (squared L2 distance over all tensors), ``f`` the ``malicious`` share of ``n``
+  (Blanchard et al., 2017). Holds while ``2f + 2 < n``.
+- ``multi-krum`` (:class:`MultiKrum`): the ``n - f`` contributions Krum scores best (or
+  the ``keep`` share), averaged by their samples (Flower's ``aggregate_krum`` with
+  ``to_keep``).
+
+The coordinate-wise two and Krum ignore sample counts: a count is the sender's claim, and
+weighting by it would give an attacker the weight it asks for. Where counts weigh
+(``mean``, ``class-mean``, ``multi-krum``), the driver first caps each contribution's
+count, and its histogram in proportion, at ``cap`` times the median count of the
+contributions combined (0: no cap), so a device that claims 1000 times the samples of the
+others weighs at most ``cap`` times the median device.
 """
 
 from __future__ import annotations
@@ -49,10 +60,13 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     clip: float = field(default=0.0, kw_only=True)
+    cap: float = field(default=1.0, kw_only=True)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip) and self.clip >= 0):
             raise ValueError(f"clip: must be >= 0, got {self.clip}")
+        if not (math.isfinite(self.cap) and (self.cap == 0 or self.cap >= 1)):
+            raise ValueError(f"cap: must be 0 (no cap) or >= 1, got {self.cap}")
 
     @abstractmethod
     def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
@@ -63,9 +77,12 @@ class Strategy(ABC):
         contributions: Sequence[Contribution],
         reference: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Clip each contribution's delta from ``reference``, then combine (float32)."""
+        """Cap each contribution's claimed samples, clip its delta from ``reference``, then
+        combine (float32)."""
         if not contributions:
             raise ValueError("nothing to aggregate")
+        if self.cap:
+            contributions = cap_samples(contributions, self.cap)
         if self.clip:
             if reference is None:
                 raise ValueError("clip: needs a reference to measure deltas from")
@@ -74,6 +91,19 @@ class Strategy(ABC):
                 for c in contributions
             ]
         return {k: v.astype(np.float32) for k, v in self.combine(contributions).items()}
+
+
+def cap_samples(contributions: Sequence[Contribution], cap: float) -> list[Contribution]:
+    """``contributions`` with every count above ``cap`` times their median count cut down
+    to it, and the histogram scaled with it (a count stays >= 1)."""
+    bound = cap * float(np.median([c.samples for c in contributions]))
+    capped = []
+    for c in contributions:
+        if c.samples > bound:
+            scale = bound / c.samples
+            c = replace(c, samples=max(1, int(bound)), histogram=c.histogram * scale)
+        capped.append(c)
+    return capped
 
 
 def _stacked(contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
@@ -88,9 +118,13 @@ class WeightedMean(Strategy):
     name: ClassVar[str] = "mean"
 
     def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
-        share = np.array([c.samples for c in contributions], np.float64)
-        share /= share.sum()
-        return {k: np.tensordot(share, v, axes=1) for k, v in _stacked(contributions).items()}
+        return _weighted_mean(contributions)
+
+
+def _weighted_mean(contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
+    share = np.array([c.samples for c in contributions], np.float64)
+    share /= share.sum()
+    return {k: np.tensordot(share, v, axes=1) for k, v in _stacked(contributions).items()}
 
 
 @dataclass(frozen=True)
@@ -169,8 +203,70 @@ class TrimmedMean(Strategy):
         }
 
 
+def krum_scores(contributions: Sequence[Contribution], malicious: int) -> np.ndarray:
+    """Each contribution's Krum score: the sum of its squared L2 distances (over all
+    tensors) to its ``n - malicious - 2`` nearest others (at least one)."""
+    flat = np.stack(
+        [
+            np.concatenate([c.weights[k].ravel() for k in contributions[0].weights])
+            for c in contributions
+        ]
+    ).astype(np.float64)
+    squares = (flat * flat).sum(1)
+    distances = np.maximum(squares[:, None] + squares[None, :] - 2 * flat @ flat.T, 0)
+    n = len(contributions)
+    np.fill_diagonal(distances, np.inf)  # a contribution is not its own neighbour
+    closest = max(1, min(n - 1, n - malicious - 2))
+    if n == 1:
+        return np.zeros(1)
+    return np.sort(distances, axis=1)[:, :closest].sum(1)
+
+
+@dataclass(frozen=True)
+class Krum(Strategy):
+    """The one contribution with the best Krum score, ``f`` = the ``malicious`` share of
+    the contributions (rounded down); unweighted."""
+
+    name: ClassVar[str] = "krum"
+    malicious: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.malicious < 0.5:
+            raise ValueError(f"malicious: must be in [0, 0.5), got {self.malicious}")
+
+    def faulty(self, n: int) -> int:
+        return int(self.malicious * n + 1e-9)
+
+    def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
+        best = int(np.argmin(krum_scores(contributions, self.faulty(len(contributions)))))
+        return dict(contributions[best].weights)
+
+
+@dataclass(frozen=True)
+class MultiKrum(Krum):
+    """The contributions with the best Krum scores, averaged by their samples: the
+    ``keep`` share of them (rounded down, at least one), or with ``keep`` 0 all but ``f``."""
+
+    name: ClassVar[str] = "multi-krum"
+    keep: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.keep <= 1:
+            raise ValueError(f"keep: must be in [0, 1], got {self.keep}")
+
+    def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
+        n = len(contributions)
+        f = self.faulty(n)
+        kept = max(1, int(self.keep * n + 1e-9)) if self.keep else n - f
+        best = np.argsort(krum_scores(contributions, f), kind="stable")[:kept]
+        return _weighted_mean([contributions[i] for i in best])
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (WeightedMean, ClassWeightedMean, CoordinateMedian, TrimmedMean)
+    cls.name: cls
+    for cls in (WeightedMean, ClassWeightedMean, CoordinateMedian, TrimmedMean, Krum, MultiKrum)
 }
 
 

@@ -381,8 +381,13 @@ def test_a_bundle_installs_into_a_fresh_venv_and_its_agent_reaches_its_desired_s
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    cloud = BrokerAddress(
-        "127.0.0.1", port, True, "cloud", access.password("cloud"), str(access.tls.cafile)
+    cloud = BrokerAddress(  # the cloud logs in on its own listener
+        "127.0.0.1",
+        broker.cloud_port,
+        True,
+        "cloud",
+        access.password("cloud"),
+        str(access.tls.cafile),
     )
     fc = FleetCoordinator(
         cloud,

@@ -107,7 +107,7 @@ def test_agents_on_the_network_loop_log_in_as_themselves_over_tls(planned, tmp_p
         address = BrokerAddress(broker.host, broker.port, True, cafile=cafile)
         cloud = FleetCoordinator(
             BrokerAddress(
-                broker.host, broker.port, True, "cloud", access.password("cloud"), cafile
+                broker.host, broker.cloud_port, True, "cloud", access.password("cloud"), cafile
             ),
             ArtifactStore(planned["store"]),
             client_id="cloud",

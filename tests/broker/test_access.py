@@ -15,9 +15,12 @@ from edge_runtime.mqtt import BrokerAddress, make_client
 class Session:
     """A connected client recording what arrives, or why it could not connect."""
 
-    def __init__(self, broker: Broker, username: str | None, password: str | None, *, tls=True):
+    def __init__(
+        self, broker: Broker, username: str | None, password: str | None, *, tls=True, port=None
+    ):
+        port = port or broker.port
         self.address = BrokerAddress(
-            broker.host, broker.port, tls, username, password, str(broker.config.tls.cafile)
+            broker.host, port, tls, username, password, str(broker.config.tls.cafile)
         )
         self.messages: list[tuple[str, bytes]] = []
         self.result: str | None = None
@@ -37,7 +40,7 @@ class Session:
         self.client.on_disconnect = on_disconnect
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
         try:
-            self.client.connect(broker.host, broker.port)
+            self.client.connect(broker.host, port)
         except OSError as exc:
             self.result = f"refused: {exc}"
             return
@@ -96,7 +99,7 @@ def test_plaintext_and_wrong_passwords_are_refused(secured):
 
 def test_each_device_reads_and_writes_only_its_own_topics(secured):
     access, broker = secured
-    cloud = Session(broker, "cloud", access.password("cloud"))
+    cloud = Session(broker, "cloud", access.password("cloud"), port=broker.cloud_port)
     a = Session(broker, "dev-a", access.password("dev-a"))
     b = Session(broker, "dev-b", access.password("dev-b"))
     try:
@@ -136,7 +139,9 @@ def test_a_device_gets_its_sub_model_through_tls_passwords_and_acls(secured, exp
     access, broker = secured
     cafile = str(access.tls.cafile)
     private, public = init_keys(tmp_path / "keys")
-    cloud = BrokerAddress(broker.host, broker.port, True, "cloud", access.password("cloud"), cafile)
+    cloud = BrokerAddress(
+        broker.host, broker.cloud_port, True, "cloud", access.password("cloud"), cafile
+    )
     device = BrokerAddress(
         broker.host, broker.port, True, "dev-a", access.password("dev-a"), cafile
     )
@@ -171,3 +176,22 @@ def test_a_device_gets_its_sub_model_through_tls_passwords_and_acls(secured, exp
     finally:
         agent.stop()
         coordinator.stop()
+
+
+def test_access_add_prints_where_the_password_is_never_the_password(tmp_path, capsys):
+    import json
+
+    from eclm.cli import main
+
+    directory = tmp_path / "access"
+    assert main(["broker", "access", "init", "--dir", str(directory)]) == 0
+    assert main(["broker", "access", "add", "pi4-kitchen", "--dir", str(directory)]) == 0
+    out = capsys.readouterr().out
+
+    path = directory / "credentials" / "pi4-kitchen.json"
+    password = json.loads(path.read_text())["password"]
+    cloud = json.loads((directory / "credentials" / "cloud.json").read_text())["password"]
+    assert str(path) in out
+    assert password not in out and cloud not in out
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

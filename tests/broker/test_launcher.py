@@ -94,3 +94,19 @@ def test_config_has_limits_persistence_and_per_device_acl(tmp_path):
     assert "pattern read eclm/v1/devices/%u/desired" in acl
     assert "pattern write eclm/v1/devices/%u/updates" in acl
     assert "%u/#" not in acl  # no device may reach every topic under its own id blindly
+
+
+def test_with_logins_devices_are_bound_to_their_user_and_the_cloud_has_its_own_listener(
+    tmp_path,
+):
+    config = BrokerConfig(port=8883, data_dir=tmp_path, password_file=tmp_path / "passwd")
+    devices, cloud = render_mosquitto_conf(config).split("listener 8884 ")
+
+    assert "per_listener_settings true" in devices and "listener 8883 " in devices
+    assert f"password_file {tmp_path / 'passwd'}" in devices
+    assert "use_username_as_clientid true" in devices
+    assert f"password_file {tmp_path / 'cloud-passwd'}" in cloud
+    assert "use_username_as_clientid" not in cloud and "allow_anonymous false" in cloud
+    assert "use_username_as_clientid" not in render_mosquitto_conf(BrokerConfig(port=1883))
+    with pytest.raises(ValueError, match="cloud_port"):
+        BrokerConfig(port=8883, password_file=tmp_path / "passwd", cloud_port=8883)

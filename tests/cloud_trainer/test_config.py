@@ -40,6 +40,8 @@ def test_values_are_read_by_section(tmp_path):
         ("broker = 3\n", "broker: expected a [broker] table"),
         ('[aggregation]\nstrategy = "mode"\n', "aggregation.strategy: unknown 'mode'"),
         ("[aggregation\n", "cloud.toml"),
+        ('[aggregation]\nstrategy = "krum"\nmalicious = 0.5\n', "aggregation: malicious"),
+        ("[aggregation]\ncap = 0.5\n", "aggregation: cap"),
     ],
 )
 def test_a_bad_config_names_what_is_wrong(tmp_path, text, named):
@@ -50,3 +52,17 @@ def test_a_bad_config_names_what_is_wrong(tmp_path, text, named):
         load_config(path)
 
     assert named in str(info.value)
+
+
+def test_krum_and_multi_krum_are_chosen_in_the_config_with_their_parameters(tmp_path):
+    from cloud_trainer.strategies import Krum, MultiKrum, TrimmedMean
+
+    path = tmp_path / "cloud.toml"
+    path.write_text('[aggregation]\nstrategy = "multi-krum"\nmalicious = 0.3\nkeep = 0.5\n')
+    multi = load_config(path).aggregation.make_strategy()
+    path.write_text('[aggregation]\nstrategy = "krum"\ncap = 0\n')
+    krum = load_config(path).aggregation.make_strategy()
+
+    assert multi == MultiKrum(malicious=0.3, keep=0.5, cap=1.0)
+    assert krum == Krum(malicious=0.2, cap=0.0)
+    assert ServiceConfig().aggregation.make_strategy() == TrimmedMean(trim=0.2, cap=1.0)

@@ -3,6 +3,9 @@ trained on clean digits (features: a fixed random ReLU projection of the 8x8 ima
 like the real head's input) and ten devices adapting it to rotated digits with the numpy
 trainer, each on a stream of 1000 draws from the same 1200 images (one domain)."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from safetensors.numpy import save
@@ -13,6 +16,8 @@ from cloud_trainer.strategies import (
     STRATEGIES,
     ClassWeightedMean,
     CoordinateMedian,
+    Krum,
+    MultiKrum,
     TrimmedMean,
     WeightedMean,
     make_strategy,
@@ -164,7 +169,7 @@ def test_each_strategy_combines_coordinates_as_it_says():
             for v, n in zip(values, samples, strict=True)
         ]
 
-    mean = WeightedMean().aggregate(contributions([0.0, 1.0], [1, 3]))
+    mean = WeightedMean(cap=0).aggregate(contributions([0.0, 1.0], [1, 3]))
     median = CoordinateMedian().aggregate(contributions([1.0, 2.0, 100.0]))
     trimmed = TrimmedMean(trim=0.2).aggregate(contributions([0.0, 1.0, 2.0, 3.0, 100.0]))
 
@@ -178,23 +183,37 @@ def test_each_strategy_combines_coordinates_as_it_says():
         Contribution({"weight": rows[0]}, 3, np.array([3, 0, 0])),
         Contribution({"weight": rows[1]}, 1, np.array([1, 0, 2])),
     ]
-    by_class = ClassWeightedMean(coverage=0).aggregate(skewed)
+    by_class = ClassWeightedMean(coverage=0, cap=0).aggregate(skewed)
     # class 0: 3:1; class 1 nobody saw: by samples (3:1); class 2: only the second
     np.testing.assert_allclose(by_class["weight"][:, 0], [2.0, 2.0, 5.0])
     # the first saw one class, the second 1.89 (exp of its labels' entropy) of three
-    covered = ClassWeightedMean(coverage=1).aggregate(skewed)
+    covered = ClassWeightedMean(coverage=1, cap=0).aggregate(skewed)
     first, second = 3 * 1 / 3, 1 * 1.8899 / 3
     expected = (first * 1 + second * 5) / (first + second)
     np.testing.assert_allclose(covered["weight"][:, 0], [expected, 2.0, 5.0], rtol=1e-4)
 
 
 def test_strategies_are_made_by_name_and_bad_names_or_parameters_are_named():
-    assert set(STRATEGIES) == {"mean", "class-mean", "median", "trimmed-mean"}
+    assert set(STRATEGIES) == {
+        "mean",
+        "class-mean",
+        "median",
+        "trimmed-mean",
+        "krum",
+        "multi-krum",
+    }
+    assert make_strategy("multi-krum", malicious=0.1, keep=0.5) == MultiKrum(
+        malicious=0.1, keep=0.5
+    )
     assert make_strategy("trimmed-mean", trim=0.1, clip=3.0) == TrimmedMean(trim=0.1, clip=3.0)
     assert isinstance(make_strategy("median"), CoordinateMedian)
 
-    with pytest.raises(ValueError, match="'krum'.*mean, class-mean, median, trimmed-mean"):
-        make_strategy("krum")
+    with pytest.raises(ValueError, match="'bulyan'.*mean, class-mean, median, trimmed-mean"):
+        make_strategy("bulyan")
+    with pytest.raises(ValueError, match="malicious"):
+        Krum(malicious=0.5)
+    with pytest.raises(ValueError, match="cap"):
+        WeightedMean(cap=0.5)
     with pytest.raises(ValueError, match="no parameter trim"):
         make_strategy("median", trim=0.1)
     with pytest.raises(ValueError, match="trim"):
@@ -309,3 +328,90 @@ def test_class_mean_keeps_what_each_device_learned_about_the_classes_it_saw(flee
     plain = accuracy(WeightedMean().aggregate(contributions), fleet["test"])
     by_class = accuracy(ClassWeightedMean().aggregate(contributions), fleet["test"])
     assert by_class > plain + 0.1, (plain, by_class)
+
+
+FLOWER = Path(__file__).with_name("reference") / "krum_flower.json"
+
+
+def _flower_case(case):
+    inputs = [
+        Contribution(
+            {"weight": np.array(c["weight"]), "bias": np.array(c["bias"])},
+            c["samples"],
+            np.zeros(3),
+        )
+        for c in case["inputs"]
+    ]
+    n = len(inputs)
+    share = case["num_malicious"] / n
+    if case["to_keep"]:
+        strategy = MultiKrum(malicious=share, keep=case["to_keep"] / n, cap=0)
+    else:
+        strategy = Krum(malicious=share, cap=0)
+    return inputs, strategy
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_krum_and_multi_krum_match_flowers_aggregate_krum(index):
+    """Against outputs of Flower's ``aggregate_krum`` (1.42.0) stored by
+    reference/make_krum_reference.py: the same parameters, number for number."""
+    case = json.loads(FLOWER.read_text())["cases"][index]
+    inputs, strategy = _flower_case(case)
+
+    out = strategy.aggregate(inputs)
+
+    for name in ("weight", "bias"):
+        np.testing.assert_allclose(out[name], np.array(case["output"][name]), rtol=1e-6, atol=1e-6)
+
+
+def test_krum_matches_flower_on_the_adapters_when_flower_is_installed(fleet):
+    aggregate = pytest.importorskip("flwr.server.strategy.aggregate")
+    head = fleet["head"]
+    contributions = [
+        Contribution(attack(a, head, "scaled") if i < 2 else a.trainer.weights(), 1000, a.histogram)
+        for i, a in enumerate(fleet["adapters"])
+    ]
+    results = [([c.weights["weight"], c.weights["bias"]], c.samples) for c in contributions]
+
+    for strategy, keep in ((Krum(cap=0), 0), (MultiKrum(cap=0), DEVICES - 2)):
+        ours = strategy.aggregate(contributions)
+        theirs = aggregate.aggregate_krum(results, 2, keep)
+        np.testing.assert_allclose(ours["weight"], theirs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_krum_picks_an_honest_update_and_multi_krum_averages_only_honest_ones(fleet):
+    head = fleet["head"]
+    contributions = [
+        Contribution(attack(a, head, "scaled") if i < 2 else a.trainer.weights(), 1000, a.histogram)
+        for i, a in enumerate(fleet["adapters"])
+    ]
+
+    picked = Krum().aggregate(contributions)
+    averaged = MultiKrum().aggregate(contributions)
+    honest_ones = contributions[2:]
+    honest = WeightedMean().aggregate(honest_ones)
+
+    chosen = flat(picked)
+    assert any(np.array_equal(chosen, flat(c.weights).astype(np.float32)) for c in honest_ones)
+    np.testing.assert_allclose(flat(averaged), flat(honest), rtol=1e-5, atol=1e-6)
+
+
+def test_a_claimed_count_weighs_at_most_cap_times_the_median():
+    def contribution(value, samples):
+        histogram = np.array([samples, 0])
+        return Contribution({"bias": np.array([value, value])}, samples, histogram)
+
+    honest = [contribution(1.0, 100) for _ in range(4)]
+    liar = contribution(-1.0, 100_000)
+
+    uncapped = WeightedMean(cap=0).aggregate([*honest, liar])["bias"][0]
+    capped = WeightedMean().aggregate([*honest, liar])["bias"][0]
+    twice = WeightedMean(cap=2).aggregate([*honest, liar])["bias"][0]
+    by_class = ClassWeightedMean().aggregate([*honest, liar])["bias"][0]
+    kept = MultiKrum(malicious=0.0, keep=1.0).aggregate([*honest, liar])["bias"][0]
+
+    assert uncapped < -0.99  # the liar is nearly all of the weight
+    assert capped == pytest.approx((4 - 1) / 5)  # one device of five
+    assert twice == pytest.approx((4 - 2) / 6)
+    assert by_class == pytest.approx((4 - 1) / 5)
+    assert kept == pytest.approx((4 - 1) / 5)
