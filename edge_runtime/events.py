@@ -17,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-class EventCode(enum.StrEnum):
+class EventCode(str, enum.Enum):  # enum.StrEnum is 3.11+; the edge runs on 3.10
     """Codes of the events the agent publishes about its own work. Refused messages
     carry the ``code`` of their :class:`~edge_runtime.errors.ProtocolError`."""
+
+    def __str__(self) -> str:
+        return str(self.value)
 
     ARTIFACT = "artifact"  # a message that named a bad chunk or artifact
     INTERNAL = "internal"  # a bug while handling a message; what was active keeps serving

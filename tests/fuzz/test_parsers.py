@@ -454,7 +454,9 @@ def test_an_agent_starts_from_any_active_and_trust_file(fuzz, scratch):
         assert agent.gate.floor == (saved.serial if saved else -1)
         assert agent.gate.serial >= agent.gate.floor
         agent._restore()  # its artifacts are not in the store: nothing to serve, no error
-        assert agent.runner is None and agent.report.phase == "idle"
+        assert agent.runner is None
+        # A readable state whose parts are missing is fetched again (the self-healing store).
+        assert agent.report.phase in (("idle", "downloading") if saved else ("idle",))
 
     case()
     rec.assert_both_outcomes()
