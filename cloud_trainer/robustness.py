@@ -46,8 +46,9 @@ class Fleet:
     weak: list[Device]  # what each trained on 64 samples (what a liar sends)
 
 
-def digits_fleet(devices: int = 10, stream: int = 1000, seed: int = 0) -> Fleet:
-    """``devices`` adapters of one head to rotated digits, each on its own ``stream``."""
+def rotated_digits(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """A head trained on random ReLU features of clean digits, and the features and labels
+    of the same digits rotated by 90 degrees: a domain its devices adapt it to."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -62,7 +63,12 @@ def digits_fleet(devices: int = 10, stream: int = 1000, seed: int = 0) -> Fleet:
     for _ in range(20):
         for i in range(0, 1000, 32):
             cloud.step(clean[i : i + 32], y[i : i + 32])
-    head = cloud.weights()
+    return cloud.weights(), rotated, y
+
+
+def digits_fleet(devices: int = 10, stream: int = 1000, seed: int = 0) -> Fleet:
+    """``devices`` adapters of one head to rotated digits, each on its own ``stream``."""
+    head, rotated, y = rotated_digits(seed)
 
     def adapt(device: int, samples: int) -> Device:
         adapter = Adapter(NumpyTrainer(head["weight"], head["bias"], lr=0.5), seed=device)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save
-from sklearn.datasets import load_digits
 
 from cloud_trainer.aggregation import Contribution, DomainAggregator
+from cloud_trainer.robustness import rotated_digits
 from cloud_trainer.strategies import (
     STRATEGIES,
     ClassWeightedMean,
@@ -32,19 +32,7 @@ LOOSE = 1e5  # a norm bound the scaled updates pass: the strategy has to stop th
 
 @pytest.fixture(scope="module")
 def fleet():
-    digits = load_digits()
-    images, y = (digits.images / 16.0).astype(np.float32), digits.target
-    projection = np.random.default_rng(0).normal(0, 1 / 8, (64, 512)).astype(np.float32)
-
-    def features(x):
-        return np.maximum(x.reshape(len(x), -1) @ projection, 0)
-
-    clean, rotated = features(images), features(np.rot90(images, 1, axes=(1, 2)))
-    cloud = NumpyTrainer(np.zeros((10, 512), np.float32), np.zeros(10, np.float32), lr=0.5)
-    for _ in range(20):
-        for i in range(0, 1000, 32):
-            cloud.step(clean[i : i + 32], y[i : i + 32])
-    head = cloud.weights()
+    head, rotated, y = rotated_digits(seed=0)
     adapters = []
     for device in range(DEVICES):
         adapter = Adapter(NumpyTrainer(head["weight"], head["bias"], lr=0.5), seed=device)
