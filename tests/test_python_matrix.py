@@ -124,8 +124,13 @@ def test_a_bundle_for_this_python_installs_and_its_agent_reaches_active(
         stdout=log,
         stderr=log,
     )
-    cloud = BrokerAddress(
-        "127.0.0.1", port, True, "cloud", access.password("cloud"), str(access.tls.cafile)
+    cloud = BrokerAddress(  # the cloud logs in on its own listener
+        "127.0.0.1",
+        broker.cloud_port,
+        True,
+        "cloud",
+        access.password("cloud"),
+        str(access.tls.cafile),
     )
     fc = FleetCoordinator(
         cloud,
