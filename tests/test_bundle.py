@@ -63,6 +63,55 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
+def unit_env(unit: dict[str, list[str]]) -> dict[str, str]:
+    """The environment systemd gives the unit's process: its EnvironmentFiles."""
+    env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8"}
+    for path in unit["EnvironmentFile"]:
+        env.update(read_env_file(Path(path.lstrip("-"))))
+    return env
+
+
+def tls_broker(access: Access, port: int, data_dir: Path) -> Broker:
+    """Mosquitto with the access directory's TLS, passwords and ACLs."""
+    return Broker(
+        kind="mosquitto",
+        port=port,
+        data_dir=data_dir,
+        password_file=access.password_file,
+        tls=access.tls,
+    ).start()
+
+
+def start_unit(unit: dict[str, list[str]], env: dict[str, str], log):
+    """The unit's ExecStart in its working directory, as systemd would start it."""
+    return popen(
+        shlex.split(unit["ExecStart"][0]),
+        env=env,
+        cwd=unit["WorkingDirectory"][0],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def tls_cloud(broker: Broker, access: Access, store: Path, signing_key: Path, client_id: str):
+    """A started FleetCoordinator logged in as the cloud, on the cloud's own listener."""
+    from cloud_trainer.coordinator import FleetCoordinator
+    from edge_runtime.artifacts import ArtifactStore
+
+    address = BrokerAddress(
+        "127.0.0.1",
+        broker.cloud_port,
+        True,
+        "cloud",
+        access.password("cloud"),
+        str(access.tls.cafile),
+    )
+    key = load_signing_key(signing_key)
+    return FleetCoordinator(
+        address, ArtifactStore(store), client_id=client_id, signing_key=key
+    ).start()
+
+
 @pytest.fixture(scope="module")
 def provisioned(tmp_path_factory):
     """An access directory (CA, server certificate, cloud user) and the cloud's keys."""
@@ -311,8 +360,6 @@ def test_a_bundle_installs_into_a_fresh_venv_and_its_agent_reaches_its_desired_s
     provisioned, modular, tmp_path
 ):
     from cloud_trainer.cli import deploy_fleet, wait_for_fleet
-    from cloud_trainer.coordinator import FleetCoordinator
-    from edge_runtime.artifacts import ArtifactStore
 
     access, device = provisioned["access"], "zero-flash"
     port = free_port()
@@ -360,41 +407,14 @@ def test_a_bundle_installs_into_a_fresh_venv_and_its_agent_reaches_its_desired_s
         verify = subprocess.run(["systemd-analyze", "verify", unit_path], capture_output=True)
         assert verify.returncode == 0, verify.stderr
     unit = read_unit(unit_path.read_text())
-    env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8"}
-    for path in unit["EnvironmentFile"]:
-        env.update(read_env_file(Path(path.lstrip("-"))))
+    env = unit_env(unit)
     notify = NotifySocket()
     env.update(NOTIFY_SOCKET=notify.address, WATCHDOG_USEC="2000000")
     assert int(unit["WatchdogSec"][0]) >= 2
-    broker = Broker(
-        kind="mosquitto",
-        port=port,
-        data_dir=tmp_path / "broker",
-        password_file=access.password_file,
-        tls=access.tls,
-    ).start()
+    broker = tls_broker(access, port, tmp_path / "broker")
     log = open(tmp_path / "agent.log", "wb")
-    agent = popen(
-        shlex.split(unit["ExecStart"][0]),
-        env=env,
-        cwd=unit["WorkingDirectory"][0],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    cloud = BrokerAddress(  # the cloud logs in on its own listener
-        "127.0.0.1",
-        broker.cloud_port,
-        True,
-        "cloud",
-        access.password("cloud"),
-        str(access.tls.cafile),
-    )
-    fc = FleetCoordinator(
-        cloud,
-        ArtifactStore(modular["store"]),
-        client_id="cloud-bundle",
-        signing_key=load_signing_key(provisioned["private"]),
-    ).start()
+    agent = start_unit(unit, env, log)
+    fc = tls_cloud(broker, access, modular["store"], provisioned["private"], "cloud-bundle")
     try:
         serials = deploy_fleet(
             fc, modular["model_dir"], modular["store"], [(device, "rpi-zero-2w")], modular=True

@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from pythons import find_python
-from test_bundle import SYSTEMD_PATH, install, read_env_file, read_unit
+from test_bundle import (
+    SYSTEMD_PATH,
+    install,
+    read_unit,
+    start_unit,
+    tls_broker,
+    tls_cloud,
+    unit_env,
+)
 
-from broker import Access, Broker
+from broker import Access
 from broker.launcher import free_port
-from cloud_trainer.keys import init_keys, load_signing_key
+from cloud_trainer.keys import init_keys
 from eclm.cli import main
 from edge_runtime.exit_codes import ExitCode
-from edge_runtime.mqtt import BrokerAddress
 
 VERSIONS = ("3.10", "3.11", "3.12", "3.13")
 CI_VERSIONS = "3.10"
@@ -59,8 +64,6 @@ def test_a_bundle_for_this_python_installs_and_its_agent_reaches_active(
     if python is None:
         pytest.skip(f"no CPython {version} here (pyenv install {version}, or python{version})")
     from cloud_trainer.cli import deploy_fleet, wait_for_fleet
-    from cloud_trainer.coordinator import FleetCoordinator
-    from edge_runtime.artifacts import ArtifactStore
 
     access, device = operator["access"], f"py{version.replace('.', '')}"
     port, archive = free_port(), tmp_path / "bundle.tar.gz"
@@ -105,39 +108,12 @@ def test_a_bundle_for_this_python_installs_and_its_agent_reaches_active(
         assert "the cloud side needs Python >= 3.11" in cloud_cmd.stderr
 
     unit = read_unit((prefix / "lib/systemd/system/eclm-edge.service").read_text())
-    env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8"}
-    for path in unit["EnvironmentFile"]:
-        env.update(read_env_file(Path(path.lstrip("-"))))
+    env = unit_env(unit)
     assert env["ECLM_TRUST_KEY"] == str(prefix / "etc/signing.pub")  # run.sh passes it
-    broker = Broker(
-        kind="mosquitto",
-        port=port,
-        data_dir=tmp_path / "broker",
-        password_file=access.password_file,
-        tls=access.tls,
-    ).start()
+    broker = tls_broker(access, port, tmp_path / "broker")
     log = open(tmp_path / "agent.log", "wb")
-    agent = subprocess.Popen(
-        shlex.split(unit["ExecStart"][0]),
-        env=env,
-        cwd=unit["WorkingDirectory"][0],
-        stdout=log,
-        stderr=log,
-    )
-    cloud = BrokerAddress(  # the cloud logs in on its own listener
-        "127.0.0.1",
-        broker.cloud_port,
-        True,
-        "cloud",
-        access.password("cloud"),
-        str(access.tls.cafile),
-    )
-    fc = FleetCoordinator(
-        cloud,
-        ArtifactStore(modular["store"]),
-        client_id=f"cloud-{device}",
-        signing_key=load_signing_key(operator["private"]),
-    ).start()
+    agent = start_unit(unit, env, log)
+    fc = tls_cloud(broker, access, modular["store"], operator["private"], f"cloud-{device}")
     try:
         serials = deploy_fleet(
             fc, modular["model_dir"], modular["store"], [(device, PROFILE)], modular=True
