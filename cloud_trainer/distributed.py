@@ -20,7 +20,6 @@ import json
 import os
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -147,12 +146,12 @@ def _spawn(job: _Job, world_size: int):
     import torch.multiprocessing as mp
 
     from cloud_trainer.errors import CloudError
+    from eclm_common.lifeline import starter
 
     with tempfile.TemporaryDirectory(prefix="eclm-integrate-") as tmp:
         out = Path(tmp)
         try:
-            parent = (os.getpid(), threading.current_thread() is threading.main_thread())
-            args = (world_size, job, _free_port(), out, parent)
+            args = (world_size, job, _free_port(), out, starter())
             mp.spawn(_worker, args=args, nprocs=world_size)
         # a worker that raised or died ends the others, and this job with a CloudError
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
@@ -175,7 +174,7 @@ def _worker(
 
     from eclm_common.lifeline import die_with_parent
 
-    die_with_parent(parent[0], main_thread=parent[1])
+    die_with_parent(*parent)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // world_size))  # no oversubscription
     dist.init_process_group(

@@ -10,8 +10,6 @@ child ends with the service, whatever ends the service (:mod:`eclm_common.lifeli
 
 from __future__ import annotations
 
-import os
-import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -19,7 +17,7 @@ from pathlib import Path
 
 from cloud_trainer.errors import ExportError
 from cloud_trainer.rollout import Target
-from eclm_common.lifeline import die_with_parent
+from eclm_common.lifeline import die_with_parent, starter
 
 
 class Exporter:
@@ -45,12 +43,8 @@ class Exporter:
     @staticmethod
     def _new_pool() -> ProcessPoolExecutor:
         # The worker ends with the service, however the service ends (SIGKILL included).
-        main = threading.current_thread() is threading.main_thread()
         pool = ProcessPoolExecutor(
-            1,
-            mp_context=get_context("spawn"),
-            initializer=die_with_parent,
-            initargs=(os.getpid(), main),
+            1, mp_context=get_context("spawn"), initializer=die_with_parent, initargs=starter()
         )
         # A worker is always there: the first job does not wait for torch to import, and
         # the service holds the same descriptors whether a job runs or not.

@@ -39,6 +39,12 @@ def _set_pdeathsig(sig: int) -> bool:
     return _libc is not None and _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
 
 
+def starter() -> tuple[int, bool]:
+    """What a child needs to know of the process starting it now, for
+    :func:`die_with_parent`: its pid, and whether this is its main thread."""
+    return os.getpid(), threading.current_thread() is threading.main_thread()
+
+
 def die_with_parent(parent: int, main_thread: bool = False, *, grace: float = 5.0) -> None:
     """End this process when ``parent`` (the pid that started it) is gone: at once when the
     kernel can tell us (``main_thread``: the parent started us from its main thread, Linux),
@@ -86,9 +92,10 @@ def popen(cmd: Sequence[str], *, env: dict[str, str] | None = None, **kwargs) ->
     marker :data:`PARENT_ENV` so that a Python program of ours can watch for it itself
     (:func:`watch_from_env`)."""
     env = dict(os.environ if env is None else env)
-    env[PARENT_ENV] = str(os.getpid())
-    if _libc is not None and threading.current_thread() is threading.main_thread():
-        kwargs["preexec_fn"] = _pdeathsig_hook(os.getpid())
+    env[PARENT_ENV] = str(os.getpid())  # the child's own watchdog, from any thread
+    parent, main_thread = starter()
+    if _libc is not None and main_thread:
+        kwargs["preexec_fn"] = _pdeathsig_hook(parent)
     return subprocess.Popen(list(cmd), env=env, **kwargs)
 
 
