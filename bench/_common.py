@@ -17,8 +17,8 @@ def load_or_init(model_dir: Path | None):
     """The trained model in ``model_dir``, or a fresh seeded one (timing ignores weights)."""
     import torch
 
-    from cloud_trainer.modular import ModularNet
-    from cloud_trainer.pipeline import load_model
+    from cloud_trainer.model.checkpoint import load_model
+    from cloud_trainer.model.modular import ModularNet
 
     if model_dir:
         return load_model(model_dir)
@@ -28,7 +28,7 @@ def load_or_init(model_dir: Path | None):
 
 def export_parts(net, store, backend: str) -> dict[str, str]:
     """Export every part of ``net`` in fp32 for ``backend``; part name -> sha256."""
-    from cloud_trainer.modular_export import export_modular
+    from cloud_trainer.export.modular import export_modular
 
     fmt = FORMATS[backend]
     calib = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
@@ -66,7 +66,7 @@ def trained_model(model_dir: Path | None, work: Path, epochs: int, seed: int = 0
     """``model_dir`` if it holds a trained model, else a model trained into ``work/model``."""
     model_dir = model_dir or work / "model"
     if not (model_dir / "model.pt").is_file():
-        from cloud_trainer.pipeline import train_model
+        from cloud_trainer.model.checkpoint import train_model
 
         print(f"training the modular model ({epochs} epochs) into {model_dir}", flush=True)
         train_model(model_dir, epochs=epochs, seed=seed)

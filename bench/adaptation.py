@@ -37,9 +37,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from cloud_trainer.adaptation_report import headline, table
-    from cloud_trainer.experiment import ADAPTIVE, Settings, run_with_broker
-    from cloud_trainer.scenario import ScenarioSpec
+    from eclm_lab.experiment import ADAPTIVE, Settings, run_with_broker
+    from eclm_lab.report import headline, table
+    from eclm_lab.scenario import ScenarioSpec
 
     out = args.out or Path(tempfile.mkdtemp(prefix="eclm-adaptation-"))
     figures = []

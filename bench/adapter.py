@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
 
-    from cloud_trainer.adapter_export import export_adapter_training
+    from cloud_trainer.export.adapter import export_adapter_training
     from edge_runtime.adapter import NumpyTrainer
     from edge_runtime.backends.executorch import ExecuTorchTrainer
 

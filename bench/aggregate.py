@@ -29,8 +29,8 @@ CLASSES, FEATURES = 10, 512
 
 def payloads(devices: int, updates: int, seed: int) -> tuple[dict, list[list[bytes]]]:
     """A head, and ``updates`` rounds of one encoded update per device."""
-    from edge_runtime import protocol as wire
-    from edge_runtime.adapter import tensor_bytes
+    import eclm_wire as wire
+    from eclm_wire.codec import tensor_bytes
 
     rng = np.random.default_rng(seed)
     head = {
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=7, help="timed passes per strategy")
     args = parser.parse_args(argv)
 
-    from cloud_trainer.aggregation import DomainAggregator
-    from cloud_trainer.strategies import CoordinateMedian, TrimmedMean, WeightedMean
-    from edge_runtime import protocol as wire
+    import eclm_wire as wire
+    from cloud_trainer.federation.aggregation import DomainAggregator
+    from cloud_trainer.federation.strategies import CoordinateMedian, TrimmedMean, WeightedMean
 
     strategies = {
         "mean": WeightedMean(),

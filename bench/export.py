@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", type=Path, help="trained model dir (default: fresh init)")
     args = parser.parse_args(argv)
 
-    from cloud_trainer.modular_export import export_modular
+    from cloud_trainer.export.modular import export_modular
     from edge_runtime.artifacts import ArtifactStore
 
     net = load_or_init(args.model)

@@ -64,7 +64,7 @@ def raise_fd_limit(need: int) -> None:
 def prepare_model(args, work: Path) -> tuple[Path, Path]:
     """The model (trained here unless ``--model``) and its per-profile programs, exported
     before the fleet arrives, as ``eclm cloud export`` would."""
-    from cloud_trainer.pipeline import plan_device_modular
+    from cloud_trainer.export.plan import plan_device_modular
     from device_profiles import load_profile
 
     model = trained_model(args.model, work, args.epochs, args.seed)
@@ -81,7 +81,7 @@ class Service:
 
     def __init__(self, work: Path, broker_url: str, model: Path, artifacts: Path, args) -> None:
         from broker.launcher import free_port
-        from cloud_trainer.keys import init_keys
+        from cloud_trainer.fleet.keys import init_keys
 
         keys = work / "keys"
         if not (keys / "signing.key").exists():
@@ -197,7 +197,7 @@ class RolloutWatch:
     def __init__(self, address) -> None:
         import paho.mqtt.client as paho
 
-        from edge_runtime import protocol as wire
+        import eclm_wire as wire
 
         self.seen: list[tuple[float, object]] = []
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-watch")
@@ -320,7 +320,7 @@ def fleet_phases(sim, service: Service, args) -> dict:
 
 def chunk_groups(sim, shas_of: dict[str, set[str]]) -> list[tuple[int, list[bytes]]]:
     """Devices that fetched the same artifacts, as (how many, their chunks on the wire)."""
-    from edge_runtime import protocol as wire
+    import eclm_wire as wire
 
     groups: dict[frozenset, list[str]] = defaultdict(list)
     for device_id, shas in shas_of.items():
@@ -471,9 +471,9 @@ def main() -> None:
     import psutil
 
     from broker.launcher import Broker
+    from eclm_wire.mqtt import BrokerAddress
     from edge_runtime.fleet import FleetSimulator, make_devices
     from edge_runtime.learning import LearnerConfig
-    from edge_runtime.mqtt import BrokerAddress
 
     args.quorum = min(args.quorum, args.devices)
     load_before = round(os.getloadavg()[0], 2)  # others' work on this machine

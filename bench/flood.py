@@ -27,8 +27,8 @@ from bench._common import print_json  # noqa: E402
 def _updates(device: str, count: int, like: dict) -> list[bytes]:
     import secrets
 
-    from edge_runtime import protocol as wire
-    from edge_runtime.adapter import tensor_bytes
+    import eclm_wire as wire
+    from eclm_wire.codec import tensor_bytes
 
     weights = tensor_bytes({k: v + 0.01 for k, v in like.items()})
     message = dict(device_id=device, domain="rotate", base="1", samples=10, weights=weights)
@@ -43,7 +43,7 @@ def flood(port: int, count: int) -> None:
     import numpy as np
     import paho.mqtt.client as paho
 
-    from edge_runtime import protocol as wire
+    import eclm_wire as wire
 
     like = {"weight": np.zeros((10, 512), np.float32), "bias": np.zeros(10, np.float32)}
     distinct = _updates("pi4-flood", 200, like)
@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> dict:
     import paho.mqtt.client as paho
     import psutil
 
+    import eclm_wire as wire
     from broker import Broker
-    from cloud_trainer.aggregation import DomainAggregator
-    from cloud_trainer.config import LimitsSection
-    from cloud_trainer.coordinator import FleetCoordinator
-    from edge_runtime import protocol as wire
+    from cloud_trainer.federation.aggregation import DomainAggregator
+    from cloud_trainer.fleet.coordinator import FleetCoordinator
+    from cloud_trainer.service.config import LimitsSection
+    from eclm_wire.mqtt import BrokerAddress
     from edge_runtime.artifacts import ArtifactStore
-    from edge_runtime.mqtt import BrokerAddress
 
     logging.disable(logging.WARNING)
     like = {"weight": np.zeros((10, 512), np.float32), "bias": np.zeros(10, np.float32)}

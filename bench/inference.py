@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
 
-    from cloud_trainer.modular import SubModel
-    from cloud_trainer.modular_export import export_program
+    from cloud_trainer.export.modular import export_program
+    from cloud_trainer.model.modular import SubModel
     from edge_runtime.artifacts import ArtifactStore
     from edge_runtime.backends import get_backend
     from edge_runtime.composer import ComposedModel

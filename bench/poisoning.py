@@ -29,14 +29,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # every refused NaN update logs a line
 
-    from cloud_trainer.robustness import digits_fleet, table
-    from cloud_trainer.strategies import (
+    from cloud_trainer.federation.strategies import (
         CoordinateMedian,
         Krum,
         MultiKrum,
         TrimmedMean,
         WeightedMean,
     )
+    from eclm_lab.robustness import digits_fleet, table
 
     strategies = {
         "mean, no cap": WeightedMean(cap=0),

@@ -31,7 +31,7 @@ def program(size_kb: int) -> bytes:
     import torch
     from torch import nn
 
-    from cloud_trainer.export import export_litert
+    from cloud_trainer.export.programs import export_litert
 
     width = max(16, size_kb * 1024 // (4 * (64 + 10)))
     torch.manual_seed(0)
@@ -41,12 +41,12 @@ def program(size_kb: int) -> bytes:
 
 def roll_out(broker, data: bytes, devices: int, chunk: int, work: Path) -> float:
     """Seconds from the rollout's start until every agent serves the program."""
-    from cloud_trainer.coordinator import FleetCoordinator
-    from cloud_trainer.rollout import Rollout, RolloutPlan, Target
+    from cloud_trainer.fleet.coordinator import FleetCoordinator
+    from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
     from device_profiles import load_profile
+    from eclm_wire.mqtt import BrokerAddress
     from edge_runtime.agent import AgentConfig, EdgeAgent
     from edge_runtime.artifacts import ArtifactStore
-    from edge_runtime.mqtt import BrokerAddress
 
     logging.getLogger("edge_runtime.agent").setLevel(logging.ERROR)  # one line per agent
     address = BrokerAddress.parse(broker.url)

@@ -93,9 +93,9 @@ def run_agents(args: argparse.Namespace) -> int:
     import numpy as np
 
     from device_profiles import load_profile
+    from eclm_wire.mqtt import BrokerAddress
     from edge_runtime.agent import AgentConfig, EdgeAgent
     from edge_runtime.learning import LearnerConfig
-    from edge_runtime.mqtt import BrokerAddress
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

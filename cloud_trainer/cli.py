@@ -6,6 +6,14 @@ import argparse
 import logging
 from pathlib import Path
 
+from cloud_trainer.fleet.deploy import (
+    deploy_fleet,
+    parse_devices,
+    plan_fleet,
+    print_fleet,
+    reporting,
+    wait_for_fleet,
+)
 from edge_runtime.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
@@ -187,10 +195,10 @@ def _fleet_args(parser: argparse.ArgumentParser, *, by_report: bool = False) -> 
 
 def _coordinator(args: argparse.Namespace):
     """A FleetCoordinator for the command's broker, signing unless ``--unsigned``."""
-    from cloud_trainer.coordinator import FleetCoordinator
-    from cloud_trainer.keys import load_signing_key
+    from cloud_trainer.fleet.coordinator import FleetCoordinator
+    from cloud_trainer.fleet.keys import load_signing_key
+    from eclm_wire.mqtt import BrokerAddress
     from edge_runtime.artifacts import ArtifactStore
-    from edge_runtime.mqtt import BrokerAddress
 
     address = BrokerAddress.parse(args.broker, cafile=args.cafile)
     key = None if args.unsigned else load_signing_key(args.signing_key)
@@ -201,7 +209,7 @@ def _client(args: argparse.Namespace):
     """A plain connected MQTT client for a one-off look or request."""
     import os
 
-    from edge_runtime.mqtt import BrokerAddress, connect, make_client
+    from eclm_wire.mqtt import BrokerAddress, connect, make_client
 
     address = BrokerAddress.parse(args.broker, cafile=args.cafile)
     client = make_client(f"eclm-cli-{os.getpid()}", address)
@@ -211,7 +219,7 @@ def _client(args: argparse.Namespace):
 
 
 def _rollout_start(args: argparse.Namespace) -> int:
-    from cloud_trainer.rollout import Rollout, RolloutPlan
+    from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
 
     if bool(args.devices) == bool(args.profiles or args.labels):
         raise ValueError("name devices with --device ID=PROFILE, or pick them by --profile/--label")
@@ -243,29 +251,11 @@ def _rollout_start(args: argparse.Namespace) -> int:
     return ExitCode.OK if final.state == "succeeded" else ExitCode.ABORTED
 
 
-def reporting(
-    fc, profiles: list[str] | None, labels: list[str] | None, settle: float = 2.0
-) -> list[tuple[str, str]]:
-    """(device, profile) of every online device whose retained report names one of
-    ``profiles`` (any, if None) and carries every one of ``labels``. Offline devices would
-    only count as failures; they converge when they come back."""
-    import time
-
-    time.sleep(settle)  # retained reports and statuses arrive right after connecting
-    return sorted(
-        (d, r.profile)
-        for d, r in fc.reported.items()
-        if fc.online.get(d)
-        and (not profiles or r.profile in profiles)
-        and set(labels or ()) <= set(r.labels)
-    )
-
-
 def _rollout_status(args: argparse.Namespace) -> int:
     import json
     import threading
 
-    from edge_runtime import protocol as wire
+    import eclm_wire as wire
 
     topic = wire.rollout_topic(args.rollout_id)
     got: list[bytes] = []
@@ -285,7 +275,7 @@ def _rollout_status(args: argparse.Namespace) -> int:
 
 
 def _rollout_abort(args: argparse.Namespace) -> int:
-    from edge_runtime import protocol as wire
+    import eclm_wire as wire
 
     client = _client(args)
     client.publish(wire.rollout_abort_topic(args.rollout_id), b"{}", qos=1).wait_for_publish(5)
@@ -307,18 +297,8 @@ def parse_histogram(text: str | None):
         raise ValueError(f"--histogram: expected comma-separated numbers, got {text!r}") from None
 
 
-def parse_devices(items: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for item in items:
-        device_id, sep, profile = item.strip().partition("=")
-        if not sep or not device_id or not profile:
-            raise ValueError(f"expected ID=PROFILE, got {item!r}")
-        pairs.append((device_id, profile))
-    return pairs
-
-
 def _train(args: argparse.Namespace) -> int:
-    from cloud_trainer.pipeline import train_model
+    from cloud_trainer.model.checkpoint import train_model
 
     result = train_model(args.out, epochs=args.epochs, seed=args.seed, progress=True)
     print(
@@ -330,8 +310,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cloud_trainer.modular_export import VARIANTS, variant_name
-    from cloud_trainer.pipeline import export_model
+    from cloud_trainer.export.modular import VARIANTS, variant_name
+    from cloud_trainer.export.plan import export_model
 
     known = {variant_name(f, q): (f, q) for f, q in VARIANTS}
     asked = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -355,7 +335,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace) -> int:
-    from cloud_trainer.pipeline import select_for
+    from cloud_trainer.export.plan import select_for
     from device_profiles import load_profile
 
     profile = load_profile(args.profile)
@@ -392,10 +372,10 @@ def _serve(args: argparse.Namespace) -> int:
     import sys
     from dataclasses import replace
 
-    from cloud_trainer.config import ServiceConfig, example, load_config
     from cloud_trainer.errors import StateError
-    from cloud_trainer.jsonlog import use_json_logs
-    from cloud_trainer.service import Service
+    from cloud_trainer.service.config import ServiceConfig, example, load_config
+    from cloud_trainer.service.jsonlog import use_json_logs
+    from cloud_trainer.service.worker import Service
 
     if args.print_config:
         print(example(), end="")
@@ -420,7 +400,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _keys_init(args: argparse.Namespace) -> int:
-    from cloud_trainer.keys import init_keys
+    from cloud_trainer.fleet.keys import init_keys
 
     try:
         private, public = init_keys(args.dir, force=args.force)
@@ -431,78 +411,18 @@ def _keys_init(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def plan_fleet(model_dir: Path, store_dir: Path, devices: list[tuple[str, str]], *, modular: bool):
-    """Select and export each device's sub-model: one fused program, or (``modular``)
-    per-module programs and the module sets it may switch between as its resources
-    change. Prints one line per device."""
-    from cloud_trainer.pipeline import plan_device, plan_device_modular
-    from cloud_trainer.rollout import Target
-    from device_profiles import load_profile
-
-    targets = {}
-    for device_id, profile_name in devices:
-        profile = load_profile(profile_name)
-        budget = f"of {profile.budget.model_memory_kb} KB"
-        if modular:
-            options, refs = plan_device_modular(model_dir, store_dir, profile)
-            sets = ", ".join(
-                f"{[list(m.modules) for m in o.layers]} {o.memory_kb:.0f} KB" for o in options
-            )
-            print(f"{device_id} ({profile.name}) may run: {sets} {budget}", flush=True)
-        else:
-            selection, refs = plan_device(model_dir, store_dir, profile)
-            options = ()
-            modules = list(map(list, selection.modules))
-            kb = selection.cost.memory_kb
-            print(f"{device_id} ({profile.name}): modules {modules}, {kb:.0f} KB {budget}")
-        targets[device_id] = Target(tuple(refs), tuple(options), profile.name)
-    return targets
-
-
-def deploy_fleet(
-    fc, model_dir: Path, store_dir: Path, devices: list[tuple[str, str]], *, modular: bool = False
-) -> dict[str, int]:
-    """Plan each device's sub-model (see :func:`plan_fleet`) and set its desired state."""
-    targets = plan_fleet(model_dir, store_dir, devices, modular=modular)
-    return {
-        device_id: fc.assign(
-            device_id, list(t.artifacts), options=t.options, target=t.profile
-        ).serial
-        for device_id, t in targets.items()
-    }
-
-
-def wait_for_fleet(fc, serials: dict[str, int], timeout: float) -> bool:
-    """Wait until every device is active or failed on its serial; True if all are active."""
-
-    def phase(c, device_id: str) -> str | None:
-        report = c.reported.get(device_id)
-        return report.phase if report and report.serial == serials[device_id] else None
-
-    fc.wait_until(lambda c: all(phase(c, d) in ("active", "failed") for d in serials), timeout)
-    return all(phase(fc, d) == "active" for d in serials)
-
-
-def print_fleet(fc, devices: list[str]) -> None:
-    """One line per device: profile, backend, phase, accuracy."""
-    print(f"{'device':<14} {'profile':<18} {'backend':<11} {'phase':<12} accuracy")
-    for device_id in devices:
-        r = fc.reported.get(device_id)
-        if r is None:
-            print(f"{device_id:<14} (no report)")
-            continue
-        acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}%"
-        print(f"{device_id:<14} {r.profile:<18} {r.backend or '-':<11} {r.phase:<12} {acc}")
-
-
 def _integrate(args: argparse.Namespace) -> int:
     import json
 
     from safetensors.numpy import save_file
 
-    from cloud_trainer.data import load_digits_split
-    from cloud_trainer.distributed import evaluate_head, load_aggregates, run_integration
-    from cloud_trainer.pipeline import head_weights, load_model
+    from cloud_trainer.federation.distributed import (
+        evaluate_head,
+        load_aggregates,
+        run_integration,
+    )
+    from cloud_trainer.model.checkpoint import head_weights, load_model
+    from cloud_trainer.model.data import load_digits_split
 
     net = load_model(args.model)
     aggregates = load_aggregates(args.aggregates) if args.aggregates else {}

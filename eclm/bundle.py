@@ -94,8 +94,8 @@ class Bundle:
 
 def build_bundle(spec: BundleSpec, out: Path) -> Bundle:
     """Write the archive for ``spec`` to ``out`` (mode 0600: it holds a password)."""
+    import eclm_wire as wire
     from device_profiles import load_profile
-    from edge_runtime import protocol as wire
 
     wire.check_device_id(spec.device_id)
     wire.check_labels(spec.labels)
@@ -174,7 +174,7 @@ def device_broker_url(url: str, device_id: str) -> str:
     credentials.env); ValueError if it names a password or another user."""
     from urllib.parse import urlsplit
 
-    from edge_runtime.mqtt import BrokerAddress
+    from eclm_wire.mqtt import BrokerAddress
 
     address = BrokerAddress.parse(url)  # ValueError if it is not an MQTT URL
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")

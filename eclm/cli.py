@@ -13,13 +13,13 @@ import sys
 
 from broker import cli as broker_cli
 from cloud_trainer import cli as cloud_cli
-from cloud_trainer import demo
 from device_profiles import ProfileError
 from device_profiles import cli as profiles_cli
 from eclm import bundle
 from eclm_common.lifeline import watch_from_env
+from eclm_lab import demo
+from eclm_wire.errors import BrokerUnreachable
 from edge_runtime import cli as edge_cli
-from edge_runtime.errors import BrokerUnreachable
 from edge_runtime.exit_codes import ExitCode, epilog
 
 # Commands that run the cloud side (torch, executorch, litert-torch): Python >= 3.11 only;
@@ -66,7 +66,7 @@ def _main(argv: list[str] | None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for name in ("eclm", "edge_runtime", "cloud_trainer", "broker", "device_profiles"):
+    for name in ("eclm", "edge_runtime", "cloud_trainer", "broker", "device_profiles", "eclm_wire"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.command in CLOUD_COMMANDS and sys.version_info < (3, 11):
         print(

@@ -1,38 +1,37 @@
-"""The edge runtime: wire contract, artifact store, program backends and the device agent.
+"""The edge runtime: artifact store, program backends and the device agent.
 
-Imports no torch: only the ExecuTorch backend does, when it is chosen.
+Imports no torch: only the ExecuTorch backend does, when it is chosen. Names load on first
+use, so importing one module (``edge_runtime.artifacts``) does not start the agent's
+imports; the wire contract both ends share is :mod:`eclm_wire`.
 """
 
-from edge_runtime.agent import AgentConfig, AgentState, EdgeAgent
-from edge_runtime.artifacts import ArtifactStore, sha256_bytes
-from edge_runtime.backends import Backend, Program, TensorSpec, get_backend
-from edge_runtime.errors import (
-    ArtifactError,
-    BackendError,
-    BackendUnavailable,
-    BrokerUnreachable,
-    EdgeError,
-    ProtocolError,
-)
-from edge_runtime.exit_codes import ExitCode
-from edge_runtime.mqtt import BrokerAddress
+from __future__ import annotations
 
-__all__ = [
-    "AgentConfig",
-    "AgentState",
-    "ArtifactError",
-    "ArtifactStore",
-    "Backend",
-    "BackendError",
-    "BackendUnavailable",
-    "BrokerAddress",
-    "BrokerUnreachable",
-    "EdgeAgent",
-    "EdgeError",
-    "ExitCode",
-    "Program",
-    "ProtocolError",
-    "TensorSpec",
-    "get_backend",
-    "sha256_bytes",
-]
+import importlib
+
+_EXPORTS = {
+    "AgentConfig": "edge_runtime.agent",
+    "AgentState": "edge_runtime.agent",
+    "EdgeAgent": "edge_runtime.agent",
+    "ArtifactStore": "edge_runtime.artifacts",
+    "sha256_bytes": "edge_runtime.artifacts",
+    "Backend": "edge_runtime.backends",
+    "Program": "edge_runtime.backends",
+    "TensorSpec": "edge_runtime.backends",
+    "get_backend": "edge_runtime.backends",
+    "ArtifactError": "edge_runtime.errors",
+    "BackendError": "edge_runtime.errors",
+    "BackendUnavailable": "edge_runtime.errors",
+    "BrokerUnreachable": "edge_runtime.errors",
+    "EdgeError": "edge_runtime.errors",
+    "ProtocolError": "edge_runtime.errors",
+    "ExitCode": "edge_runtime.exit_codes",
+    "BrokerAddress": "eclm_wire.mqtt",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

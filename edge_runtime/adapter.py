@@ -14,11 +14,11 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from edge_runtime.errors import ProtocolError
-from edge_runtime.protocol import AdapterUpdate
+from eclm_wire import AdapterUpdate
+from eclm_wire.codec import check_update, load_tensors, tensor_bytes
+from eclm_wire.errors import ProtocolError
 
 WEIGHT, BIAS = "weight", "bias"
-MAX_UPDATE_BYTES = 4 * 1024 * 1024
 
 
 class AdapterTrainer(ABC):
@@ -158,53 +158,6 @@ class Adapter:
         """Replace the weights with an update; ProtocolError if it does not fit or is not
         finite. The current weights stay on any error."""
         self.trainer.set_weights(check_update(data, self.trainer.weights()))
-
-
-def tensor_bytes(weights: dict[str, np.ndarray]) -> bytes:
-    """Weights as they travel: safetensors, float16."""
-    from safetensors.numpy import save
-
-    return save({k: np.asarray(v, np.float16) for k, v in weights.items()})
-
-
-def load_tensors(data: bytes) -> dict[str, np.ndarray]:
-    """The tensors of safetensors bytes up to ``MAX_UPDATE_BYTES``; ProtocolError (with a
-    code) for more bytes or bytes numpy cannot load."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
-    if len(data) > MAX_UPDATE_BYTES:
-        raise ProtocolError(
-            f"update is {len(data)} bytes, limit {MAX_UPDATE_BYTES}", code="too-large"
-        )
-    try:
-        return load(data)
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise ProtocolError(f"not a safetensors update: {exc}", code="malformed") from None
-    except KeyError as exc:  # a dtype safetensors knows and numpy lacks (BF16, F8_E4M3...)
-        raise ProtocolError(
-            f"not a safetensors update: dtype {exc} unknown", code="malformed"
-        ) from None
-
-
-def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors update as float32, if they have exactly ``like``'s
-    names and shapes, are float16 or float32 and all finite; ProtocolError (with a code)
-    otherwise."""
-    weights = load_tensors(data)
-    if set(weights) != set(like):
-        raise ProtocolError(
-            f"expected tensors {sorted(like)}, got {sorted(weights)}", field="update"
-        )
-    for key, value in weights.items():
-        if value.shape != like[key].shape or value.dtype not in (np.float16, np.float32):
-            raise ProtocolError(
-                f"expected float16/32 {like[key].shape}, got {value.dtype} {value.shape}",
-                field=key,
-            )
-        if not np.isfinite(value).all():
-            raise ProtocolError("has non-finite values", field=key, code="not-finite")
-    return {key: value.astype(np.float32) for key, value in weights.items()}
 
 
 def check_head(data: bytes, features: int, like: dict[str, np.ndarray] | None = None):

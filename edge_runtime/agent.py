@@ -25,24 +25,20 @@ from typing import Protocol
 import numpy as np
 import paho.mqtt.client as paho
 
+import eclm_wire as wire
 from device_profiles import DeviceProfile
-from edge_runtime import protocol as wire
+from eclm_wire import EventCode
+from eclm_wire.errors import ProtocolError
+from eclm_wire.mqtt import BrokerAddress, connect, make_client, wait_published
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import Backend, get_backend
 from edge_runtime.data import load_npz
 from edge_runtime.download import RetryPolicy
-from edge_runtime.errors import (
-    ArtifactError,
-    BackendError,
-    DamagedArtifact,
-    EdgeError,
-    ProtocolError,
-)
-from edge_runtime.events import EventCode, EventLimits
+from edge_runtime.errors import ArtifactError, BackendError, DamagedArtifact, EdgeError
+from edge_runtime.events import EventLimits
 from edge_runtime.installer import Installer
 from edge_runtime.learning import Learner, LearnerConfig
 from edge_runtime.monitor import PsutilSource, ResourceSource
-from edge_runtime.mqtt import BrokerAddress, connect, make_client, wait_published
 from edge_runtime.reconcile import Goal, Keeper
 from edge_runtime.reporting import Reporter
 from edge_runtime.runner import Runner

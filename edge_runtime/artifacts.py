@@ -21,8 +21,8 @@ import os
 import time
 from pathlib import Path
 
+from eclm_wire import ArtifactRef
 from edge_runtime.errors import ArtifactError, DamagedArtifact, HashMismatch
-from edge_runtime.protocol import ArtifactRef
 
 log = logging.getLogger(__name__)
 DAMAGED_KEPT = 8  # damaged objects kept for a look; older ones are deleted

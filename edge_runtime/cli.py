@@ -107,9 +107,9 @@ def run_command(
 
 def _run(args: argparse.Namespace) -> int:
     from device_profiles import load_profile
+    from eclm_wire.mqtt import BrokerAddress
     from edge_runtime.agent import AgentConfig, EdgeAgent
     from edge_runtime.learning import LearnerConfig
-    from edge_runtime.mqtt import BrokerAddress
 
     config = AgentConfig(
         device_id=args.device_id,

@@ -17,10 +17,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_runtime import protocol as wire
+import eclm_wire as wire
+from eclm_wire import EventCode
 from edge_runtime.artifacts import Arrival, ArtifactStore, Download
 from edge_runtime.errors import HashMismatch
-from edge_runtime.events import EventCode
 
 log = logging.getLogger(__name__)
 

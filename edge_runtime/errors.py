@@ -1,30 +1,35 @@
 """Errors of the edge runtime. Library errors are mapped to these at the boundary.
 
 EdgeError
-├── ProtocolError        a message that fails validation (names the field)
 ├── ArtifactError        a program file that is missing, truncated or does not match its hash
 │   ├── DamagedArtifact      a stored object whose bytes changed on disk (moved aside)
 │   └── HashMismatch         a downloaded file whose chunks do not add up to its sha256
 ├── BackendError         a program that cannot be loaded or run
 │   └── BackendUnavailable   the backend's package is not installed
-└── BrokerUnreachable    the MQTT broker cannot be reached
+└── ...
+
+The wire contract's errors (``ProtocolError``, ``BrokerUnreachable``) live in
+:mod:`eclm_wire.errors`, shared with the cloud; they are re-exported here.
 """
 
 from __future__ import annotations
 
+from eclm_wire.errors import BrokerUnreachable, ProtocolError
+
+__all__ = [
+    "ArtifactError",
+    "BackendError",
+    "BackendUnavailable",
+    "BrokerUnreachable",
+    "DamagedArtifact",
+    "EdgeError",
+    "HashMismatch",
+    "ProtocolError",
+]
+
 
 class EdgeError(Exception):
     """Base of every error the edge runtime raises on purpose."""
-
-
-class ProtocolError(EdgeError, ValueError):
-    """A message that fails validation. ``code`` is the short reason sent on ``events``."""
-
-    def __init__(self, reason: str, *, field: str | None = None, code: str = "invalid") -> None:
-        super().__init__(f"{field}: {reason}" if field else reason)
-        self.reason = reason
-        self.field = field
-        self.code = code
 
 
 class ArtifactError(EdgeError):
@@ -49,7 +54,3 @@ class BackendError(EdgeError):
 
 class BackendUnavailable(BackendError):
     """The package a backend needs is not installed; the message says what to install."""
-
-
-class BrokerUnreachable(EdgeError):
-    """The MQTT broker refused or did not answer the connection."""

@@ -10,28 +10,10 @@ failed download attempt, a failed install) are few by nature and are not bounded
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-
-
-class EventCode(str, enum.Enum):  # enum.StrEnum is 3.11+; the edge runs on 3.10
-    """Codes of the events the agent publishes about its own work. Refused messages
-    carry the ``code`` of their :class:`~edge_runtime.errors.ProtocolError`."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    ARTIFACT = "artifact"  # a message that named a bad chunk or artifact
-    INTERNAL = "internal"  # a bug while handling a message; what was active keeps serving
-    INSTALL_FAILED = "install-failed"
-    SWAP_FAILED = "swap-failed"
-    ARTIFACT_DAMAGED = "artifact-damaged"  # moved aside; fetched again
-    TRANSFER_RETRY = "transfer-retry"  # a whole-file check failed; chunks dropped
-    TRANSFER_FAILING = "transfer-failing"  # the retry budget is spent; retrying slowly
-    EVENTS_SUPPRESSED = "events-suppressed"  # refusals over the bound, counted
 
 
 @dataclass(frozen=True)

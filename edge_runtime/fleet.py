@@ -34,13 +34,13 @@ import paho.mqtt.client as paho
 
 from device_profiles import DeviceProfile, load_profile
 from eclm_common.lifeline import watch_from_env
+from eclm_wire.mqtt import BrokerAddress
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import sha256_bytes
 from edge_runtime.backends import Backend, Program, get_backend
 from edge_runtime.backends.base import Source, read_source
 from edge_runtime.learning import LearnerConfig
 from edge_runtime.monitor import Reading, TraceSource
-from edge_runtime.mqtt import BrokerAddress
 
 log = logging.getLogger(__name__)
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+import eclm_wire as wire
 from device_profiles import DeviceProfile
-from edge_runtime import protocol as wire
+from eclm_wire.errors import ProtocolError
 from edge_runtime.adapter import check_head
 from edge_runtime.artifacts import ArtifactStore, atomic_write
 from edge_runtime.backends import FORMAT_OF, Backend
-from edge_runtime.errors import ArtifactError, BackendError, DamagedArtifact, ProtocolError
+from edge_runtime.errors import ArtifactError, BackendError, DamagedArtifact
 from edge_runtime.monitor import ResourceSource
 from edge_runtime.runner import ModularRunner, ProgramRunner, Runner
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_runtime.adapter import BIAS, WEIGHT, Adapter, NumpyTrainer, check_update
-from edge_runtime.errors import ProtocolError
+from eclm_wire import AdapterUpdate
+from eclm_wire.codec import check_update
+from eclm_wire.errors import ProtocolError
+from edge_runtime.adapter import BIAS, WEIGHT, Adapter, NumpyTrainer
 from edge_runtime.privacy import GaussianNoise
-from edge_runtime.protocol import AdapterUpdate
 
 BASE_DOMAIN = "clean"
 

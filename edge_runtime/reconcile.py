@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_runtime import protocol as wire
+import eclm_wire as wire
+from eclm_wire import EventCode
 from edge_runtime.artifacts import ArtifactStore, Check
 from edge_runtime.download import RetryPolicy, Transfer
-from edge_runtime.events import EventCode
 from edge_runtime.reporting import Reporter
 
 log = logging.getLogger(__name__)

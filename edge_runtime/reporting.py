@@ -12,9 +12,10 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from edge_runtime import protocol as wire
+import eclm_wire as wire
+from eclm_wire import EventCode
 from edge_runtime.artifacts import atomic_write
-from edge_runtime.events import EventCode, EventLimiter, EventLimits
+from edge_runtime.events import EventLimiter, EventLimits
 
 log = logging.getLogger(__name__)
 

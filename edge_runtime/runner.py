@@ -8,12 +8,13 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+import eclm_wire as wire
 from device_profiles import Budget
-from edge_runtime import protocol as wire
+from eclm_wire.errors import ProtocolError
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import Backend, TensorSpec
 from edge_runtime.composer import part_names
-from edge_runtime.errors import BackendError, EdgeError, ProtocolError
+from edge_runtime.errors import BackendError, EdgeError
 from edge_runtime.hotswap import SubModelServer
 from edge_runtime.monitor import Reading
 from edge_runtime.policy import Option, Policy

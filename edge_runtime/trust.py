@@ -14,19 +14,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
-from edge_runtime import protocol as wire
+import eclm_wire as wire
+from eclm_wire import signed_bytes
+from eclm_wire.errors import ProtocolError
 from edge_runtime.artifacts import atomic_write
-from edge_runtime.errors import ProtocolError
 
 log = logging.getLogger(__name__)
-
-
-def signed_bytes(message: wire.DesiredState | wire.AdapterOffer) -> bytes:
-    """What the signature covers: the message's JSON with the signature left empty."""
-    return replace(message, signature="").encode()
 
 
 def load_public_key(path: Path):

@@ -29,14 +29,14 @@ import paho.mqtt.client as paho
 from cloudproc import Cloud
 from netproxy import ChaosProxy
 
+import eclm_wire as wire
 from broker import Broker
-from cloud_trainer.database import Database
-from cloud_trainer.state import CloudState, update_key
+from cloud_trainer.service.database import Database
+from cloud_trainer.service.state import CloudState, update_key
 from device_profiles import load_profile
-from edge_runtime import protocol as wire
+from eclm_wire.mqtt import BrokerAddress
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.learning import LearnerConfig
-from edge_runtime.mqtt import BrokerAddress
 
 
 class Acks:

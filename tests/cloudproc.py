@@ -11,9 +11,9 @@ import urllib.request
 from pathlib import Path
 
 from broker.launcher import free_port
-from cloud_trainer.database import Database
-from cloud_trainer.keys import init_keys
-from cloud_trainer.state import CloudState
+from cloud_trainer.fleet.keys import init_keys
+from cloud_trainer.service.database import Database
+from cloud_trainer.service.state import CloudState
 from eclm_common.lifeline import popen
 
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from broker import Broker, find_mosquitto
-from edge_runtime.mqtt import BrokerAddress
+from eclm_wire.mqtt import BrokerAddress
 
 # Every process the tests start inherits this marker, so the session can find those that
 # outlived their test even after they were re-parented away from pytest.
@@ -86,7 +86,7 @@ def exported(modular):
     import numpy as np
     import torch
 
-    from cloud_trainer.pipeline import export_fused_for
+    from cloud_trainer.export.plan import export_fused_for
 
     modules = ((0, 2), (1, 3))
     refs = {
@@ -159,7 +159,8 @@ def modular(tmp_path_factory):
     pytest.importorskip(
         "torch", reason="the cloud side (torch) is not installed: an edge-only venv"
     )
-    from cloud_trainer.pipeline import export_model, load_model, train_model
+    from cloud_trainer.export.plan import export_model
+    from cloud_trainer.model.checkpoint import load_model, train_model
 
     root = tmp_path_factory.mktemp("modular")
     trained = train_model(root / "model", epochs=25)
@@ -179,7 +180,7 @@ def shifted(modular):
     import numpy as np
     import torch
 
-    from cloud_trainer.domains import apply
+    from cloud_trainer.model.domains import apply
 
     net = modular["net"]
     test = np.load(modular["model_dir"] / "test.npz")

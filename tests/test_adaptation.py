@@ -4,16 +4,16 @@ cloud's signed aggregate; and a small run of the whole scenario with the baselin
 
 import numpy as np
 import pytest
+from cloud_trainer.fleet.deploy import wait_for_fleet
 from safetensors.numpy import save
 
-from cloud_trainer.aggregation import DomainAggregator
-from cloud_trainer.cli import wait_for_fleet
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.domains import apply
-from cloud_trainer.keys import init_keys, load_signing_key, sign
-from cloud_trainer.pipeline import plan_device_modular
+import eclm_wire as wire
+from cloud_trainer.export.plan import plan_device_modular
+from cloud_trainer.federation.aggregation import DomainAggregator
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.keys import init_keys, load_signing_key, sign
+from cloud_trainer.model.domains import apply
 from device_profiles import load_profile
-from edge_runtime import protocol as wire
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore
 
@@ -108,9 +108,9 @@ def test_a_device_entering_a_domain_others_adapted_to_gets_their_aggregate_signe
 
 @pytest.mark.slow
 def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquitto, tmp_path, keys):
-    from cloud_trainer.adaptation_report import headline, table, write
-    from cloud_trainer.experiment import ADAPTIVE, Settings, run
-    from cloud_trainer.scenario import ScenarioSpec
+    from eclm_lab.experiment import ADAPTIVE, Settings, run
+    from eclm_lab.report import headline, table, write
+    from eclm_lab.scenario import ScenarioSpec
 
     key, public = keys
     spec = ScenarioSpec(devices=2, steps=16, clean_len=4, shift_len=4, seed=3)

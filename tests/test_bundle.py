@@ -26,13 +26,13 @@ from pythons import find_python
 
 from broker import Access, Broker
 from broker.launcher import free_port
-from cloud_trainer.keys import init_keys, load_signing_key
+from cloud_trainer.fleet.keys import init_keys, load_signing_key
 from device_profiles import load_profile
 from eclm.bundle import TEMPLATES, BundleSpec, board_python, build_bundle, requirements
 from eclm.cli import main
 from eclm_common.lifeline import popen
+from eclm_wire.mqtt import BrokerAddress
 from edge_runtime.exit_codes import ExitCode
-from edge_runtime.mqtt import BrokerAddress
 
 DEVICE = "zero-bundle"
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -95,7 +95,7 @@ def start_unit(unit: dict[str, list[str]], env: dict[str, str], log):
 
 def tls_cloud(broker: Broker, access: Access, store: Path, signing_key: Path, client_id: str):
     """A started FleetCoordinator logged in as the cloud, on the cloud's own listener."""
-    from cloud_trainer.coordinator import FleetCoordinator
+    from cloud_trainer.fleet.coordinator import FleetCoordinator
     from edge_runtime.artifacts import ArtifactStore
 
     address = BrokerAddress(
@@ -359,7 +359,7 @@ class NotifySocket:
 def test_a_bundle_installs_into_a_fresh_venv_and_its_agent_reaches_its_desired_state(
     provisioned, modular, tmp_path
 ):
-    from cloud_trainer.cli import deploy_fleet, wait_for_fleet
+    from cloud_trainer.fleet.deploy import deploy_fleet, wait_for_fleet
 
     access, device = provisioned["access"], "zero-flash"
     port = free_port()

@@ -14,10 +14,10 @@ from chaos import ChaosFleet, Observer
 from cloudproc import wait
 
 from broker import Broker
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.rollout import Rollout, RolloutPlan, Target
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
+from eclm_wire.mqtt import BrokerAddress
 from edge_runtime.artifacts import ArtifactStore
-from edge_runtime.mqtt import BrokerAddress
 
 FAULTS = ("restart", "cut", "restart", "partition", "restart", "partition+cut")
 

@@ -63,8 +63,8 @@ def test_a_service_config_with_an_unknown_key_exits_3_naming_it(tmp_path, capsys
 
 
 def test_a_corrupt_state_database_exits_7_saying_so(tmp_path, capsys):
-    from cloud_trainer.keys import init_keys
-    from cloud_trainer.pipeline import train_model
+    from cloud_trainer.fleet.keys import init_keys
+    from cloud_trainer.model.checkpoint import train_model
 
     train_model(tmp_path / "model", epochs=1)
     private, _ = init_keys(tmp_path / "keys")
@@ -111,7 +111,7 @@ def test_edge_run_without_a_trust_key_refuses_to_start(tmp_path):
 
 
 def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
-    from edge_runtime import protocol as wire
+    import eclm_wire as wire
 
     report = wire.ReportedState("d", "rpi4", ("litert",), 3, "active", detail="x" * 900)
     (tmp_path / "reported.json").write_bytes(report.encode())

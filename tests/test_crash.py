@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.pipeline import export_fused_for
+import eclm_wire as wire
+from cloud_trainer.export.plan import export_fused_for
+from cloud_trainer.fleet.coordinator import FleetCoordinator
 from eclm_common.lifeline import popen
-from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore, sha256_file
 from edge_runtime.cli import run_command
 

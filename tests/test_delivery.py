@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cloud_trainer.coordinator import FleetCoordinator
+import eclm_wire as wire
+from cloud_trainer.fleet.coordinator import FleetCoordinator
 from device_profiles import load_profile
-from edge_runtime import protocol as wire
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore
 

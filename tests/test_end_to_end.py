@@ -6,12 +6,12 @@ import time
 from dataclasses import replace
 
 import pytest
+from cloud_trainer.fleet.deploy import wait_for_fleet
 
-from cloud_trainer.cli import wait_for_fleet
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.keys import init_keys, load_signing_key, sign
+import eclm_wire as wire
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.keys import init_keys, load_signing_key, sign
 from eclm_common.lifeline import popen
-from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import FORMAT_OF
 from edge_runtime.cli import run_command

@@ -6,16 +6,16 @@ from __future__ import annotations
 import threading
 
 import pytest
+from cloud_trainer.fleet.deploy import wait_for_fleet
 from cloudproc import wait
 from netproxy import CutProxy
 
-from cloud_trainer.cli import wait_for_fleet
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.keys import init_keys, load_signing_key
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.keys import init_keys, load_signing_key
 from device_profiles import load_profile
+from eclm_wire.mqtt import BrokerAddress
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.fleet import FleetSimulator, make_devices
-from edge_runtime.mqtt import BrokerAddress
 
 DEVICES = 20
 
@@ -23,7 +23,8 @@ DEVICES = 20
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """A small modular model and the sub-model a Raspberry Pi Zero 2 W gets from it."""
-    from cloud_trainer.pipeline import plan_device_modular, train_model
+    from cloud_trainer.export.plan import plan_device_modular
+    from cloud_trainer.model.checkpoint import train_model
 
     root = tmp_path_factory.mktemp("fleet-model")
     train_model(root / "model", epochs=1)

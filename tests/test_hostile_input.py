@@ -11,10 +11,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.keys import init_keys, load_signing_key, sign
+import eclm_wire as wire
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.keys import init_keys, load_signing_key, sign
 from device_profiles import load_profile
-from edge_runtime import protocol as wire
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.events import EventLimits

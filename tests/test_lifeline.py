@@ -84,7 +84,7 @@ def test_a_sigkilled_service_leaves_no_export_worker(tmp_path, modular, mosquitt
 
 
 def mosquitto_address(mosquitto):
-    from edge_runtime.mqtt import BrokerAddress
+    from eclm_wire.mqtt import BrokerAddress
 
     return BrokerAddress.parse(mosquitto.url)
 
@@ -95,9 +95,9 @@ def test_a_sigkilled_integration_job_leaves_no_rank(tmp_path, modular):
         import sys
         from pathlib import Path
 
-        from cloud_trainer.data import load_digits_split
-        from cloud_trainer.distributed import run_integration
-        from cloud_trainer.pipeline import load_model
+        from cloud_trainer.model.data import load_digits_split
+        from cloud_trainer.federation.distributed import run_integration
+        from cloud_trainer.model.checkpoint import load_model
 
         if __name__ == "__main__":
             split = load_digits_split(seed=0)
@@ -157,7 +157,7 @@ def test_a_child_started_from_a_thread_outlives_the_thread_not_the_process(tmp_p
 
 @pytest.mark.slow
 def test_an_export_worker_that_dies_is_replaced_and_its_job_retried(tmp_path, modular):
-    from cloud_trainer.exports import Exporter
+    from cloud_trainer.export.pool import Exporter
 
     before = {p.pid for p in descendants(os.getpid())}
     exporter = Exporter(modular["model_dir"], modular["store"])

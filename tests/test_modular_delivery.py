@@ -5,10 +5,10 @@ import threading
 
 import numpy as np
 import pytest
+from cloud_trainer.fleet.deploy import wait_for_fleet
 
-from cloud_trainer.cli import wait_for_fleet
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.pipeline import plan_device_modular
+from cloud_trainer.export.plan import plan_device_modular
+from cloud_trainer.fleet.coordinator import FleetCoordinator
 from device_profiles import load_profile
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore

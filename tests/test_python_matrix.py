@@ -30,7 +30,7 @@ from test_bundle import (
 
 from broker import Access
 from broker.launcher import free_port
-from cloud_trainer.keys import init_keys
+from cloud_trainer.fleet.keys import init_keys
 from eclm.cli import main
 from edge_runtime.exit_codes import ExitCode
 
@@ -63,7 +63,7 @@ def test_a_bundle_for_this_python_installs_and_its_agent_reaches_active(
     python = find_python(version)
     if python is None:
         pytest.skip(f"no CPython {version} here (pyenv install {version}, or python{version})")
-    from cloud_trainer.cli import deploy_fleet, wait_for_fleet
+    from cloud_trainer.fleet.deploy import deploy_fleet, wait_for_fleet
 
     access, device = operator["access"], f"py{version.replace('.', '')}"
     port, archive = free_port(), tmp_path / "bundle.tar.gz"

@@ -3,10 +3,10 @@ and one wave and the devices it reached go back; a good one reaches the whole fl
 
 import pytest
 
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.rollout import Rollout, RolloutPlan, Target
+import eclm_wire as wire
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
 from device_profiles import load_profile
-from edge_runtime import protocol as wire
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore
 

@@ -15,16 +15,17 @@ import torch
 from netproxy import ChaosProxy
 from torch import nn
 
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.export import export_litert
-from cloud_trainer.keys import init_keys, load_signing_key
+import eclm_wire as wire
+from cloud_trainer.export.programs import export_litert
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.keys import init_keys, load_signing_key
 from device_profiles import load_profile
-from edge_runtime import protocol as wire
+from eclm_wire import EventCode
+from eclm_wire.mqtt import BrokerAddress
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore, sha256_file
 from edge_runtime.download import RetryPolicy
-from edge_runtime.events import EventCode, EventLimits
-from edge_runtime.mqtt import BrokerAddress
+from edge_runtime.events import EventLimits
 
 KINDS = ("flip", "truncate", "replace")
 

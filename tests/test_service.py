@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from cloudproc import Cloud, wait
 
+import eclm_wire as wire
 from device_profiles import load_profile
-from edge_runtime import protocol as wire
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.learning import LearnerConfig
 
@@ -125,8 +125,8 @@ def test_the_service_resumes_aggregation_and_rollouts_after_sigkill(
 def test_an_update_with_an_unknown_base_is_refused_and_counted(cloud, modular, address):
     cloud.start()
     weights = {"weight": np.zeros((10, 512), np.float32), "bias": np.zeros(10, np.float32)}
-    from edge_runtime.adapter import tensor_bytes
-    from edge_runtime.mqtt import connect, make_client
+    from eclm_wire.codec import tensor_bytes
+    from eclm_wire.mqtt import connect, make_client
 
     device = make_client("dev-x", address)
     connect(device, address)

@@ -9,12 +9,12 @@ import torch
 from netproxy import CutProxy
 from torch import nn
 
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.export import export_litert
+from cloud_trainer.export.programs import export_litert
+from cloud_trainer.fleet.coordinator import FleetCoordinator
 from device_profiles import load_profile
+from eclm_wire.mqtt import BrokerAddress
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore
-from edge_runtime.mqtt import BrokerAddress
 
 CHUNK = 128 * 1024
 

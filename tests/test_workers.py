@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from cloudproc import Cloud, wait
 
-from edge_runtime import protocol as wire
-from edge_runtime.adapter import tensor_bytes
-from edge_runtime.mqtt import connect, make_client
+import eclm_wire as wire
+from eclm_wire.codec import tensor_bytes
+from eclm_wire.mqtt import connect, make_client
 
 DEVICES, UPDATES, REPLAYS = 10, 20, 30
 

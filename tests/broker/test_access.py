@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+import eclm_wire as wire
 from broker import Access, Broker
-from edge_runtime import protocol as wire
-from edge_runtime.mqtt import BrokerAddress, make_client
+from eclm_wire.mqtt import BrokerAddress, make_client
 
 
 class Session:
@@ -130,8 +130,8 @@ def test_each_device_reads_and_writes_only_its_own_topics(secured):
 
 @pytest.mark.slow
 def test_a_device_gets_its_sub_model_through_tls_passwords_and_acls(secured, exported, tmp_path):
-    from cloud_trainer.coordinator import FleetCoordinator
-    from cloud_trainer.keys import init_keys, load_signing_key
+    from cloud_trainer.fleet.coordinator import FleetCoordinator
+    from cloud_trainer.fleet.keys import init_keys, load_signing_key
     from device_profiles import load_profile
     from edge_runtime.agent import AgentConfig, EdgeAgent
     from edge_runtime.artifacts import ArtifactStore

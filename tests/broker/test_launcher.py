@@ -4,7 +4,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from broker import Broker, BrokerConfig, render_acl, render_mosquitto_conf
-from edge_runtime.mqtt import BrokerAddress
+from eclm_wire.mqtt import BrokerAddress
 
 
 def test_a_password_can_come_from_the_environment_instead_of_the_url(monkeypatch):

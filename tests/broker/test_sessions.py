@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+import eclm_wire as wire
 from broker import Access, Broker, find_mosquitto
-from edge_runtime import protocol as wire
 
 ATTEMPTS = 100
 

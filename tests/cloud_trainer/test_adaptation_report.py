@@ -1,4 +1,4 @@
-from cloud_trainer.adaptation_report import newcomer_ratios
+from eclm_lab.report import newcomer_ratios
 
 
 def entry(warm, alone):

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from cloud_trainer.aggregation import DomainAggregator
-from cloud_trainer.strategies import WeightedMean
-from edge_runtime import protocol as wire
+import eclm_wire as wire
+from cloud_trainer.federation.aggregation import DomainAggregator
+from cloud_trainer.federation.strategies import WeightedMean
+from eclm_wire.errors import ProtocolError
 from edge_runtime.adapter import Adapter, NumpyTrainer
-from edge_runtime.errors import ProtocolError
 
 
 def update(device, weights, labels, domain="rotate"):
@@ -110,7 +110,7 @@ def test_an_update_message_is_checked_field_by_field():
 def test_the_coordinator_aggregates_updates_devices_send_over_mosquitto(
     shifted, address, collector_factory, tmp_path
 ):
-    from cloud_trainer.coordinator import FleetCoordinator
+    from cloud_trainer.fleet.coordinator import FleetCoordinator
     from edge_runtime.artifacts import ArtifactStore
 
     head = {"weight": shifted["weight"], "bias": shifted["bias"]}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cloud_trainer.config import ServiceConfig, example, load_config
 from cloud_trainer.errors import ConfigError
+from cloud_trainer.service.config import ServiceConfig, example, load_config
 
 
 def test_the_printed_defaults_load_back_as_the_defaults(tmp_path):
@@ -55,7 +55,7 @@ def test_a_bad_config_names_what_is_wrong(tmp_path, text, named):
 
 
 def test_krum_and_multi_krum_are_chosen_in_the_config_with_their_parameters(tmp_path):
-    from cloud_trainer.strategies import Krum, MultiKrum, TrimmedMean
+    from cloud_trainer.federation.strategies import Krum, MultiKrum, TrimmedMean
 
     path = tmp_path / "cloud.toml"
     path.write_text('[aggregation]\nstrategy = "multi-krum"\nmalicious = 0.3\nkeep = 0.5\n')

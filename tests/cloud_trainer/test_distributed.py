@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from cloud_trainer.data import load_digits_split
-from cloud_trainer.distributed import run_integration
-from cloud_trainer.domains import apply
-from cloud_trainer.pipeline import head_weights
+from cloud_trainer.federation.distributed import run_integration
+from cloud_trainer.model.checkpoint import head_weights
+from cloud_trainer.model.data import load_digits_split
+from cloud_trainer.model.domains import apply
 from edge_runtime.adapter import Adapter, NumpyTrainer
 
 SHIFTED = ("noise", "rotate", "contrast")
@@ -125,7 +125,7 @@ def test_arguments_that_do_not_fit_are_refused_by_name(modular, aggregates, kwar
 def test_the_cli_integrates_an_aggregates_file_and_writes_the_head(modular, tmp_path, capsys):
     from safetensors.numpy import load_file
 
-    from cloud_trainer.distributed import load_aggregates, save_aggregates
+    from cloud_trainer.federation.distributed import load_aggregates, save_aggregates
     from eclm.cli import main
 
     head = head_weights(modular["net"])

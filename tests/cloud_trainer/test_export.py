@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from cloud_trainer.errors import ExportError
-from cloud_trainer.modular import SubModel
-from cloud_trainer.modular_export import ModularExporter, export_modular
+from cloud_trainer.export.modular import ModularExporter, export_modular
+from cloud_trainer.model.modular import SubModel
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import get_backend
 from edge_runtime.composer import ComposedModel

@@ -10,16 +10,16 @@ import time
 import numpy as np
 import pytest
 
-from cloud_trainer.aggregation import DomainAggregator
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.database import Database
-from cloud_trainer.ledger import UpdateLedger
-from cloud_trainer.state import CloudState
-from edge_runtime import protocol as wire
-from edge_runtime.adapter import tensor_bytes
+import eclm_wire as wire
+from cloud_trainer.federation.aggregation import DomainAggregator
+from cloud_trainer.federation.ledger import UpdateLedger
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.service.database import Database
+from cloud_trainer.service.state import CloudState
+from eclm_wire.codec import tensor_bytes
+from eclm_wire.errors import ProtocolError
+from eclm_wire.mqtt import connect, make_client
 from edge_runtime.artifacts import ArtifactStore
-from edge_runtime.errors import ProtocolError
-from edge_runtime.mqtt import connect, make_client
 
 LIKE = {"weight": np.zeros((10, 64), np.float32), "bias": np.zeros(10, np.float32)}
 

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from cloud_trainer.modular import ModularNet, ModularSpec, SubModel
-from cloud_trainer.modular_train import accuracy, module_importance, sample_selection
-from cloud_trainer.pipeline import load_importance, select_for
+from cloud_trainer.export.plan import select_for
+from cloud_trainer.model.checkpoint import load_importance
+from cloud_trainer.model.modular import ModularNet, ModularSpec, SubModel
+from cloud_trainer.model.train import accuracy, module_importance, sample_selection
 from device_profiles import load_profile
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 
-from cloud_trainer.aggregation import DomainAggregator
-from cloud_trainer.config import LimitsSection
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.ratelimit import DropReason, Kind, Limit, RateLimiter
-from edge_runtime import protocol as wire
-from edge_runtime.adapter import tensor_bytes
+import eclm_wire as wire
+from cloud_trainer.federation.aggregation import DomainAggregator
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.ratelimit import DropReason, Kind, Limit, RateLimiter
+from cloud_trainer.service.config import LimitsSection
+from eclm_wire.codec import tensor_bytes
 from edge_runtime.artifacts import ArtifactStore
 
 FLOOD = 10_000

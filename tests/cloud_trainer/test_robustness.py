@@ -1,12 +1,18 @@
 """The robustness table's claims on fixed seeds: with 20% attackers of each kind, the
 robust strategies stay within 10% of the honest mean, Krum picks an honest device's own
 update, and the capped mean holds a lying count within 25% where the uncapped one does not
-(distance as in ``cloud_trainer.robustness``)."""
+(distance as in ``eclm_lab.robustness``)."""
 
 import pytest
 
-from cloud_trainer.robustness import ATTACKS, digits_fleet, table
-from cloud_trainer.strategies import CoordinateMedian, Krum, MultiKrum, TrimmedMean, WeightedMean
+from cloud_trainer.federation.strategies import (
+    CoordinateMedian,
+    Krum,
+    MultiKrum,
+    TrimmedMean,
+    WeightedMean,
+)
+from eclm_lab.robustness import ATTACKS, digits_fleet, table
 
 ROBUST = {"median": CoordinateMedian(), "trimmed-mean": TrimmedMean(), "multi-krum": MultiKrum()}
 

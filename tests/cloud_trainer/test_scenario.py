@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from cloud_trainer.data import load_digits_split
-from cloud_trainer.scenario import ScenarioSpec, build
+from cloud_trainer.model.data import load_digits_split
+from eclm_lab.scenario import ScenarioSpec, build
 
 
 @pytest.fixture(scope="module")

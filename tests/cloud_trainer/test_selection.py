@@ -3,9 +3,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_trainer.costs import cost_table
-from cloud_trainer.modular import ModularNet
-from cloud_trainer.selection import Cost, CostTable, SelectionError, select_modules
+from cloud_trainer.model.costs import cost_table
+from cloud_trainer.model.modular import ModularNet
+from cloud_trainer.model.selection import Cost, CostTable, SelectionError, select_modules
 from device_profiles import Budget, load_profile
 
 

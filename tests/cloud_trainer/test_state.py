@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud_trainer.database import Database
+import eclm_wire as wire
 from cloud_trainer.errors import StateError
-from cloud_trainer.state import CloudState
-from edge_runtime import protocol as wire
-from edge_runtime.adapter import tensor_bytes
+from cloud_trainer.service.database import Database
+from cloud_trainer.service.state import CloudState
+from eclm_wire.codec import tensor_bytes
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from cloud_trainer.aggregation import Contribution, DomainAggregator
-from cloud_trainer.robustness import rotated_digits
-from cloud_trainer.strategies import (
+import eclm_wire as wire
+from cloud_trainer.federation.aggregation import Contribution, DomainAggregator
+from cloud_trainer.federation.strategies import (
     STRATEGIES,
     ClassWeightedMean,
     CoordinateMedian,
@@ -22,9 +22,9 @@ from cloud_trainer.strategies import (
     WeightedMean,
     make_strategy,
 )
-from edge_runtime import protocol as wire
+from eclm_lab.robustness import rotated_digits
+from eclm_wire.errors import ProtocolError
 from edge_runtime.adapter import Adapter, NumpyTrainer
-from edge_runtime.errors import ProtocolError
 
 DEVICES, STREAM, POOL = 10, 1000, 1200
 LOOSE = 1e5  # a norm bound the scaled updates pass: the strategy has to stop them

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
+from eclm_wire.errors import ProtocolError
 from edge_runtime.adapter import Adapter, NumpyTrainer
-from edge_runtime.errors import ProtocolError
 
 pytest.importorskip("torch", reason="the cloud side (torch) is not installed: an edge-only venv")
-from cloud_trainer.adapter_export import export_adapter_training  # noqa: E402
+from cloud_trainer.export.adapter import export_adapter_training
 
 
 def make_trainer(kind, shifted, lr=0.01):

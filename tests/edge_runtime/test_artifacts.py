@@ -1,6 +1,6 @@
 import pytest
 
-from edge_runtime import protocol as wire
+import eclm_wire as wire
 from edge_runtime.artifacts import ArtifactStore, sha256_bytes
 from edge_runtime.errors import ArtifactError
 

@@ -3,10 +3,10 @@ requests, stalls asked again, and poisoned files dropped and fetched again with 
 
 import pytest
 
-from edge_runtime import protocol as wire
+import eclm_wire as wire
+from eclm_wire import EventCode
 from edge_runtime.artifacts import ArtifactStore, sha256_bytes
 from edge_runtime.download import RetryPolicy, Transfer, TransferState
-from edge_runtime.events import EventCode
 
 DATA = bytes(range(256)) * 16  # four 1 KiB chunks
 OTHER = bytes(reversed(DATA))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from edge_runtime import protocol as wire
-from edge_runtime.errors import ProtocolError
+import eclm_wire as wire
+from eclm_wire.errors import ProtocolError
 from edge_runtime.learning import Learner, LearnerConfig
 
 CLASSES, FEATURES = 4, 16

@@ -7,11 +7,11 @@ import textwrap
 import time
 
 import pytest
+from cloud_trainer.fleet.deploy import wait_for_fleet
 
-from cloud_trainer.cli import wait_for_fleet
-from cloud_trainer.coordinator import FleetCoordinator
+import eclm_wire as wire
+from cloud_trainer.fleet.coordinator import FleetCoordinator
 from eclm_common.lifeline import popen
-from edge_runtime import protocol as wire
 from edge_runtime.artifacts import ArtifactStore
 
 AGENT_SCRIPT = textwrap.dedent("""
@@ -26,7 +26,7 @@ AGENT_SCRIPT = textwrap.dedent("""
     sys.meta_path.insert(0, NoTorch())
     from device_profiles import load_profile
     from edge_runtime.agent import AgentConfig, EdgeAgent
-    from edge_runtime.mqtt import BrokerAddress
+    from eclm_wire.mqtt import BrokerAddress
 
     url, store, eval_data, stop = sys.argv[1:5]
     agent = EdgeAgent(AgentConfig(device_id="zero-1", profile=load_profile("rpi4"),

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from edge_runtime import protocol as wire
-from edge_runtime.adapter import check_update
-from edge_runtime.errors import ProtocolError
+import eclm_wire as wire
+from eclm_wire.codec import check_update
+from eclm_wire.errors import ProtocolError
 from edge_runtime.learning import Learner, LearnerConfig
 from edge_runtime.privacy import GaussianNoise, clip_delta, gaussian_epsilon
 

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_runtime import protocol as wire
-from edge_runtime.errors import ProtocolError
+import eclm_wire as wire
+from eclm_wire.errors import ProtocolError
 
 SHA = "ab" * 32
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloud_trainer.keys import init_keys, load_signing_key, sign
-from edge_runtime import protocol as wire
-from edge_runtime.errors import ProtocolError
+import eclm_wire as wire
+from cloud_trainer.fleet.keys import init_keys, load_signing_key, sign
+from eclm_wire.errors import ProtocolError
 from edge_runtime.trust import Gate, load_public_key
 
 SHA = "ab" * 32

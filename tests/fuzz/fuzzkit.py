@@ -21,7 +21,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, settings
 
-from edge_runtime.mqtt import BrokerAddress
+from eclm_wire.mqtt import BrokerAddress
 
 CASES = int(os.environ.get("ECLM_FUZZ_CASES", "200"))
 # A case that takes longer than this is a hang (the guard interrupts it and the test fails).

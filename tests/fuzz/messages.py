@@ -11,8 +11,8 @@ import numpy as np
 from hypothesis import strategies as st
 from mutations import _get, _paths, _set, dumps, mutate_bytes, mutate_json
 
-from edge_runtime import protocol as wire
-from edge_runtime.adapter import tensor_bytes
+import eclm_wire as wire
+from eclm_wire.codec import tensor_bytes
 
 HEX = "0123456789abcdef"
 _ALNUM = string.ascii_letters + string.digits

@@ -13,7 +13,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from edge_runtime import protocol as wire
+import eclm_wire as wire
 
 
 class Raw:

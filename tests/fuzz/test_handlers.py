@@ -33,12 +33,12 @@ from messages import (
 )
 from mutations import EDGE_STRINGS, mutate_bytes
 
-from cloud_trainer.aggregation import DomainAggregator
-from cloud_trainer.coordinator import FleetCoordinator
-from cloud_trainer.keys import sign
+import eclm_wire as wire
+from cloud_trainer.federation.aggregation import DomainAggregator
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.keys import sign
 from device_profiles import load_profile
-from edge_runtime import protocol as wire
-from edge_runtime.adapter import tensor_bytes
+from eclm_wire.codec import tensor_bytes
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore, sha256_bytes
 from edge_runtime.events import EventLimits
@@ -483,7 +483,7 @@ def test_the_coordinator_applies_or_counts_every_message_and_keeps_state_on_refu
 def test_the_coordinator_keeps_the_latest_events_only(tmp_path, key):
     """A cloud that runs for months hears many events: it keeps the latest EVENTS_KEPT in
     memory (every one is logged)."""
-    from cloud_trainer.coordinator import EVENTS_KEPT
+    from cloud_trainer.fleet.coordinator import EVENTS_KEPT
 
     cloud = Cloud(tmp_path, key[0])
     for n in range(EVENTS_KEPT + 5):

@@ -25,18 +25,19 @@ from hypothesis import strategies as st
 from messages import IDS, LIKE, SHAS, TIMES, VALID, artifact_refs, desired_states, payloads
 from mutations import EDGE_STRINGS, RAW_VALUES, Raw, dumps, mutate_bytes, mutate_json, toml_dumps
 
-from cloud_trainer.config import ServiceConfig, example, load_config
-from cloud_trainer.coordinator import FleetCoordinator
+import eclm_wire as wire
 from cloud_trainer.errors import ConfigError, StateError
-from cloud_trainer.rollout import Rollout, RolloutPlan, Target
+from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
+from cloud_trainer.service.config import ServiceConfig, example, load_config
 from device_profiles import DeviceProfile, ProfileError, load_profile
 from device_profiles import toml as tomllib
 from device_profiles.profile import ARCHES, BOARDS_DIR, KNOWN_BACKENDS, PYTHONS
-from edge_runtime import protocol as wire
-from edge_runtime.adapter import check_update
+from eclm_wire.codec import check_update
+from eclm_wire.errors import ProtocolError
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore, sha256_bytes
-from edge_runtime.errors import ArtifactError, ProtocolError
+from edge_runtime.errors import ArtifactError
 from edge_runtime.trust import Gate, load_public_key
 
 WIRE_CODES = {"malformed", "invalid", "version", "too-large", "chunk-hash", "not-finite"}
@@ -512,7 +513,7 @@ def test_the_signing_key_file_is_an_ed25519_key_or_a_value_error(fuzz, scratch):
         PrivateFormat,
     )
 
-    from cloud_trainer.keys import load_signing_key
+    from cloud_trainer.fleet.keys import load_signing_key
 
     rec = fuzz("signing key (PEM)", ValueError)
     pem = Ed25519PrivateKey.generate().private_bytes(
@@ -736,8 +737,8 @@ def test_a_rollout_record_restores_a_rollout_or_a_state_error(fuzz, idle_coordin
 
 
 def test_rollout_states_read_every_sound_record_and_leave_damaged_ones_out(fuzz, idle_coordinator):
-    from cloud_trainer.database import Database
-    from cloud_trainer.state import CloudState
+    from cloud_trainer.service.database import Database
+    from cloud_trainer.service.state import CloudState
 
     rec = fuzz("CloudState.rollout_states (records)", ())
     state = CloudState(Database("sqlite://:memory:"))

@@ -1,0 +1,197 @@
+"""Planning a device's sub-model: select modules under its budget, export them, and the
+head's artifacts. Each step is usable from the CLI, the service, the lab and tests."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+import eclm_wire as wire
+from cloud_trainer.model.checkpoint import head_weights, load_importance, load_model
+from device_profiles import DeviceProfile
+from edge_runtime.artifacts import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+
+def select_for(
+    model_dir: Path,
+    profile: DeviceProfile,
+    histogram,
+    *,
+    domain: str | None = None,
+    backend: str | None = None,
+    quant: str = "fp32",
+    measured_ms: dict[str, float] | None = None,
+):
+    """The sub-model for a device: its budget, its label histogram (None: every class
+    alike), optionally its data domain."""
+    from cloud_trainer.model.costs import cost_table
+    from cloud_trainer.model.selection import select_modules
+
+    net = load_model(model_dir)
+    costs = cost_table(net, profile, backend=backend, quant=quant, measured_ms=measured_ms)
+    importance = load_importance(model_dir, domain)
+    if histogram is None:
+        histogram = np.ones(importance.shape[2])
+    return select_modules(importance, histogram, costs, profile.budget)
+
+
+def export_model(model_dir: Path, store_dir: Path, *, variants=None, progress: bool = False):
+    """Export every part of the trained model into a content-addressed store."""
+    from cloud_trainer.export.modular import VARIANTS, export_modular
+
+    net = load_model(model_dir)
+    calib = np.load(model_dir / "test.npz")["x"]
+    variants = tuple(variants or VARIANTS)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = len(variants) * (2 + net.spec.layers * (1 + net.spec.modules_per_layer)) + 1
+        bar = tqdm(total=total, desc="export", unit="program", leave=False)
+    try:
+        return export_modular(
+            net,
+            calib,
+            ArtifactStore(store_dir),
+            variants=variants,
+            on_record=(lambda _: bar.update(1)) if bar else None,
+        )
+    finally:
+        if bar:
+            bar.close()
+
+
+def export_fused_for(
+    model_dir: Path, store_dir: Path, modules, fmt: str, quant: str = "fp32"
+) -> wire.ArtifactRef:
+    """One program of the whole selected sub-model, stored (and cached) for delivery."""
+    import torch
+
+    from cloud_trainer.export.modular import ModularExporter
+    from cloud_trainer.model.modular import SubModel
+
+    net = load_model(model_dir)
+    x = torch.from_numpy(np.load(model_dir / "test.npz")["x"][:64])
+    tag = "-".join("".join(map(str, layer)) for layer in modules)
+    record = ModularExporter(ArtifactStore(store_dir)).export(
+        f"submodel-{tag}", SubModel(net, modules), x[:2], fmt, quant, calib=x
+    )
+    return record.ref
+
+
+def plan_device(
+    model_dir: Path,
+    store_dir: Path,
+    profile: DeviceProfile,
+    histogram=None,
+    *,
+    domain: str | None = None,
+):
+    """Select a device's sub-model and export it in each format its profile can run.
+
+    Returns the Selection and the refs to put in its desired state.
+    """
+    from edge_runtime.backends import FORMAT_OF
+
+    selection = select_for(model_dir, profile, histogram, domain=domain)
+    refs = [
+        export_fused_for(model_dir, store_dir, selection.modules, FORMAT_OF[backend])
+        for backend in profile.backends
+    ]
+    return selection, refs
+
+
+BUDGET_SCALES = (1.0, 0.6, 0.35)
+
+
+def plan_device_modular(
+    model_dir: Path,
+    store_dir: Path,
+    profile: DeviceProfile,
+    histogram=None,
+    *,
+    domain: str | None = None,
+    scales=BUDGET_SCALES,
+):
+    """The module sets a device may switch between (its selection at its full budget, and
+    selections at smaller shares of that selection's size, down to the smallest sub-model
+    there is, for when the board runs short) and the per-part programs they need, for each
+    format its profile can run. Returns ``(options, refs)`` for a modular desired state."""
+    from cloud_trainer.export.modular import export_modular
+    from cloud_trainer.model.costs import cost_table
+    from cloud_trainer.model.selection import SelectionError, smallest_memory_kb
+    from edge_runtime.backends import FORMAT_OF
+    from edge_runtime.composer import part_names
+
+    selections: dict[tuple, float] = {}
+    ceiling = profile.budget.model_memory_kb
+    for scale in scales:
+        budget = replace(profile.budget, model_memory_kb=int(ceiling * scale))
+        try:
+            chosen = select_for(
+                model_dir, replace(profile, budget=budget), histogram, domain=domain
+            )
+        except SelectionError:
+            if not selections:
+                raise
+            break
+        if not selections:
+            ceiling = chosen.cost.memory_kb
+        selections.setdefault(chosen.modules, chosen.cost.memory_kb)
+    smallest = math.ceil(smallest_memory_kb(cost_table(load_model(model_dir), profile)))
+    if min(selections.values()) > smallest:  # the last resort when memory runs out
+        budget = replace(profile.budget, model_memory_kb=smallest)
+        chosen = select_for(model_dir, replace(profile, budget=budget), histogram, domain=domain)
+        selections.setdefault(chosen.modules, chosen.cost.memory_kb)
+    options = tuple(
+        wire.ModuleSet(
+            layers=tuple(wire.LayerModules(modules=m) for m in modules), memory_kb=round(kb, 1)
+        )
+        for modules, kb in selections.items()
+    )
+    needed = {p for modules in selections for p in part_names(modules)}
+    variants = [(FORMAT_OF[b], "fp32") for b in profile.backends]
+    calib = np.load(model_dir / "test.npz")["x"]
+    net = load_model(model_dir)
+    records = export_modular(net, calib, ArtifactStore(store_dir), variants=variants)
+    refs = [
+        replace(r.ref, part=r.part)
+        for r in records
+        if r.part in needed and r.variant.endswith("fp32")
+    ]
+    return options, [*refs, head_ref(net, ArtifactStore(store_dir))]
+
+
+def head_ref(net, store: ArtifactStore) -> wire.ArtifactRef:
+    """The head's weights as safetensors, stored: where a device's adapters start from."""
+    from safetensors.numpy import save
+
+    data = save(head_weights(net))
+    return wire.ArtifactRef(
+        name="adapter-head",
+        sha256=store.put(data),
+        size=len(data),
+        format="safetensors",
+        part="adapter",
+    )
+
+
+def export_part(net, model_dir: Path, store_dir: Path, part: str, fmt: str) -> wire.ArtifactRef:
+    """One part of ``net`` (say a new head) as an fp32 program, stored for delivery."""
+    import torch
+
+    from cloud_trainer.export.modular import ModularExporter, part_inputs
+    from cloud_trainer.model.modular import parts
+
+    x = torch.from_numpy(np.load(model_dir / "test.npz")["x"][:64])
+    data = part_inputs(net.eval(), x)[part]
+    record = ModularExporter(ArtifactStore(store_dir)).export(
+        part, parts(net)[part], data[:2], fmt, "fp32", calib=data
+    )
+    return replace(record.ref, part=part)

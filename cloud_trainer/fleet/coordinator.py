@@ -1,0 +1,348 @@
+"""The cloud side of the wire: desired state out, artifact chunks on request, reports in."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import paho.mqtt.client as paho
+
+import eclm_wire as wire
+from cloud_trainer.errors import StateError
+from cloud_trainer.fleet.keys import sign
+from cloud_trainer.fleet.ratelimit import DropReason, RateLimiter
+from eclm_wire import signed_bytes
+from eclm_wire.codec import tensor_bytes
+from eclm_wire.errors import ProtocolError
+from eclm_wire.mqtt import BrokerAddress, connect, make_client, wait_published
+from edge_runtime.artifacts import ArtifactStore
+
+log = logging.getLogger(__name__)
+EVENTS_KEPT = 1000  # device events kept in memory (a long-running cloud would pile them up)
+FETCHES_QUEUED = 10_000  # chunk requests waiting for the sender; more are dropped, counted
+
+
+class Aggregator(Protocol):
+    """Where adapter updates go (:class:`DomainAggregator` in one process, the service's
+    ledger in a database) and where warm starts come from."""
+
+    def add(self, update: wire.AdapterUpdate) -> None: ...
+
+    def aggregate(self, domain: str) -> tuple[dict[str, np.ndarray], int] | None: ...
+
+    def samples_of(self, domain: str, device_id: str) -> int: ...
+
+
+class FleetCoordinator:
+    """Sets devices' desired state, serves their fetches and keeps their latest reports."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        store: ArtifactStore,
+        *,
+        client_id: str = "eclm-cloud",
+        chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
+        signing_key=None,
+        ttl: float = 7 * 24 * 3600,
+        aggregator: Aggregator | None = None,
+        offer_ratio: float = 4.0,
+        serials: Callable[[], int] | None = None,
+        shared_group: str = "",
+        is_leader: Callable[[], bool] = lambda: True,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        """``signing_key`` (see :mod:`cloud_trainer.fleet.keys`) signs every desired state, which
+        devices then refuse after ``ttl`` seconds; ``aggregator`` takes the devices' adapter
+        updates (ignored without one). ``serials`` hands out desired-state serials (a
+        service keeps them in its database); by default they grow with the clock.
+
+        Several coordinators (service workers) may share the fleet: with ``shared_group``
+        each update, fetch and event goes to one of them (a shared subscription), while
+        every one sees all desired, reported and status messages; only the one for which
+        ``is_leader()`` holds sends warm starts. ``limiter`` drops what a device sends over
+        its limits before it is decoded (default: no limits); drops are in ``dropped``."""
+        self.address = address
+        self.signing_key = signing_key
+        self.aggregator = aggregator
+        self.offer_ratio = offer_ratio
+        self.serials = serials
+        self.shared_group = shared_group
+        self.is_leader = is_leader
+        self.limiter = limiter or RateLimiter({})
+        self.ttl = ttl
+        self.store = store
+        self.chunk_size = chunk_size
+        self.reported: dict[str, wire.ReportedState] = {}
+        self.desired: dict[str, wire.DesiredState] = {}  # retained, as the broker holds it
+        self.abort_requests: set[str] = set()  # rollout ids an operator asked to abort
+        self.online: dict[str, bool] = {}
+        self.events: deque[wire.Event] = deque(maxlen=EVENTS_KEPT)  # the latest; all are logged
+        self.rejected: Counter[str] = Counter()
+        self.offers = 0  # warm starts sent to devices entering a domain others adapted to
+        # called with (previous, new) report on the MQTT thread: hand work off, do not block
+        self.listeners: list[Callable[[wire.ReportedState | None, wire.ReportedState], None]] = []
+        self._serial = int(time.time() * 1000)  # grows across restarts without stored state
+        self._changed = threading.Condition()
+        self._fetches: queue.Queue[wire.FetchRequest | None] = queue.Queue(FETCHES_QUEUED)
+        self._sender = threading.Thread(target=self._send_loop, name="cloud-sender", daemon=True)
+        self._unstored: list[paho.MQTTMessage] = []  # not acknowledged: the store failed
+        self.store_error = ""  # why the last store write failed ("" once it works again)
+        self.client = make_client(client_id, address, manual_ack=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def start(self) -> FleetCoordinator:
+        connect(self.client, self.address)
+        self.client.loop_start()
+        self._sender.start()
+        return self
+
+    def stop(self) -> None:
+        self._fetches.put(None)
+        self._sender.join(timeout=10)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    @property
+    def dropped(self) -> Counter[tuple[str, str]]:
+        """Messages dropped unread, by (kind, reason): over a device's limit, queue full."""
+        return self.limiter.counts()
+
+    def __enter__(self) -> FleetCoordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- what the cloud asks ------------------------------------------------------------
+
+    def add_artifact(self, name: str, data: bytes, fmt: str) -> wire.ArtifactRef:
+        """Store a program and describe it for a desired state."""
+        sha = self.store.put(data)
+        return wire.ArtifactRef(
+            name=name, sha256=sha, size=len(data), format=fmt, chunk_size=self.chunk_size
+        )
+
+    def assign(
+        self,
+        device_id: str,
+        artifacts: list[wire.ArtifactRef],
+        *,
+        options: tuple[wire.ModuleSet, ...] = (),
+        target: str = "",
+    ) -> wire.DesiredState:
+        """Publish a new desired state for ``device_id`` and its profile ``target``
+        (retained, serial always newer, signed when the coordinator has a key)."""
+        if self.serials is not None:
+            serial = self.serials()
+        else:
+            serial = self._serial = max(self._serial + 1, int(time.time() * 1000))
+        desired = wire.DesiredState(
+            device_id=device_id,
+            serial=serial,
+            artifacts=tuple(artifacts),
+            options=tuple(options),
+            target=target,
+            expires=time.time() + self.ttl,
+        )
+        if self.signing_key is not None:
+            desired = sign(desired, self.signing_key)
+        sent = self.client.publish(
+            wire.device_topic(device_id, "desired"), desired.encode(), qos=1, retain=True
+        )
+        if wait_published(sent, 5):
+            log.info("desired state %d set for %s", desired.serial, device_id)
+        else:  # a broker restart, say: paho sends it once connected again
+            log.warning("desired state %d for %s queued (broker away)", desired.serial, device_id)
+        return desired
+
+    def wait_until(self, predicate: Callable[[FleetCoordinator], bool], timeout: float) -> bool:
+        """Block until ``predicate(self)`` holds after a report, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    # --- MQTT -----------------------------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the cloud connection: %s", reason_code)
+            return
+        share = f"$share/{self.shared_group}/" if self.shared_group else ""
+        client.subscribe(
+            [(wire.all_devices_topic(k), 1) for k in ("desired", "reported", "status")]
+            + [(share + wire.all_devices_topic(k), 1) for k in ("fetch", "events", "updates")]
+            + [(f"{wire.TOPIC_ROOT}/rollouts/+/abort", 1)]
+        )
+
+    def _on_message(self, client, userdata, msg: paho.MQTTMessage) -> None:
+        self.client.traffic.add("received", msg.topic, msg.payload)
+        try:
+            self._handle(msg)
+        except StateError as exc:
+            # Not acknowledged: the broker keeps it for this session, and the sender
+            # thread retries the store until it works (or a restart redelivers it).
+            log.error("could not store %s, will retry: %s", msg.topic[:200], exc)
+            with self._changed:
+                self.store_error = str(exc)
+                self._unstored.append(msg)
+            return
+        client.ack(msg.mid, msg.qos)
+
+    def _handle(self, msg: paho.MQTTMessage) -> None:
+        try:
+            if msg.topic.startswith(f"{wire.TOPIC_ROOT}/rollouts/"):
+                rollout_id = msg.topic.split("/")[3]
+                log.warning("abort requested for rollout %s", rollout_id)
+                with self._changed:
+                    self.abort_requests.add(wire.check_device_id(rollout_id))
+                    self._changed.notify_all()
+                return
+            device_id, kind, _ = wire.parse_device_topic(msg.topic)
+            if not self.limiter.allow(device_id, kind):
+                return  # counted; acknowledged, so the broker does not keep it either
+            if kind == "fetch":
+                request = wire.decode(wire.FetchRequest, msg.payload)
+                self._check_sender(request.device_id, device_id)
+                try:
+                    self._fetches.put_nowait(request)
+                except queue.Full:
+                    self.limiter.count_drop(kind, DropReason.QUEUE_FULL)
+                return
+            with self._changed:
+                if kind == "desired":
+                    desired = wire.decode(wire.DesiredState, msg.payload)
+                    self._check_sender(desired.device_id, device_id)
+                    self._check_signed(desired)
+                    self.desired[device_id] = desired
+                elif kind == "reported":
+                    report = wire.decode(wire.ReportedState, msg.payload)
+                    self._check_sender(report.device_id, device_id)
+                    before = self.reported.get(device_id)
+                    self.reported[device_id] = report
+                    if report.domain and (before is None or before.domain != report.domain):
+                        if self.is_leader():
+                            self._offer(device_id, report.domain)
+                    for listener in self.listeners:
+                        listener(before, report)
+                elif kind == "status":
+                    status = wire.decode(wire.Status, msg.payload)
+                    self._check_sender(status.device_id, device_id)
+                    self.online[device_id] = status.online
+                elif kind == "events":
+                    event = wire.decode(wire.Event, msg.payload)
+                    self._check_sender(event.device_id, device_id)
+                    self.events.append(event)
+                    log.warning("event from %s: %s: %s", device_id, event.code, event.reason)
+                elif kind == "updates" and self.aggregator is not None:
+                    update = wire.decode(wire.AdapterUpdate, msg.payload)
+                    self._check_sender(update.device_id, device_id)
+                    self.aggregator.add(update)
+                self._changed.notify_all()
+        except ProtocolError as exc:
+            with self._changed:
+                self.rejected[exc.code] += 1
+                self._changed.notify_all()
+            log.warning("rejected message on %s: %s", msg.topic[:200], exc)
+
+    def _offer(self, device_id: str, domain: str) -> None:
+        """Send the aggregate for ``domain`` to a device entering it, if it holds at least
+        ``offer_ratio`` times the labels the device itself sent for that domain."""
+        if self.aggregator is None:
+            return
+        aggregate = self.aggregator.aggregate(domain)
+        own = self.aggregator.samples_of(domain, device_id)
+        if aggregate is None or aggregate[1] < self.offer_ratio * own or aggregate[1] == own:
+            return
+        weights, samples = aggregate
+        offer = wire.AdapterOffer(
+            device_id=device_id,
+            domain=domain,
+            samples=samples,
+            weights=tensor_bytes(weights),
+            expires=time.time() + self.ttl,
+        )
+        if self.signing_key is not None:
+            offer = sign(offer, self.signing_key)
+        self.client.publish(wire.device_topic(device_id, "adapter"), offer.encode(), qos=1)
+        self.offers += 1
+        log.info("sent %s the %s adapter of %d samples", device_id, domain, samples)
+
+    def _check_signed(self, desired: wire.DesiredState) -> None:
+        """Only states this coordinator's key signed count as what a device had (a rollout
+        re-signs them when it rolls back)."""
+        if self.signing_key is None:
+            return
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            signature = bytes.fromhex(desired.signature)
+            self.signing_key.public_key().verify(signature, signed_bytes(desired))
+        except (ValueError, InvalidSignature):
+            raise ProtocolError("not signed by this cloud's key", code="bad-signature") from None
+
+    @staticmethod
+    def _check_sender(claimed: str, topic_device: str) -> None:
+        if claimed != topic_device:
+            raise ProtocolError(f"names {claimed} on {topic_device}'s topic", field="device_id")
+
+    def _send_loop(self) -> None:
+        while True:
+            try:
+                request = self._fetches.get(timeout=1.0)
+            except queue.Empty:
+                self._retry_unstored()
+                continue
+            if request is None:
+                return
+            try:
+                self._send_chunks(request)
+            except Exception:  # one place where sender bugs are caught and logged
+                log.exception("sending %s to %s failed", request.sha256[:12], request.device_id)
+
+    def _retry_unstored(self) -> None:
+        with self._changed:
+            waiting, self._unstored = self._unstored, []
+        for i, msg in enumerate(waiting):
+            try:
+                self._handle(msg)
+            except StateError as exc:
+                with self._changed:
+                    self._unstored = waiting[i:] + self._unstored
+                    self.store_error = str(exc)
+                return
+            self.client.ack(msg.mid, msg.qos)
+        if waiting:
+            log.warning("stored %d messages held back by a store failure", len(waiting))
+            with self._changed:
+                self.store_error = ""
+
+    def _send_chunks(self, request: wire.FetchRequest) -> None:
+        if not self.store.has(request.sha256):
+            log.warning("%s asked for unknown artifact %s", request.device_id, request.sha256[:12])
+            return
+        size, sha = self.chunk_size, request.sha256
+        total = -(-self.store.path(sha).stat().st_size // size)
+        last = total if request.count == 0 else min(total, request.first_chunk + request.count)
+        for index in range(request.first_chunk, last):
+            chunk = wire.pack_chunk(self.store.read_chunk(sha, index, size))
+            self.client.publish(wire.chunk_topic(request.device_id, sha, index), chunk, qos=1)
+        log.debug(
+            "sent chunks %d..%d of %s to %s",
+            request.first_chunk,
+            last - 1,
+            sha[:12],
+            request.device_id,
+        )

@@ -1,0 +1,94 @@
+"""The trained model on disk: training it, loading it, its module importance and head."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.data import save_npz
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_dir: Path
+    accuracy: float
+    half_accuracy: float
+    seconds: float
+
+
+def train_model(
+    out: Path, *, epochs: int = 25, seed: int = 0, progress: bool = False, spec=None
+) -> TrainResult:
+    """Train the modular model on digits and record module importance.
+
+    Writes ``model.pt``, ``metrics.json`` (with the spec), ``importance.npz`` (per class,
+    and per domain) and ``test.npz`` (the held-out split, for devices to evaluate on).
+    """
+    import torch
+
+    from cloud_trainer.model.data import load_digits_split
+    from cloud_trainer.model.domains import DOMAINS, apply
+    from cloud_trainer.model.modular import ModularNet, ModularSpec
+    from cloud_trainer.model.train import accuracy, module_importance, train_modular
+
+    start = time.perf_counter()
+    split = load_digits_split(seed=seed)
+    spec = spec or ModularSpec(num_classes=split.num_classes)
+    net = train_modular(
+        ModularNet(spec), split.x_train, split.y_train, epochs=epochs, seed=seed, progress=progress
+    )
+    half = tuple(tuple(range(0, spec.modules_per_layer, 2)) for _ in range(spec.layers))
+    acc = accuracy(net, split.x_test, split.y_test)
+    half_acc = accuracy(net, split.x_test, split.y_test, half)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), out / "model.pt")
+    importance = {
+        f"domain:{d}": module_importance(net, apply(d, split.x_train, seed), split.y_train)
+        for d in DOMAINS
+    }
+    importance["class"] = importance["domain:clean"]
+    np.savez(out / "importance.npz", **importance)
+    save_npz(out / "test.npz", split.x_test, split.y_test)
+    seconds = time.perf_counter() - start
+    metrics = {
+        "accuracy": acc,
+        "half_accuracy": half_acc,
+        "seconds": seconds,
+        "epochs": epochs,
+        "seed": seed,
+        "spec": asdict(spec),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainResult(out, acc, half_acc, seconds)
+
+
+def load_model(model_dir: Path):
+    """The trained ModularNet in ``model_dir`` (eval mode)."""
+    import torch
+
+    from cloud_trainer.model.modular import ModularNet, ModularSpec
+
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    net = ModularNet(ModularSpec(**metrics["spec"]))
+    net.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
+    return net.eval()
+
+
+def load_importance(model_dir: Path, domain: str | None = None) -> np.ndarray:
+    """Module importance (layers, modules, classes), per class or for one domain."""
+    with np.load(model_dir / "importance.npz") as data:
+        key = f"domain:{domain}" if domain else "class"
+        if key not in data:
+            known = sorted(k.split(":", 1)[1] for k in data.files if k.startswith("domain:"))
+            raise ValueError(f"no importance recorded for domain {domain!r}; known: {known}")
+        return data[key]
+
+
+def head_weights(net) -> dict[str, np.ndarray]:
+    """The head's linear layer as ``weight`` and ``bias``: the shape of every adapter."""
+    fc = net.head.fc
+    return {"weight": fc.weight.detach().numpy(), "bias": fc.bias.detach().numpy()}

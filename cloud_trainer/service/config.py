@@ -1,0 +1,233 @@
+"""The service's config file (TOML): one frozen dataclass per section.
+
+An unknown section or key, or a value of the wrong type, stops start-up with a
+:class:`ConfigError` that names it (``aggregation.quorum: expected int, got str``).
+``eclm cloud serve --print-config`` prints the defaults as a starting point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloud_trainer.errors import ConfigError
+from device_profiles import toml as tomllib
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    url: str = "mqtt://127.0.0.1:1883"  # a password left out comes from $ECLM_BROKER_PASSWORD
+    cafile: str = ""
+    shared_group: str = ""  # several workers: "eclm-cloud" (Mosquitto shared subscriptions)
+
+
+@dataclass(frozen=True)
+class StateSection:
+    database: str = "sqlite:///runs/cloud/state.db"  # or postgresql://user@host:5432/eclm
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    dir: str = "runs/model"  # eclm cloud train --out
+    artifacts: str = "runs/artifacts"
+    signing_key: str = "runs/keys/signing.key"
+    formats: list[str] = field(default_factory=lambda: ["tflite", "pte"])
+
+
+@dataclass(frozen=True)
+class FleetSection:
+    auto_assign: bool = True  # a device that reports without a desired state gets one
+    ttl_days: float = 7.0  # desired states expire after this
+
+
+@dataclass(frozen=True)
+class AggregationSection:
+    strategy: str = "trimmed-mean"  # mean, class-mean, median, trimmed-mean, krum, multi-krum
+    trim: float = 0.2  # share cut from each end by trimmed-mean
+    malicious: float = 0.2  # krum, multi-krum: the share of updates assumed hostile
+    keep: float = 0.0  # multi-krum: the share of best-scored updates averaged (0: all but those)
+    # where samples weigh (mean, class-mean, multi-krum): an update counts at most this many
+    # times the round's median samples, so a lying count cannot take the round (0: no cap)
+    cap: float = 1.0
+    clip: float = 0.0  # max L2 norm of an update's change to the head (0: no clipping)
+    max_norm: float = 100.0  # an update tensor above this norm is refused
+    quorum: int = 4  # devices whose updates close a round
+    deadline: float = 600.0  # seconds after which a round closes with what it has
+    max_staleness: int = 2  # model versions an update may lag; older ones are refused
+
+    def make_strategy(self):
+        """The configured strategy with the parameters it takes; ValueError naming a bad one."""
+        from cloud_trainer.federation.strategies import STRATEGIES, make_strategy
+
+        taken = {f.name for f in dataclasses.fields(STRATEGIES[self.strategy])}
+        params = {k: getattr(self, k) for k in ("clip", "cap", "trim", "malicious", "keep")}
+        return make_strategy(self.strategy, **{k: v for k, v in params.items() if k in taken})
+
+
+@dataclass(frozen=True)
+class IntegrationSection:
+    enabled: bool = True  # a clean-domain round makes a new head and rolls it out
+    blend: float = 0.5  # without retrain: how far the head moves toward the round's aggregate
+    # retrain: train the head on the cloud's own data of every domain devices adapted to,
+    # pulled toward each domain's latest aggregate, in `workers` torch.distributed processes
+    retrain: bool = False
+    workers: int = 1
+    epochs: int = 200
+    pull: float = 0.01
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    canary: int = 1
+    waves: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    max_failure_rate: float = 0.2
+    min_reports: int = 2
+    wave_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """Per device: messages a second and the burst allowed at once, per kind (rate 0: no
+    limit). Far above what a device sends; the excess is dropped and counted."""
+
+    updates_per_s: float = 2.0  # adapter uploads: a device sends one per shift or schedule
+    updates_burst: int = 60
+    events_per_s: float = 10.0
+    events_burst: int = 200
+    fetches_per_s: float = 200.0  # one per artifact chunk asked for
+    fetches_burst: int = 2000
+    reports_per_s: float = 10.0  # reported and status
+    reports_burst: int = 100
+
+    def limiter(self):
+        from cloud_trainer.fleet.ratelimit import Kind, Limit, RateLimiter
+
+        names = {Kind.UPDATES: "updates", Kind.EVENTS: "events"}
+        names |= {Kind.FETCHES: "fetches", Kind.REPORTS: "reports"}
+        return RateLimiter(
+            {
+                kind: Limit(getattr(self, f"{n}_per_s"), getattr(self, f"{n}_burst"))
+                for kind, n in names.items()
+            }
+        )
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    host: str = "127.0.0.1"
+    port: int = 9108  # /metrics (Prometheus) and /healthz; 0 picks a free port
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    worker: str = "cloud-1"  # this worker's name: its MQTT client id and its rows' owner
+    log_format: str = "json"  # json or text
+    broker: BrokerSection = BrokerSection()
+    state: StateSection = StateSection()
+    model: ModelSection = ModelSection()
+    fleet: FleetSection = FleetSection()
+    aggregation: AggregationSection = AggregationSection()
+    integration: IntegrationSection = IntegrationSection()
+    rollout: RolloutSection = RolloutSection()
+    limits: LimitsSection = LimitsSection()
+    http: HttpSection = HttpSection()
+
+    def __post_init__(self) -> None:
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"log_format: expected json or text, got {self.log_format!r}")
+        a = self.aggregation
+        from cloud_trainer.federation.strategies import STRATEGIES
+
+        if a.strategy not in STRATEGIES:
+            known = ", ".join(STRATEGIES)
+            raise ConfigError(f"aggregation.strategy: unknown {a.strategy!r} (known: {known})")
+        try:
+            a.make_strategy()
+        except ValueError as exc:
+            raise ConfigError(f"aggregation: {exc}") from None
+        if a.quorum < 1 or a.deadline <= 0:
+            raise ConfigError("aggregation: quorum >= 1, deadline > 0")
+        if self.integration.workers < 1:
+            raise ConfigError("integration.workers: must be >= 1")
+        try:
+            self.limits.limiter()
+        except ValueError as exc:
+            raise ConfigError(f"limits: {exc}") from None
+
+
+def load_config(path: str | Path) -> ServiceConfig:
+    """The config in ``path``; ConfigError naming the file and key if it is not valid."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        # ValueError: TOMLDecodeError, bytes that are not UTF-8, an integer past Python's
+        # 4,300-digit limit; RecursionError: arrays or tables nested thousands deep
+        raise ConfigError(f"{path}: {exc}") from exc
+    try:
+        return _build(ServiceConfig, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _build(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}{key}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: expected a [{key}] table")
+            kwargs[key] = _build(hint, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _check(value, hint, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _check(value, hint, name: str):
+    if typing.get_origin(hint) is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
+        return [_check(v, inner, f"{name}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{name}: {len(str(value))}-digit integer, beyond a float") from None
+    if hint is float and isinstance(value, float) and math.isnan(value):
+        # TOML's nan passes every range check (nan <= 0 is false): a deadline that never comes
+        raise ConfigError(f"{name}: expected a number, got nan")
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def example() -> str:
+    """The defaults as a TOML file."""
+    lines = [f'worker = "{ServiceConfig.worker}"', f'log_format = "{ServiceConfig.log_format}"']
+    for f in dataclasses.fields(ServiceConfig):
+        section = getattr(ServiceConfig(), f.name)
+        if not dataclasses.is_dataclass(section) or isinstance(section, type):
+            continue
+        lines.append(f"\n[{f.name}]")
+        for key, value in dataclasses.asdict(section).items():
+            lines.append(f"{key} = {_toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)

@@ -1,0 +1,23 @@
+"""The research harness: the streams a fleet sees (scenarios with shifts), the baselines,
+the adaptation experiment run against ``eclm cloud serve``, its report, the robustness
+table and the demo. ``bench/`` and ``eclm demo`` use it; a board never runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ScenarioSpec": "eclm_lab.scenario",
+    "DeviceStream": "eclm_lab.scenario",
+    "Settings": "eclm_lab.experiment",
+    "run_with_broker": "eclm_lab.experiment",
+    "Method": "eclm_lab.baselines",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'eclm_lab' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
