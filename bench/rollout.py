@@ -41,8 +41,9 @@ def program(size_kb: int) -> bytes:
 
 def roll_out(broker, data: bytes, devices: int, chunk: int, work: Path) -> float:
     """Seconds from the rollout's start until every agent serves the program."""
+    from cloud_trainer.export.plan import Target
     from cloud_trainer.fleet.coordinator import FleetCoordinator
-    from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
+    from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
     from device_profiles import load_profile
     from eclm_wire.mqtt import BrokerAddress
     from edge_runtime.agent import AgentConfig, EdgeAgent

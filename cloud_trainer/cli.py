@@ -288,7 +288,7 @@ def _rollout_abort(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def parse_histogram(text: str | None):
+def _histogram(text: str | None):
     if text is None:
         return None
     try:
@@ -340,7 +340,7 @@ def _select(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile)
     choice = select_for(
-        args.model, profile, parse_histogram(args.histogram), domain=args.domain, quant=args.quant
+        args.model, profile, _histogram(args.histogram), domain=args.domain, quant=args.quant
     )
     print(
         f"profile {profile.name}: budget {profile.budget.model_memory_kb} KB, "

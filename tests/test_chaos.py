@@ -14,8 +14,9 @@ from chaos import ChaosFleet, Observer
 from cloudproc import wait
 
 from broker import Broker
+from cloud_trainer.export.plan import Target
 from cloud_trainer.fleet.coordinator import FleetCoordinator
-from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
+from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
 from eclm_wire.mqtt import BrokerAddress
 from edge_runtime.artifacts import ArtifactStore
 

@@ -4,8 +4,9 @@ and one wave and the devices it reached go back; a good one reaches the whole fl
 import pytest
 
 import eclm_wire as wire
+from cloud_trainer.export.plan import Target
 from cloud_trainer.fleet.coordinator import FleetCoordinator
-from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
+from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
 from device_profiles import load_profile
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore

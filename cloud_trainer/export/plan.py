@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,15 @@ from device_profiles import DeviceProfile
 from edge_runtime.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one device should run after the rollout."""
+
+    artifacts: tuple[wire.ArtifactRef, ...]
+    options: tuple[wire.ModuleSet, ...] = ()
+    profile: str = ""
 
 
 def select_for(
@@ -195,3 +204,20 @@ def export_part(net, model_dir: Path, store_dir: Path, part: str, fmt: str) -> w
         part, parts(net)[part], data[:2], fmt, "fp32", calib=data
     )
     return replace(record.ref, part=part)
+
+
+def with_head(net, targets: dict[str, Target], model_dir: Path, store: Path) -> dict[str, Target]:
+    """``targets`` with ``net``'s head: its program in each format a target runs, and its
+    weights as the adapter artifact (exported once per format)."""
+    refs = {"adapter": head_ref(net, ArtifactStore(store))}
+    out = {}
+    for device, target in targets.items():
+        formats = {r.format for r in target.artifacts if r.part == "head"}
+        new = [r for r in target.artifacts if r.part not in ("head", "adapter")]
+        for fmt in sorted(formats):
+            if fmt not in refs:
+                refs[fmt] = export_part(net, model_dir, store, "head", fmt)
+            new.append(refs[fmt])
+        new.append(refs["adapter"])
+        out[device] = replace(target, artifacts=tuple(new))
+    return out

@@ -16,7 +16,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from cloud_trainer.errors import ExportError
-from cloud_trainer.fleet.rollout import Target
+from cloud_trainer.export.plan import Target
 from eclm_common.lifeline import die_with_parent, starter
 
 
@@ -92,7 +92,7 @@ def _with_head(
     import torch
     from safetensors.numpy import load
 
-    from cloud_trainer.federation.integration import with_head
+    from cloud_trainer.export.plan import with_head
     from cloud_trainer.model.checkpoint import load_model
 
     net = load_model(model_dir)

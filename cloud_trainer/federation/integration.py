@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 import eclm_wire as wire
+from cloud_trainer.export.plan import Target, with_head
 from cloud_trainer.federation.aggregation import DomainAggregator
 from cloud_trainer.fleet.coordinator import FleetCoordinator
-from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
+from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
 from cloud_trainer.model.checkpoint import head_weights
 
 log = logging.getLogger(__name__)
@@ -142,32 +143,7 @@ def blend_head(net, weights: dict[str, np.ndarray], blend: float):
     return net
 
 
-def with_head(net, targets: dict[str, Target], model_dir: Path, store: Path) -> dict[str, Target]:
-    """``targets`` with ``net``'s head: its program in each format a target runs, and its
-    weights as the adapter artifact (exported once per format)."""
-    from cloud_trainer.export.plan import export_part, head_ref
-
-    refs = {"adapter": head_ref(net, _store(store))}
-    out = {}
-    for device, target in targets.items():
-        formats = {r.format for r in target.artifacts if r.part == "head"}
-        new = [r for r in target.artifacts if r.part not in ("head", "adapter")]
-        for fmt in sorted(formats):
-            if fmt not in refs:
-                refs[fmt] = export_part(net, model_dir, store, "head", fmt)
-            new.append(refs[fmt])
-        new.append(refs["adapter"])
-        out[device] = replace(target, artifacts=tuple(new))
-    return out
-
-
 def _tensor(array: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-
-
-def _store(path: Path):
-    from edge_runtime.artifacts import ArtifactStore
-
-    return ArtifactStore(path)

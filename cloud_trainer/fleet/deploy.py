@@ -39,8 +39,7 @@ def plan_fleet(model_dir: Path, store_dir: Path, devices: list[tuple[str, str]],
     """Select and export each device's sub-model: one fused program, or (``modular``)
     per-module programs and the module sets it may switch between as its resources
     change. Prints one line per device."""
-    from cloud_trainer.export.plan import plan_device, plan_device_modular
-    from cloud_trainer.fleet.rollout import Target
+    from cloud_trainer.export.plan import Target, plan_device, plan_device_modular
     from device_profiles import load_profile
 
     targets = {}

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 import eclm_wire as wire
 from cloud_trainer.errors import StateError
+from cloud_trainer.export.plan import Target
 from cloud_trainer.fleet.coordinator import FleetCoordinator
 from eclm_wire.mqtt import wait_published
 
@@ -52,15 +53,6 @@ class RolloutPlan:
         cut += [max(cut[0], math.ceil(share * len(devices))) for share in self.waves]
         bounds = sorted(set(cut))
         return [devices[a:b] for a, b in zip([0, *bounds], bounds, strict=False) if b > a]
-
-
-@dataclass(frozen=True)
-class Target:
-    """What one device should run after the rollout."""
-
-    artifacts: tuple[wire.ArtifactRef, ...]
-    options: tuple[wire.ModuleSet, ...] = ()
-    profile: str = ""
 
 
 class Rollout:

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from cloud_trainer.errors import ConfigError, ExportError, StateError
+from cloud_trainer.export.plan import Target
 from cloud_trainer.export.pool import Exporter
-from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
+from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
 from cloud_trainer.service.config import ServiceConfig
 from cloud_trainer.service.state import CloudState, Round
 
@@ -48,11 +49,11 @@ def release_heap() -> bool:
 class Service:
     def __init__(self, config: ServiceConfig, *, tick: float = 0.5, lease_ttl: float = 10.0):
         from cloud_trainer.federation.aggregation import DomainAggregator
-        from cloud_trainer.federation.ledger import UpdateLedger
         from cloud_trainer.fleet.coordinator import FleetCoordinator
         from cloud_trainer.fleet.keys import load_signing_key
         from cloud_trainer.model.checkpoint import head_weights, load_model
         from cloud_trainer.service.database import Database
+        from cloud_trainer.service.ledger import UpdateLedger
         from cloud_trainer.service.metrics import Metrics
         from eclm_wire.mqtt import BrokerAddress
         from edge_runtime.artifacts import ArtifactStore

@@ -12,9 +12,9 @@ import pytest
 
 import eclm_wire as wire
 from cloud_trainer.federation.aggregation import DomainAggregator
-from cloud_trainer.federation.ledger import UpdateLedger
 from cloud_trainer.fleet.coordinator import FleetCoordinator
 from cloud_trainer.service.database import Database
+from cloud_trainer.service.ledger import UpdateLedger
 from cloud_trainer.service.state import CloudState
 from eclm_wire.codec import tensor_bytes
 from eclm_wire.errors import ProtocolError

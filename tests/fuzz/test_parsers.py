@@ -27,8 +27,9 @@ from mutations import EDGE_STRINGS, RAW_VALUES, Raw, dumps, mutate_bytes, mutate
 
 import eclm_wire as wire
 from cloud_trainer.errors import ConfigError, StateError
+from cloud_trainer.export.plan import Target
 from cloud_trainer.fleet.coordinator import FleetCoordinator
-from cloud_trainer.fleet.rollout import Rollout, RolloutPlan, Target
+from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
 from cloud_trainer.service.config import ServiceConfig, example, load_config
 from device_profiles import DeviceProfile, ProfileError, load_profile
 from device_profiles import toml as tomllib
