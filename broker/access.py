@@ -26,6 +26,7 @@ import subprocess
 from pathlib import Path
 
 from broker.config import TLSFiles
+from broker.errors import ConfigError
 
 CLOUD_USER = "cloud"
 CLOUD_PREFIX = "eclm-"  # the cloud's client ids (eclm-<worker>, eclm-cloud, eclm-cli-<pid>)
@@ -34,7 +35,7 @@ _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a device id, as on t
 
 def check_user(username: str) -> str:
     if not _USER.match(username):
-        raise ValueError(f"user {username!r}: must be 1-64 letters, digits, '_', '.', '-'")
+        raise ConfigError(f"user {username!r}: must be 1-64 letters, digits, '_', '.', '-'")
     return username
 
 
@@ -67,9 +68,9 @@ class Access:
         files = (*vars(self.tls).values(), self.password_file)
         missing = [p.name for p in files if not p.is_file()]
         if missing:
-            raise ValueError(f"{self.dir}: missing {missing}; run `eclm broker access init`")
+            raise ConfigError(f"{self.dir}: missing {missing}; run `eclm broker access init`")
         if not self.cloud_password_file.is_file():  # set up before the cloud had its own
-            raise ValueError(
+            raise ConfigError(
                 f"{self.dir}: no {self.cloud_password_file.name}; run `eclm broker access add "
                 f"{CLOUD_USER}` (the cloud now logs in on its own listener)"
             )
@@ -78,7 +79,7 @@ class Access:
     def init(self, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), force: bool = False):
         """Create the CA, a server certificate valid for ``hosts`` and the cloud's user."""
         if (self.dir / "ca.pem").exists() and not force:
-            raise FileExistsError(f"{self.dir} is set up already; pass --force to start over")
+            raise ConfigError(f"{self.dir} is set up already; pass --force to start over")
         self.dir.mkdir(parents=True, exist_ok=True)
         ca_key, ca_cert = _make_cert("eclm fleet CA", None, hosts=())
         server_key, server_cert = _make_cert(hosts[0], (ca_key, ca_cert), hosts=hosts)
@@ -97,7 +98,7 @@ class Access:
         check_user(username)
         cloud = username == CLOUD_USER if cloud is None else cloud
         if not cloud and username.startswith(CLOUD_PREFIX):
-            raise ValueError(f"user {username!r}: device ids may not start with {CLOUD_PREFIX!r}")
+            raise ConfigError(f"user {username!r}: device ids may not start with {CLOUD_PREFIX!r}")
         password = secrets.token_urlsafe(24)
         path = self.cloud_password_file if cloud else self.password_file
         self._passwd(path, [username, password])
@@ -115,7 +116,7 @@ class Access:
             return
         tool = shutil.which("mosquitto_passwd")
         if tool is None:
-            raise ValueError("mosquitto_passwd is not installed (apt-get install -y mosquitto)")
+            raise ConfigError("mosquitto_passwd is not installed (apt-get install -y mosquitto)")
         create = [] if path.exists() else ["-c"]
         # -b takes the password as an argument: a short-lived child of ours, seen in the
         # process list only by this user and root for a few milliseconds
@@ -132,7 +133,7 @@ class Access:
         try:
             return json.loads(path.read_text())["password"]
         except FileNotFoundError:
-            raise ValueError(f"no credentials for {username!r} in {self.dir}") from None
+            raise ConfigError(f"no credentials for {username!r} in {self.dir}") from None
 
 
 def _make_cert(common_name: str, issuer, *, hosts: tuple[str, ...]):

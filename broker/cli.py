@@ -124,10 +124,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _access_init(args: argparse.Namespace) -> int:
-    try:
-        access = Access(args.dir).init(tuple(args.hosts or ("127.0.0.1", "localhost")), args.force)
-    except FileExistsError as exc:
-        raise ValueError(str(exc)) from None
+    access = Access(args.dir).init(tuple(args.hosts or ("127.0.0.1", "localhost")), args.force)
     print(f"CA for devices: {access.tls.cafile} (its key {access.dir / 'ca.key'}: keep it safe)")
     print(f"server certificate: {access.tls.certfile}")
     print(f"cloud credentials: {access.dir / 'credentials' / 'cloud.json'}")

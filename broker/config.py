@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from broker.errors import ConfigError
+
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -38,7 +40,7 @@ class BrokerConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
-            raise ValueError(f"port: must be 1..65535, got {self.port}")
+            raise ConfigError(f"port: must be 1..65535, got {self.port}")
         if self.password_file:
             if self.cloud_port is None:
                 object.__setattr__(self, "cloud_port", self.port + 1)
@@ -46,11 +48,11 @@ class BrokerConfig:
                 cloud = self.password_file.with_name("cloud-passwd")
                 object.__setattr__(self, "cloud_password_file", cloud)
         if self.cloud_port is not None and not 0 < self.cloud_port < 65536:
-            raise ValueError(f"cloud_port: must be 1..65535, got {self.cloud_port}")
+            raise ConfigError(f"cloud_port: must be 1..65535, got {self.cloud_port}")
         if self.cloud_port == self.port:
-            raise ValueError(f"cloud_port: must differ from port {self.port}")
+            raise ConfigError(f"cloud_port: must differ from port {self.port}")
         if self.max_packet_size < 1024:
-            raise ValueError(f"max_packet_size: must be >= 1024, got {self.max_packet_size}")
+            raise ConfigError(f"max_packet_size: must be >= 1024, got {self.max_packet_size}")
 
 
 def render_acl(config: BrokerConfig) -> str:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from broker.config import BrokerConfig, TLSFiles, write_config
+from broker.errors import BrokerError, ConfigError
 from eclm_common.lifeline import popen
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-class BrokerError(RuntimeError):
-    """The broker could not be started; the message says why and where its log is."""
 
 
 class Broker:
@@ -59,7 +56,7 @@ class Broker:
         cloud_port: int | None = 0,
     ) -> None:
         if kind not in ("auto", "mosquitto", "amqtt"):
-            raise ValueError(f"kind: expected auto, mosquitto or amqtt, got {kind!r}")
+            raise ConfigError(f"kind: expected auto, mosquitto or amqtt, got {kind!r}")
         self.binary = find_mosquitto() if kind != "amqtt" else None
         if kind == "mosquitto" and not self.binary:
             raise BrokerError("Mosquitto is not installed (apt-get install -y mosquitto)")

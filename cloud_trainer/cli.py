@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from cloud_trainer.errors import FleetError, RolloutAborted
 from cloud_trainer.fleet.deploy import (
     deploy_fleet,
     parse_devices,
@@ -14,7 +15,8 @@ from cloud_trainer.fleet.deploy import (
     reporting,
     wait_for_fleet,
 )
-from edge_runtime.exit_codes import ExitCode
+from eclm_common.errors import UsageError
+from eclm_common.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
 MODEL = Path("runs/model")
@@ -220,9 +222,10 @@ def _client(args: argparse.Namespace):
 
 def _rollout_start(args: argparse.Namespace) -> int:
     from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
+    from eclm_wire import RolloutStatus
 
     if bool(args.devices) == bool(args.profiles or args.labels):
-        raise ValueError("name devices with --device ID=PROFILE, or pick them by --profile/--label")
+        raise UsageError("name devices with --device ID=PROFILE, or pick them by --profile/--label")
     plan = RolloutPlan(
         canary=args.canary,
         waves=tuple(float(w) for w in args.waves.split(",")),
@@ -236,7 +239,7 @@ def _rollout_start(args: argparse.Namespace) -> int:
         else:
             devices = reporting(fc, args.profiles, args.labels)
         if not devices:
-            raise ValueError(
+            raise UsageError(
                 f"no online device reported profile {args.profiles or 'any'} "
                 f"with labels {args.labels or 'any'}"
             )
@@ -247,8 +250,10 @@ def _rollout_start(args: argparse.Namespace) -> int:
             lambda line: print(line, flush=True)
         )
         print_fleet(fc, [d for d, _ in devices])
-    print(f"rollout {final.rollout_id}: {final.state} {final.reason}".rstrip())
-    return ExitCode.OK if final.state == "succeeded" else ExitCode.ABORTED
+    if final.state != RolloutStatus.SUCCEEDED:
+        raise RolloutAborted(f"rollout {final.rollout_id}: {final.state}: {final.reason}")
+    print(f"rollout {final.rollout_id}: {final.state}")
+    return ExitCode.OK
 
 
 def _rollout_status(args: argparse.Namespace) -> int:
@@ -294,7 +299,7 @@ def _histogram(text: str | None):
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--histogram: expected comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"--histogram: expected comma-separated numbers, got {text!r}") from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -317,8 +322,7 @@ def _export(args: argparse.Namespace) -> int:
     asked = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in asked if v not in known]
     if unknown:
-        print(f"unknown variants {unknown}; known: {', '.join(known)}")
-        return ExitCode.USAGE
+        raise UsageError(f"--variants: unknown {unknown}; known: {', '.join(known)}")
     records = export_model(args.model, args.out, variants=[known[v] for v in asked], progress=True)
     for r in records:
         state = "cached" if r.cached else f"{r.seconds:5.1f}s"
@@ -364,15 +368,15 @@ def _deploy(args: argparse.Namespace) -> int:
         print(f"desired state set for {len(serials)} devices; waiting up to {args.timeout:.0f}s")
         ok = wait_for_fleet(fc, serials, args.timeout)
         print_fleet(fc, [d for d, _ in devices])
-    return ExitCode.OK if ok else ExitCode.TIMEOUT
+    if not ok:
+        raise FleetError(f"not every device was active within {args.timeout:.0f}s (see above)")
+    return ExitCode.OK
 
 
 def _serve(args: argparse.Namespace) -> int:
     import signal
-    import sys
     from dataclasses import replace
 
-    from cloud_trainer.errors import StateError
     from cloud_trainer.service.config import ServiceConfig, example, load_config
     from cloud_trainer.service.jsonlog import use_json_logs
     from cloud_trainer.service.worker import Service
@@ -385,11 +389,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = replace(config, aggregation=replace(config.aggregation, strategy=args.strategy))
     if config.log_format == "json":
         use_json_logs(config.worker)
-    try:
-        service = Service(config)
-    except StateError as exc:
-        print(f"eclm: {exc}", file=sys.stderr)
-        return ExitCode.STATE
+    service = Service(config)
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     try:
         service.run()
@@ -402,10 +402,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _keys_init(args: argparse.Namespace) -> int:
     from cloud_trainer.fleet.keys import init_keys
 
-    try:
-        private, public = init_keys(args.dir, force=args.force)
-    except FileExistsError as exc:
-        raise ValueError(str(exc)) from None
+    private, public = init_keys(args.dir, force=args.force)
     print(f"signing key: {private} (mode 600; keep it on the cloud)")
     print(f"public key:  {public} (provision onto devices: eclm edge run --trust-key)")
     return ExitCode.OK

@@ -2,8 +2,11 @@
 
 CloudError
 ├── ExportError      a module that could not be exported (names module and backend)
-├── FleetError       a device that did not reach its desired state in time
-├── ConfigError      a service config file with an unknown key or a wrong type (names it)
+├── FleetError       devices that did not reach their desired state in time
+│   └── RolloutAborted   a rollout stopped by failures or an operator
+├── ConfigError      a config, key or data file or a value the cloud cannot use (names it)
+│   └── SelectionError   no module set fits a device's budget, or a bad label histogram
+├── JobError         a training job (integration) whose processes failed
 └── StateError       the state database is locked, full, corrupt or unreachable
 """
 
@@ -27,9 +30,21 @@ class FleetError(CloudError):
     """Devices did not reach the state asked of them."""
 
 
+class RolloutAborted(FleetError):
+    """A rollout was aborted; the devices it reached got their previous state."""
+
+
 class ConfigError(CloudError, ValueError):
-    """A config file the service cannot start with; the message names the key."""
+    """A config, key or data file, or a value, the cloud cannot use; the message names it."""
+
+
+class SelectionError(ConfigError):
+    """No module set fits the device's budget, or the label histogram is unusable."""
 
 
 class StateError(CloudError):
     """The state database failed; the message says how (locked, full, corrupt...)."""
+
+
+class JobError(CloudError):
+    """A training job failed (a worker process raised or died); the message says which."""

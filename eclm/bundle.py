@@ -36,8 +36,10 @@ from pathlib import Path
 
 from broker.access import Access
 from device_profiles import DeviceProfile
+from eclm.errors import BundleError
 from eclm.pins import NO_DEPS, Target, pin_from_index, pin_here
-from edge_runtime.exit_codes import ExitCode
+from eclm_common.errors import UsageError
+from eclm_common.exit_codes import ExitCode
 
 TEMPLATES = Path(__file__).parent / "templates"
 ROOT = Path(__file__).resolve().parents[1]  # the checkout, when run from one
@@ -104,9 +106,9 @@ def build_bundle(spec: BundleSpec, out: Path) -> Bundle:
     python = board_python(spec.python, profile)
     store = spec.store or f"@PREFIX@/var/{spec.device_id}"
     if not _SAFE_PATH.match(store):
-        raise ValueError(f"--store {store!r}: only letters, digits and _ . / @ - please")
+        raise UsageError(f"--store {store!r}: only letters, digits and _ . / @ - please")
     if not spec.trust_key.is_file():
-        raise ValueError(f"--trust-key {spec.trust_key}: no such file (eclm cloud keys init)")
+        raise UsageError(f"--trust-key {spec.trust_key}: no such file (eclm cloud keys init)")
     access = Access(spec.access_dir).check()
     broker = device_broker_url(spec.broker or default_broker(access), spec.device_id)
     backend = profile.backends[0]
@@ -147,7 +149,7 @@ def board_python(asked: str | None, profile: DeviceProfile) -> str:
 
     python = asked or profile.os.python
     if python not in PYTHONS:
-        raise ValueError(f"--python {python}: the edge side runs on {', '.join(PYTHONS)}")
+        raise UsageError(f"--python {python}: the edge side runs on {', '.join(PYTHONS)}")
     return python
 
 
@@ -179,9 +181,9 @@ def device_broker_url(url: str, device_id: str) -> str:
     address = BrokerAddress.parse(url)  # ValueError if it is not an MQTT URL
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
     if parts.password:
-        raise ValueError("--broker: leave the password out; the bundle brings the device's")
+        raise UsageError("--broker: leave the password out; the bundle brings the device's")
     if parts.username and parts.username != device_id:
-        raise ValueError(
+        raise UsageError(
             f"--broker: the user must be the device ({device_id}), not {parts.username}"
         )
     host = f"[{address.host}]" if ":" in address.host else address.host
@@ -194,7 +196,7 @@ def build_wheel(dest: Path) -> Path:
     from device_profiles import toml
 
     if not (ROOT / "pyproject.toml").is_file():
-        raise ValueError(f"{ROOT} is not a checkout of eclm-fleet: pass --wheel")
+        raise UsageError(f"{ROOT} is not a checkout of eclm-fleet: pass --wheel")
     project = toml.loads((ROOT / "pyproject.toml").read_text())
     src = dest / "src"
     src.mkdir(parents=True)
@@ -209,7 +211,7 @@ def build_wheel(dest: Path) -> Path:
     done = subprocess.run([*cmd, "-w", str(dest), str(src)], capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if done.returncode != 0 or not wheels:
-        raise ValueError(f"building the wheel failed:\n{done.stderr[-2000:]}")
+        raise BundleError(f"building the wheel failed:\n{done.stderr[-2000:]}")
     return wheels[0]
 
 

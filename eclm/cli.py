@@ -10,17 +10,17 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from broker import cli as broker_cli
 from cloud_trainer import cli as cloud_cli
-from device_profiles import ProfileError
 from device_profiles import cli as profiles_cli
 from eclm import bundle
+from eclm.exits import exit_code_for
+from eclm_common.exit_codes import ExitCode, epilog
 from eclm_common.lifeline import watch_from_env
 from eclm_lab import demo
-from eclm_wire.errors import BrokerUnreachable
 from edge_runtime import cli as edge_cli
-from edge_runtime.exit_codes import ExitCode, epilog
 
 # Commands that run the cloud side (torch, executorch, litert-torch): Python >= 3.11 only;
 # the edge side runs on 3.10-3.13 (pyproject.toml).
@@ -77,11 +77,24 @@ def _main(argv: list[str] | None) -> int:
         return ExitCode.USAGE
     try:
         return int(args.func(args))
-    except (ProfileError, ValueError) as exc:
-        print(f"eclm: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
-    except BrokerUnreachable as exc:
-        print(f"eclm: {exc}", file=sys.stderr)
-        return ExitCode.BROKER_UNREACHABLE
-    except KeyboardInterrupt:
-        return ExitCode.INTERRUPTED
+    except (Exception, KeyboardInterrupt) as exc:
+        return _failed(exc, verbose=args.verbose)
+
+
+def _failed(exc: BaseException, *, verbose: bool) -> int:
+    """Say why a command failed, in one line, and return its exit code (see
+    :mod:`eclm.exits`); an unexpected error is a bug, with its traceback under ``-v``."""
+    code = exit_code_for(exc)
+    if code == ExitCode.INTERRUPTED:
+        return code
+    if code is None:
+        if verbose:
+            traceback.print_exception(exc)
+        print(
+            f"eclm: unexpected error, a bug: {type(exc).__name__}: {exc}"
+            + ("" if verbose else " (-v shows the traceback)"),
+            file=sys.stderr,
+        )
+        return ExitCode.ERROR
+    print(f"eclm: {exc}", file=sys.stderr)
+    return code

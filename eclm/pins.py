@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from eclm.errors import BundleError
+
 NO_DEPS = {"executorch"}  # DESIGN.md section 6: installed after torch, without its deps
 _MAX_ROUNDS = 12  # dependency levels; the edge extras have 4
 
@@ -88,7 +90,7 @@ def pin_here(roots, env: dict[str, str]) -> list[tuple[str, str]]:
             continue
         version = Version(dist.version).public
         if not req.specifier.contains(version, prereleases=True):
-            raise ValueError(f"{why} needs {req}, this venv has {dist.version}")
+            raise BundleError(f"{why} needs {req}, this venv has {dist.version}")
         local = f"; this venv has {dist.version}" if dist.version != version else ""
         pins[name] = f"{dist.metadata['Name']}=={version}  # {why}{local}"
         if name in NO_DEPS:
@@ -123,7 +125,7 @@ def pin_from_index(roots, target: Target) -> list[tuple[str, str]]:
         if not todo:
             return sorted(_lines(wanted, found, target))
         found.update(_ask_pip(todo, target))
-    raise ValueError(f"pinning for Python {target.python} did not settle in {_MAX_ROUNDS} levels")
+    raise BundleError(f"pinning for Python {target.python} did not settle in {_MAX_ROUNDS} levels")
 
 
 def _wanted(dep, env: dict[str, str], extras) -> bool:
@@ -176,7 +178,7 @@ def _ask_pip(todo, target: Target) -> dict[str, _Found]:
         names = {_canonical(re.split(r"[<>=!~;\[ ]", m, maxsplit=1)[0]) for m in missing}
         uncapped = {n for n in names if capped.get(n) is not None}
         if not uncapped:
-            raise ValueError(
+            raise BundleError(
                 f"pip finds no wheels for Python {target.python} on {target.arch} "
                 f"(glibc {'.'.join(map(str, target.glibc))}):\n{done.stderr[-2000:]}"
             )

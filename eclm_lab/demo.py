@@ -15,9 +15,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from eclm_common.exit_codes import ExitCode
 from eclm_common.lifeline import popen
 from edge_runtime.cli import run_command
-from edge_runtime.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
 DEFAULT_DEVICES = "pi5-01=rpi5,zero-01=rpi-zero-2w"
@@ -108,10 +108,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_delivery(args: argparse.Namespace) -> int:
-    from cloud_trainer.fleet.deploy import deploy_fleet, parse_devices, print_fleet, wait_for_fleet
-
     from broker.launcher import Broker
     from cloud_trainer.fleet.coordinator import FleetCoordinator
+    from cloud_trainer.fleet.deploy import deploy_fleet, parse_devices, print_fleet, wait_for_fleet
     from cloud_trainer.fleet.keys import PRIVATE_NAME, init_keys, load_signing_key
     from cloud_trainer.model.checkpoint import train_model
     from device_profiles import load_profile

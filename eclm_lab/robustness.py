@@ -26,6 +26,7 @@ import numpy as np
 import eclm_wire as wire
 from cloud_trainer.federation.aggregation import DomainAggregator
 from cloud_trainer.federation.strategies import Strategy, WeightedMean
+from eclm_lab.errors import SettingsError
 from eclm_wire.codec import tensor_bytes
 from eclm_wire.errors import ProtocolError
 from edge_runtime.adapter import Adapter, NumpyTrainer
@@ -102,7 +103,7 @@ def attacked(fleet: Fleet, kind: str, share: float = 0.2) -> list[wire.AdapterUp
                 weights = weak.weights
                 histogram = weak.histogram * (1000 * typical // max(1, weak.histogram.sum()))
             else:
-                raise ValueError(f"unknown attack {kind!r}; known: {', '.join(ATTACKS)}")
+                raise SettingsError(f"unknown attack {kind!r}; known: {', '.join(ATTACKS)}")
         messages.append(
             wire.AdapterUpdate(
                 device_id=f"pi4-{i}",

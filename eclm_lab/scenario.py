@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cloud_trainer.model.domains import DOMAINS, apply
+from eclm_lab.errors import SettingsError
 from edge_runtime.monitor import Reading, TraceSource
 
 
@@ -35,19 +36,19 @@ class ScenarioSpec:
     def __post_init__(self) -> None:
         for name in ("devices", "steps", "batch", "clean_len", "shift_len", "mix_len", "drop_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise SettingsError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.label_rate <= 1.0:
-            raise ValueError(f"label_rate: must be in (0, 1], got {self.label_rate}")
+            raise SettingsError(f"label_rate: must be in (0, 1], got {self.label_rate}")
         shifted = [d for d in DOMAINS if d != "clean"]
         if not self.domains or any(d not in shifted for d in self.domains):
-            raise ValueError(
+            raise SettingsError(
                 f"domains: need some of {', '.join(shifted)}; "
                 f"got {', '.join(self.domains) or 'none'}"
             )
         if self.alpha <= 0:
-            raise ValueError(f"alpha: must be > 0, got {self.alpha}")
+            raise SettingsError(f"alpha: must be > 0, got {self.alpha}")
         if not 0 < self.low_memory_mb < self.memory_mb:
-            raise ValueError("low_memory_mb: must be > 0 and below memory_mb")
+            raise SettingsError("low_memory_mb: must be > 0 and below memory_mb")
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def build(spec: ScenarioSpec, x: np.ndarray, y: np.ndarray) -> list[DeviceStream
     classes = int(y.max()) + 1
     missing = [c for c in range(classes) if not (y == c).any()]
     if missing:
-        raise ValueError(f"the held-out samples lack classes {missing}")
+        raise SettingsError(f"the held-out samples lack classes {missing}")
     streams = []
     for device in range(spec.devices):
         rng = np.random.default_rng([spec.seed, device, 0])

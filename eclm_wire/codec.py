@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eclm_wire.enums import EventCode
 from eclm_wire.errors import ProtocolError
 from eclm_wire.topics import MAX_TENSOR_BYTES
 
@@ -24,15 +25,15 @@ def load_tensors(data: bytes) -> dict[str, np.ndarray]:
 
     if len(data) > MAX_TENSOR_BYTES:
         raise ProtocolError(
-            f"update is {len(data)} bytes, limit {MAX_TENSOR_BYTES}", code="too-large"
+            f"update is {len(data)} bytes, limit {MAX_TENSOR_BYTES}", code=EventCode.TOO_LARGE
         )
     try:
         return load(data)
     except (SafetensorError, ValueError, OSError) as exc:
-        raise ProtocolError(f"not a safetensors update: {exc}", code="malformed") from None
+        raise ProtocolError(f"not a safetensors update: {exc}", code=EventCode.MALFORMED) from None
     except KeyError as exc:  # a dtype safetensors knows and numpy lacks (BF16, F8_E4M3...)
         raise ProtocolError(
-            f"not a safetensors update: dtype {exc} unknown", code="malformed"
+            f"not a safetensors update: dtype {exc} unknown", code=EventCode.MALFORMED
         ) from None
 
 
@@ -52,5 +53,5 @@ def check_update(data: bytes, like: dict[str, np.ndarray]) -> dict[str, np.ndarr
                 field=key,
             )
         if not np.isfinite(value).all():
-            raise ProtocolError("has non-finite values", field=key, code="not-finite")
+            raise ProtocolError("has non-finite values", field=key, code=EventCode.NOT_FINITE)
     return {key: value.astype(np.float32) for key, value in weights.items()}

@@ -2,6 +2,7 @@
 
 WireError
 ├── ProtocolError        a message or topic that fails validation (names the field)
+├── AddressError         a broker URL that does not parse
 └── BrokerUnreachable    the MQTT broker cannot be reached or refused the login
 """
 
@@ -24,6 +25,10 @@ class ProtocolError(WireError, ValueError):
         self.reason = reason
         self.field = field
         self.code = EventCode(code)
+
+
+class AddressError(WireError, ValueError):
+    """A broker URL that does not look like ``mqtt[s]://[user@]host:port``."""
 
 
 class BrokerUnreachable(WireError):

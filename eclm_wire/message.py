@@ -13,6 +13,7 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Any, ClassVar, TypeVar
 
+from eclm_wire.enums import EventCode
 from eclm_wire.errors import ProtocolError
 from eclm_wire.topics import MAX_CONTROL_BYTES, MAX_TENSOR_BYTES, PROTOCOL_VERSION
 
@@ -93,7 +94,7 @@ class Message:
         data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         if len(data) > MAX_CONTROL_BYTES:
             raise ProtocolError(
-                f"message is {len(data)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
+                f"message is {len(data)} bytes, limit {MAX_CONTROL_BYTES}", code=EventCode.TOO_LARGE
             )
         return data
 
@@ -141,7 +142,8 @@ class TensorMessage(Message):
         header = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         if len(header) > MAX_CONTROL_BYTES:
             raise ProtocolError(
-                f"header is {len(header)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
+                f"header is {len(header)} bytes, limit {MAX_CONTROL_BYTES}",
+                code=EventCode.TOO_LARGE,
             )
         return len(header).to_bytes(4, "big") + header + self.weights
 
@@ -160,17 +162,19 @@ def decode(cls: type[M], payload: bytes | str) -> M:
     """Parse and validate one message of type ``cls``; raise ProtocolError."""
     if issubclass(cls, TensorMessage):
         if isinstance(payload, str) or len(payload) < 4:
-            raise ProtocolError("expected a header length and a header", code="malformed")
+            raise ProtocolError("expected a header length and a header", code=EventCode.MALFORMED)
         size = int.from_bytes(payload[:4], "big")
         if size > MAX_CONTROL_BYTES or len(payload) < 4 + size:
-            raise ProtocolError(f"header length {size} does not fit", code="malformed")
+            raise ProtocolError(f"header length {size} does not fit", code=EventCode.MALFORMED)
         if len(payload) - 4 - size > MAX_TENSOR_BYTES:
-            raise ProtocolError("tensors above the limit", field="weights", code="too-large")
+            raise ProtocolError(
+                "tensors above the limit", field="weights", code=EventCode.TOO_LARGE
+            )
         data = _header(cls, payload[4 : 4 + size])
         return _fits(cls.from_dict({**data, "weights": bytes(payload[4 + size :])}))
     if len(payload) > MAX_CONTROL_BYTES:
         raise ProtocolError(
-            f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
+            f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}", code=EventCode.TOO_LARGE
         )
     return _fits(cls.from_dict(_header(cls, payload)))
 
@@ -187,22 +191,22 @@ def _header(cls: type[Message], payload: bytes | str) -> dict:
     """The fields of a JSON message of type ``cls``, version and type checked."""
     if len(payload) > MAX_CONTROL_BYTES:
         raise ProtocolError(
-            f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}", code="too-large"
+            f"message is {len(payload)} bytes, limit {MAX_CONTROL_BYTES}", code=EventCode.TOO_LARGE
         )
     try:
         data = json.loads(payload, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"not JSON: {exc}", code="malformed") from None
+        raise ProtocolError(f"not JSON: {exc}", code=EventCode.MALFORMED) from None
     except RecursionError:  # a few thousand brackets fit well inside the size limit
-        raise ProtocolError("not JSON: nested too deeply", code="malformed") from None
+        raise ProtocolError("not JSON: nested too deeply", code=EventCode.MALFORMED) from None
     if not isinstance(data, dict):
-        raise ProtocolError("expected a JSON object", code="malformed")
+        raise ProtocolError("expected a JSON object", code=EventCode.MALFORMED)
     version, kind = data.pop("v", None), data.pop("type", None)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"unsupported version {repr(version)[:40]}, expected {PROTOCOL_VERSION}",
             field="v",
-            code="version",
+            code=EventCode.VERSION,
         )
     if kind != cls.type:
         raise ProtocolError(f"expected type {cls.type!r}, got {str(kind)[:40]!r}", field="type")

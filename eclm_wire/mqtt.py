@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 
 from eclm_wire import parse_device_topic
-from eclm_wire.errors import BrokerUnreachable, ProtocolError
+from eclm_wire.errors import AddressError, BrokerUnreachable, ProtocolError
 
 PASSWORD_ENV = "ECLM_BROKER_PASSWORD"
 
@@ -39,12 +39,12 @@ class BrokerAddress:
         show in the process list)."""
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"broker URL must look like mqtt://host:port, got {url!r}")
+            raise AddressError(f"broker URL must look like mqtt://host:port, got {url!r}")
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port or (8883 if tls else 1883)
         except ValueError as exc:
-            raise ValueError(f"broker URL {url!r}: {exc}") from None
+            raise AddressError(f"broker URL {url!r}: {exc}") from None
         return cls(
             parts.hostname,
             port,

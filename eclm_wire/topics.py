@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from eclm_wire.enums import EventCode
 from eclm_wire.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -57,7 +58,7 @@ def check_device_id(device_id: str) -> str:
 def device_topic(device_id: str, kind: str) -> str:
     """``eclm/v1/devices/{device_id}/{kind}``."""
     if kind not in DEVICE_KINDS:
-        raise ValueError(f"unknown device topic kind {kind!r}; known: {DEVICE_KINDS}")
+        raise ProtocolError(f"unknown device topic kind {kind!r}; known: {DEVICE_KINDS}")
     return f"{TOPIC_ROOT}/devices/{check_device_id(device_id)}/{kind}"
 
 
@@ -76,7 +77,7 @@ def unpack_chunk(payload: bytes) -> bytes:
     digest, data = payload[:32], payload[32:]
     if len(digest) < 32 or hashlib.sha256(data).digest() != digest:
         raise ProtocolError(
-            f"chunk of {len(payload)} bytes does not match its hash", code="chunk-hash"
+            f"chunk of {len(payload)} bytes does not match its hash", code=EventCode.CHUNK_HASH
         )
     return data
 
@@ -94,7 +95,7 @@ def rollout_abort_topic(rollout_id: str) -> str:
 def all_devices_topic(kind: str) -> str:
     """A wildcard subscription to one kind of topic of every device."""
     if kind not in DEVICE_KINDS:
-        raise ValueError(f"unknown device topic kind {kind!r}")
+        raise ProtocolError(f"unknown device topic kind {kind!r}")
     return f"{TOPIC_ROOT}/devices/+/{kind}"
 
 

@@ -25,7 +25,7 @@ _EXPORTS = {
     "BrokerUnreachable": "edge_runtime.errors",
     "EdgeError": "edge_runtime.errors",
     "ProtocolError": "edge_runtime.errors",
-    "ExitCode": "edge_runtime.exit_codes",
+    "ExitCode": "eclm_common.exit_codes",
     "BrokerAddress": "eclm_wire.mqtt",
 }
 __all__ = sorted(_EXPORTS)

@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from edge_runtime.exit_codes import ExitCode
+from eclm_common.exit_codes import ExitCode
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:

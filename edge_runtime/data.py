@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.errors import ConfigError
+
 
 def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Load ``x`` (float32 samples) and ``y`` (integer labels) from an ``.npz`` file.
@@ -16,16 +18,16 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive or "y" not in archive:
-                raise ValueError(f"{path}: needs arrays 'x' and 'y', has {sorted(archive.files)}")
+                raise ConfigError(f"{path}: needs arrays 'x' and 'y', has {sorted(archive.files)}")
             x, y = archive["x"], archive["y"]
     except (OSError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path}: not a readable .npz file: {exc}") from exc
+        raise ConfigError(f"{path}: not a readable .npz file: {exc}") from exc
     if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"{path}: x has {len(x)} samples and y has {len(y)}; need equal, > 0")
+        raise ConfigError(f"{path}: x has {len(x)} samples and y has {len(y)}; need equal, > 0")
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-        raise ValueError(f"{path}: y must be a 1-D integer array, got {y.dtype} {y.shape}")
+        raise ConfigError(f"{path}: y must be a 1-D integer array, got {y.dtype} {y.shape}")
     if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
-        raise ValueError(f"{path}: x must hold finite floating-point samples")
+        raise ConfigError(f"{path}: x must hold finite floating-point samples")
     return x.astype(np.float32), y.astype(np.int64)
 
 

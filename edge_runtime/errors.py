@@ -6,7 +6,8 @@ EdgeError
 │   └── HashMismatch         a downloaded file whose chunks do not add up to its sha256
 ├── BackendError         a program that cannot be loaded or run
 │   └── BackendUnavailable   the backend's package is not installed
-└── ...
+├── ConfigError          a key, data file or setting the agent cannot use (names it)
+└── NotServing           asked to predict before any sub-model is active
 
 The wire contract's errors (``ProtocolError``, ``BrokerUnreachable``) live in
 :mod:`eclm_wire.errors`, shared with the cloud; they are re-exported here.
@@ -21,9 +22,11 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "BrokerUnreachable",
+    "ConfigError",
     "DamagedArtifact",
     "EdgeError",
     "HashMismatch",
+    "NotServing",
     "ProtocolError",
 ]
 
@@ -54,3 +57,11 @@ class BackendError(EdgeError):
 
 class BackendUnavailable(BackendError):
     """The package a backend needs is not installed; the message says what to install."""
+
+
+class ConfigError(EdgeError, ValueError):
+    """A key, data file or setting the agent cannot use; the message names it."""
+
+
+class NotServing(EdgeError):
+    """Asked to predict (or to read features) before any sub-model is active."""

@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge_runtime.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class EventLimits:
@@ -26,7 +28,7 @@ class EventLimits:
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and self.burst >= 1 and self.summary_every > 0):
-            raise ValueError(f"event limits: rate > 0, burst >= 1, summary_every > 0: {self}")
+            raise ConfigError(f"event limits: rate > 0, burst >= 1, summary_every > 0: {self}")
 
 
 class EventLimiter:

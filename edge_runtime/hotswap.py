@@ -22,7 +22,7 @@ from edge_runtime.adapter import Adapter
 from edge_runtime.artifacts import sha256_bytes
 from edge_runtime.backends import Backend, Program
 from edge_runtime.composer import ComposedModel
-from edge_runtime.errors import ArtifactError, BackendError, EdgeError
+from edge_runtime.errors import ArtifactError, BackendError, NotServing
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class SubModelServer:
         """Class logits from the active sub-model, through the adapter when one is set."""
         slot, adapter = self._active, self.adapter
         if slot is None or slot.model is None:
-            raise EdgeError("no sub-model is active yet")
+            raise NotServing("no sub-model is active yet")
         if adapter is None:
             return slot.model.run(x)
         return adapter.logits(slot.model.features(x))
@@ -99,7 +99,7 @@ class SubModelServer:
         """The adapter's input features from the active sub-model."""
         slot = self._active
         if slot is None or slot.model is None:
-            raise EdgeError("no sub-model is active yet")
+            raise NotServing("no sub-model is active yet")
         return slot.model.features(x)
 
     def swap(self, parts: Mapping[str, str], selection) -> Slot:

@@ -8,6 +8,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from edge_runtime.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Reading:
@@ -63,7 +65,7 @@ class TraceSource(ResourceSource):
 
     def __init__(self, readings: Sequence[Reading]) -> None:
         if not readings:
-            raise ValueError("a trace needs at least one reading")
+            raise ConfigError("a trace needs at least one reading")
         self.readings = list(readings)
         self.index = 0
 

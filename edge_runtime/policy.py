@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from device_profiles import Budget
+from edge_runtime.errors import ConfigError
 from edge_runtime.monitor import Reading
 
 
@@ -39,7 +40,7 @@ class Policy:
         self, options: Sequence[Option], budget: Budget, config: PolicyConfig = PolicyConfig()
     ) -> None:
         if not options:
-            raise ValueError("the manifest allows no module set")
+            raise ConfigError("the manifest allows no module set")
         self.options = sorted(options, key=lambda o: o.memory_kb)
         self.budget = budget
         self.config = config

@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from edge_runtime.errors import ConfigError
+
 
 def clip_delta(
     weights: dict[str, np.ndarray], base: dict[str, np.ndarray], clip: float
@@ -40,7 +42,7 @@ def gaussian_epsilon(releases: int, noise_multiplier: float, delta: float) -> fl
         epsilon = c + 2 sqrt(c L)
     """
     if releases < 0 or noise_multiplier <= 0 or not 0 < delta < 1:
-        raise ValueError("releases >= 0, noise_multiplier > 0 and 0 < delta < 1 are needed")
+        raise ConfigError("releases >= 0, noise_multiplier > 0 and 0 < delta < 1 are needed")
     c = releases / (2 * noise_multiplier**2)
     return c + 2 * math.sqrt(c * math.log(1 / delta))
 
@@ -60,11 +62,11 @@ class GaussianNoise:
         seed: int | None = None,
     ) -> None:
         if not (math.isfinite(clip) and clip > 0):
-            raise ValueError(f"clip: must be > 0, got {clip}")
+            raise ConfigError(f"clip: must be > 0, got {clip}")
         if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-            raise ValueError(f"noise_multiplier: must be > 0, got {noise_multiplier}")
+            raise ConfigError(f"noise_multiplier: must be > 0, got {noise_multiplier}")
         if not 0 < delta < 1:
-            raise ValueError(f"delta: must be in (0, 1), got {delta}")
+            raise ConfigError(f"delta: must be in (0, 1), got {delta}")
         self.clip, self.noise_multiplier, self.delta = clip, noise_multiplier, delta
         self.releases = 0
         self._rng = np.random.default_rng(seed)

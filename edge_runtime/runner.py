@@ -14,7 +14,7 @@ from eclm_wire.errors import ProtocolError
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import Backend, TensorSpec
 from edge_runtime.composer import part_names
-from edge_runtime.errors import BackendError, EdgeError
+from edge_runtime.errors import BackendError, NotServing
 from edge_runtime.hotswap import SubModelServer
 from edge_runtime.monitor import Reading
 from edge_runtime.policy import Option, Policy
@@ -51,7 +51,7 @@ class Runner(ABC):
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """What an adapter head reads; EdgeError if this runner has no such seam."""
-        raise EdgeError(f"{type(self).__name__} serves a whole program: no features")
+        raise NotServing(f"{type(self).__name__} serves a whole program: no features")
 
     def close(self) -> None:  # noqa: B027 - an optional hook, most runners hold nothing
         """Release what the runner holds."""

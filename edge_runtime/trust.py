@@ -18,8 +18,10 @@ from pathlib import Path
 
 import eclm_wire as wire
 from eclm_wire import signed_bytes
+from eclm_wire.enums import EventCode
 from eclm_wire.errors import ProtocolError
 from edge_runtime.artifacts import atomic_write
+from edge_runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,9 @@ def load_public_key(path: Path):
     try:
         key = load_pem_public_key(Path(path).read_bytes())
     except (OSError, ValueError, UnsupportedAlgorithm) as exc:  # a damaged key type OID
-        raise ValueError(f"{path}: not a readable PEM public key ({exc})") from exc
+        raise ConfigError(f"{path}: not a readable PEM public key ({exc})") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path}: expected an ed25519 public key, got {type(key).__name__}")
+        raise ConfigError(f"{path}: expected an ed25519 public key, got {type(key).__name__}")
     return key
 
 
@@ -98,13 +100,13 @@ class Gate:
             raise ProtocolError(
                 f"expired at {desired.expires:.0f} (now {self.clock():.0f})",
                 field="expires",
-                code="expired",
+                code=EventCode.EXPIRED,
             )
         if (desired.target or self.public_key is not None) and desired.target != self.profile:
             raise ProtocolError(
                 f"targets profile {desired.target!r}, this device is {self.profile!r}",
                 field="target",
-                code="wrong-target",
+                code=EventCode.WRONG_TARGET,
             )
         digest = hashlib.sha256(signed_bytes(desired)).hexdigest()
         if desired.serial == self.serial and digest == self.digest:
@@ -113,7 +115,7 @@ class Gate:
             raise ProtocolError(
                 f"serial {desired.serial} is not newer than {self.serial}, accepted before",
                 field="serial",
-                code="replayed",
+                code=EventCode.REPLAYED,
             )
         return False
 
@@ -122,18 +124,22 @@ class Gate:
         if self.public_key is not None:
             self._verify(offer)
         if offer.expires and offer.expires < self.clock():
-            raise ProtocolError(f"expired at {offer.expires:.0f}", field="expires", code="expired")
+            raise ProtocolError(
+                f"expired at {offer.expires:.0f}", field="expires", code=EventCode.EXPIRED
+            )
 
     def _verify(self, desired: wire.DesiredState | wire.AdapterOffer) -> None:
         from cryptography.exceptions import InvalidSignature
 
         if not desired.signature:
-            raise ProtocolError("this device accepts only signed states", code="unsigned")
+            raise ProtocolError("this device accepts only signed states", code=EventCode.UNSIGNED)
         try:
             self.public_key.verify(bytes.fromhex(desired.signature), signed_bytes(desired))
         except InvalidSignature:
             raise ProtocolError(
-                "does not verify with the provisioned key", field="signature", code="bad-signature"
+                "does not verify with the provisioned key",
+                field="signature",
+                code=EventCode.BAD_SIGNATURE,
             ) from None
 
     def accept(self, desired: wire.DesiredState) -> None:

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from eclm.cli import build_parser, main
-from edge_runtime.exit_codes import HELP, ExitCode, epilog
+from eclm_common.exit_codes import HELP, ExitCode, epilog
 
 
 def subcommand_paths(parser, prefix=()):

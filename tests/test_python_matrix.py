@@ -32,7 +32,7 @@ from broker import Access
 from broker.launcher import free_port
 from cloud_trainer.fleet.keys import init_keys
 from eclm.cli import main
-from edge_runtime.exit_codes import ExitCode
+from eclm_common.exit_codes import ExitCode
 
 VERSIONS = ("3.10", "3.11", "3.12", "3.13")
 CI_VERSIONS = "3.10"

@@ -20,8 +20,10 @@ from collections.abc import Callable, Collection
 import numpy as np
 
 import eclm_wire as wire
+from cloud_trainer.errors import ConfigError
 from cloud_trainer.federation.strategies import Contribution, Strategy, WeightedMean
 from eclm_wire.codec import check_update
+from eclm_wire.enums import EventCode
 from eclm_wire.errors import ProtocolError
 from edge_runtime.adapter import BIAS
 
@@ -52,7 +54,7 @@ class DomainAggregator:
         bases: Collection[str] | Callable[[str], bool] | None = None,
     ) -> None:
         if isinstance(bases, str):
-            raise ValueError("bases: a set of base versions or a predicate, not one string")
+            raise ConfigError("bases: a set of base versions or a predicate, not one string")
         self.like = like
         self.strategy = strategy
         self.max_norm = max_norm
@@ -71,7 +73,7 @@ class DomainAggregator:
     def rebase(self, reference: dict[str, np.ndarray]) -> None:
         """A new head: clipping measures deltas from ``reference`` from now on."""
         if {k: v.shape for k, v in reference.items()} != {k: v.shape for k, v in self.like.items()}:
-            raise ValueError("reference: needs the names and shapes of the adapter")
+            raise ConfigError("reference: needs the names and shapes of the adapter")
         with self._lock:
             self.reference = reference
 
@@ -101,7 +103,9 @@ class DomainAggregator:
             norm = float(np.linalg.norm(value))
             if norm > self.max_norm:
                 raise ProtocolError(
-                    f"norm {norm:.1f} is above {self.max_norm:g}", field=key, code="too-large"
+                    f"norm {norm:.1f} is above {self.max_norm:g}",
+                    field=key,
+                    code=EventCode.TOO_LARGE,
                 )
         classes = self.like[BIAS].shape[0]
         if len(update.histogram) != classes:
@@ -110,7 +114,9 @@ class DomainAggregator:
             )
         if self._base_ok is not None and not self._base_ok(update.base):
             raise ProtocolError(
-                f"trained on {update.base!r}, no longer taken", field="base", code="stale-base"
+                f"trained on {update.base!r}, no longer taken",
+                field="base",
+                code=EventCode.STALE_BASE,
             )
         return Contribution(weights, update.samples, np.array(update.histogram))
 
@@ -122,7 +128,7 @@ class DomainAggregator:
             if update.nonce:
                 if update.nonce in seen:
                     raise ProtocolError(
-                        "this nonce came before: a replay", field="nonce", code="replayed"
+                        "this nonce came before: a replay", field="nonce", code=EventCode.REPLAYED
                     )
                 seen[update.nonce] = None
                 if len(seen) > NONCE_MEMORY:

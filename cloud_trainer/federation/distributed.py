@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from cloud_trainer.errors import ConfigError
+
 Weights = dict[str, np.ndarray]
 
 
@@ -93,11 +95,11 @@ def run_integration(
 
     x, y = data
     if len(x) != len(y) or len(y) < 1:
-        raise ValueError(f"data: expected as many labels as images, got {len(y)} and {len(x)}")
+        raise ConfigError(f"data: expected as many labels as images, got {len(y)} and {len(x)}")
     if epochs < 1 or lr <= 0 or pull < 0:
-        raise ValueError(f"epochs, lr, pull: expected >= 1, > 0, >= 0; got {epochs}, {lr}, {pull}")
+        raise ConfigError(f"epochs, lr, pull: expected >= 1, > 0, >= 0; got {epochs}, {lr}, {pull}")
     if not 1 <= world_size <= len(y):
-        raise ValueError(f"world_size: expected 1..{len(y)}, got {world_size}")
+        raise ConfigError(f"world_size: expected 1..{len(y)}, got {world_size}")
     anchors = _anchors(aggregates, net.head.fc)
     trained = ["clean", *sorted((set(aggregates) | set(domains)) - {"clean"})]
     job = _Job(
@@ -124,17 +126,17 @@ def _anchors(aggregates: dict[str, tuple[Weights, int]], fc) -> tuple[tuple[Weig
     like = {"weight": fc.weight, "bias": fc.bias}
     for domain, (weights, samples) in aggregates.items():
         if set(weights) != set(like):
-            raise ValueError(
+            raise ConfigError(
                 f"aggregates[{domain!r}]: expected {sorted(like)}, got {sorted(weights)}"
             )
         for key, value in weights.items():
             if np.shape(value) != tuple(like[key].shape) or not np.isfinite(value).all():
-                raise ValueError(
+                raise ConfigError(
                     f"aggregates[{domain!r}].{key}: expected finite {tuple(like[key].shape)}, "
                     f"got {np.shape(value)}"
                 )
         if samples < 1:
-            raise ValueError(f"aggregates[{domain!r}]: expected samples >= 1, got {samples}")
+            raise ConfigError(f"aggregates[{domain!r}]: expected samples >= 1, got {samples}")
     total = sum(samples for _, samples in aggregates.values())
     return tuple(
         ({k: np.asarray(v, np.float32) for k, v in w.items()}, samples / total)
@@ -145,7 +147,7 @@ def _anchors(aggregates: dict[str, tuple[Weights, int]], fc) -> tuple[tuple[Weig
 def _spawn(job: _Job, world_size: int):
     import torch.multiprocessing as mp
 
-    from cloud_trainer.errors import CloudError
+    from cloud_trainer.errors import JobError
     from eclm_common.lifeline import starter
 
     with tempfile.TemporaryDirectory(prefix="eclm-integrate-") as tmp:
@@ -153,9 +155,9 @@ def _spawn(job: _Job, world_size: int):
         try:
             args = (world_size, job, _free_port(), out, starter())
             mp.spawn(_worker, args=args, nprocs=world_size)
-        # a worker that raised or died ends the others, and this job with a CloudError
+        # a worker that raised or died ends the others, and this job with a JobError
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-            raise CloudError(f"integration on {world_size} processes failed: {exc}") from exc
+            raise JobError(f"integration on {world_size} processes failed: {exc}") from exc
         with np.load(out / "head.npz") as head:
             weights = {k: head[k] for k in head.files}
         reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
@@ -313,7 +315,7 @@ def load_aggregates(path: Path) -> dict[str, tuple[Weights, int]]:
         for key in data.files:
             domain, _, name = key.partition("/")
             if not domain or not name:
-                raise ValueError(f"{path}: expected keys DOMAIN/weight|bias|samples, got {key!r}")
+                raise ConfigError(f"{path}: expected keys DOMAIN/weight|bias|samples, got {key!r}")
             weights, samples = out.setdefault(domain, ({}, 0))
             if name == "samples":
                 out[domain] = (weights, int(data[key]))

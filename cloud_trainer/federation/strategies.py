@@ -41,6 +41,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from cloud_trainer.errors import ConfigError
 from edge_runtime.privacy import clip_delta
 
 
@@ -64,9 +65,9 @@ class Strategy(ABC):
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip) and self.clip >= 0):
-            raise ValueError(f"clip: must be >= 0, got {self.clip}")
+            raise ConfigError(f"clip: must be >= 0, got {self.clip}")
         if not (math.isfinite(self.cap) and (self.cap == 0 or self.cap >= 1)):
-            raise ValueError(f"cap: must be 0 (no cap) or >= 1, got {self.cap}")
+            raise ConfigError(f"cap: must be 0 (no cap) or >= 1, got {self.cap}")
 
     @abstractmethod
     def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
@@ -80,12 +81,12 @@ class Strategy(ABC):
         """Cap each contribution's claimed samples, clip its delta from ``reference``, then
         combine (float32)."""
         if not contributions:
-            raise ValueError("nothing to aggregate")
+            raise ConfigError("nothing to aggregate")
         if self.cap:
             contributions = cap_samples(contributions, self.cap)
         if self.clip:
             if reference is None:
-                raise ValueError("clip: needs a reference to measure deltas from")
+                raise ConfigError("clip: needs a reference to measure deltas from")
             contributions = [
                 replace(c, weights=clip_delta(c.weights, reference, self.clip))
                 for c in contributions
@@ -142,7 +143,7 @@ class ClassWeightedMean(Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (math.isfinite(self.coverage) and self.coverage >= 0):
-            raise ValueError(f"coverage: must be >= 0, got {self.coverage}")
+            raise ConfigError(f"coverage: must be >= 0, got {self.coverage}")
 
     def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
         counts = np.array([c.histogram for c in contributions], np.float64)  # (n, classes)
@@ -192,7 +193,7 @@ class TrimmedMean(Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.trim < 0.5:
-            raise ValueError(f"trim: must be in [0, 0.5), got {self.trim}")
+            raise ConfigError(f"trim: must be in [0, 0.5), got {self.trim}")
 
     def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
         n = len(contributions)
@@ -233,7 +234,7 @@ class Krum(Strategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.malicious < 0.5:
-            raise ValueError(f"malicious: must be in [0, 0.5), got {self.malicious}")
+            raise ConfigError(f"malicious: must be in [0, 0.5), got {self.malicious}")
 
     def faulty(self, n: int) -> int:
         return int(self.malicious * n + 1e-9)
@@ -254,7 +255,7 @@ class MultiKrum(Krum):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.keep <= 1:
-            raise ValueError(f"keep: must be in [0, 1], got {self.keep}")
+            raise ConfigError(f"keep: must be in [0, 1], got {self.keep}")
 
     def combine(self, contributions: Sequence[Contribution]) -> dict[str, np.ndarray]:
         n = len(contributions)
@@ -275,11 +276,11 @@ def make_strategy(name: str, **params: float) -> Strategy:
     name or parameter, or a bad value."""
     cls = STRATEGIES.get(name)
     if cls is None:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
     accepted = sorted(f.name for f in fields(cls))
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"strategy {name!r} has no parameter {', '.join(unknown)}; it takes "
             f"{', '.join(accepted)}"
         )

@@ -19,6 +19,7 @@ from cloud_trainer.fleet.keys import sign
 from cloud_trainer.fleet.ratelimit import DropReason, RateLimiter
 from eclm_wire import signed_bytes
 from eclm_wire.codec import tensor_bytes
+from eclm_wire.enums import EventCode
 from eclm_wire.errors import ProtocolError
 from eclm_wire.mqtt import BrokerAddress, connect, make_client, wait_published
 from edge_runtime.artifacts import ArtifactStore
@@ -291,7 +292,9 @@ class FleetCoordinator:
             signature = bytes.fromhex(desired.signature)
             self.signing_key.public_key().verify(signature, signed_bytes(desired))
         except (ValueError, InvalidSignature):
-            raise ProtocolError("not signed by this cloud's key", code="bad-signature") from None
+            raise ProtocolError(
+                "not signed by this cloud's key", code=EventCode.BAD_SIGNATURE
+            ) from None
 
     @staticmethod
     def _check_sender(claimed: str, topic_device: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from eclm_common.errors import UsageError
 from eclm_wire import Phase
 
 
@@ -14,7 +15,7 @@ def parse_devices(items: list[str]) -> list[tuple[str, str]]:
     for item in items:
         device_id, sep, profile = item.strip().partition("=")
         if not sep or not device_id or not profile:
-            raise ValueError(f"expected ID=PROFILE, got {item!r}")
+            raise UsageError(f"expected ID=PROFILE, got {item!r}")
         pairs.append((device_id, profile))
     return pairs
 

@@ -11,6 +11,7 @@ import stat
 from dataclasses import replace
 from pathlib import Path
 
+from cloud_trainer.errors import ConfigError
 from eclm_wire import signed_bytes
 
 PRIVATE_NAME, PUBLIC_NAME = "signing.key", "signing.pub"
@@ -25,7 +26,7 @@ def init_keys(directory: Path, *, force: bool = False) -> tuple[Path, Path]:
     directory = Path(directory)
     private, public = directory / PRIVATE_NAME, directory / PUBLIC_NAME
     if private.exists() and not force:
-        raise FileExistsError(f"{private} exists; pass --force to replace the signing key")
+        raise ConfigError(f"{private} exists; pass --force to replace the signing key")
     directory.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
@@ -60,11 +61,11 @@ def load_signing_key(path: Path):
     # a damaged key type OID: unknown (UnsupportedAlgorithm), or Ed448's with an Ed25519
     # key's 32 bytes, which OpenSSL refuses as "key setup failed" (InternalError)
     except (OSError, ValueError, TypeError, UnsupportedAlgorithm, InternalError) as exc:
-        raise ValueError(f"{path}: not a readable PEM private key ({exc})") from exc
+        raise ConfigError(f"{path}: not a readable PEM private key ({exc})") from exc
     if mode & 0o077:
-        raise ValueError(f"{path}: mode {mode:o} lets others read the signing key; chmod 600 it")
+        raise ConfigError(f"{path}: mode {mode:o} lets others read the signing key; chmod 600 it")
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: expected an ed25519 key, got {type(key).__name__}")
+        raise ConfigError(f"{path}: expected an ed25519 key, got {type(key).__name__}")
     return key
 
 

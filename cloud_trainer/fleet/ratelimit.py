@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from cloud_trainer.errors import ConfigError
+
 
 class Kind(StrEnum):
     """What is limited, by the device topic it arrives on."""
@@ -43,7 +45,7 @@ class Limit:
 
     def __post_init__(self) -> None:
         if not (self.rate >= 0 and self.burst >= 1):
-            raise ValueError(f"limit: rate >= 0 and burst >= 1, got {self.rate}, {self.burst}")
+            raise ConfigError(f"limit: rate >= 0 and burst >= 1, got {self.rate}, {self.burst}")
 
 
 class RateLimiter:

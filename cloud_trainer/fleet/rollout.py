@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import eclm_wire as wire
-from cloud_trainer.errors import StateError
+from cloud_trainer.errors import ConfigError, StateError
 from cloud_trainer.export.plan import Target
 from cloud_trainer.fleet.coordinator import FleetCoordinator
+from eclm_wire import Phase, RolloutStatus
 from eclm_wire.mqtt import wait_published
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,13 @@ class RolloutPlan:
 
     def __post_init__(self) -> None:
         if self.canary < 1:
-            raise ValueError(f"canary: must be >= 1, got {self.canary}")
+            raise ConfigError(f"canary: must be >= 1, got {self.canary}")
         if not self.waves or any(not 0 < w <= 1 for w in self.waves) or self.waves[-1] != 1:
-            raise ValueError(f"waves: shares in (0, 1] ending with 1, got {self.waves}")
+            raise ConfigError(f"waves: shares in (0, 1] ending with 1, got {self.waves}")
         if list(self.waves) != sorted(self.waves):
-            raise ValueError(f"waves: must grow, got {self.waves}")
+            raise ConfigError(f"waves: must grow, got {self.waves}")
         if not 0 < self.max_failure_rate <= 1:
-            raise ValueError(f"max_failure_rate: must be in (0, 1], got {self.max_failure_rate}")
+            raise ConfigError(f"max_failure_rate: must be in (0, 1], got {self.max_failure_rate}")
 
     def batches(self, devices: list[str]) -> list[list[str]]:
         """The devices of each wave, canary first; no wave is empty."""
@@ -71,7 +72,7 @@ class Rollout:
         """``journal(rollout)`` is called after every step; :meth:`record` is what to keep."""
         wire.check_device_id(rollout_id)
         if not targets:
-            raise ValueError("a rollout needs at least one device")
+            raise ConfigError("a rollout needs at least one device")
         self.fc = coordinator
         self.plan = plan
         self.targets = targets
@@ -81,7 +82,7 @@ class Rollout:
         coordinator.wait_until(lambda c: all(d in c.desired for d in targets), settle)
         self.previous = {d: coordinator.desired.get(d) for d in targets}
         self.state = wire.RolloutState(
-            rollout_id=rollout_id, state="running", wave=0, devices=tuple(targets)
+            rollout_id=rollout_id, state=RolloutStatus.RUNNING, wave=0, devices=tuple(targets)
         )
 
     def record(self) -> str:
@@ -115,7 +116,7 @@ class Rollout:
     def run(self, progress=print, *, pause=None) -> wire.RolloutState:
         """Roll out wave by wave; return the final state (succeeded or aborted). If
         ``pause()`` holds after a wave, return while still running (resume later)."""
-        if self.state.state != "running":
+        if self.state.state != RolloutStatus.RUNNING:
             return self.state
         self._publish()
         batches = self.plan.batches(list(self.targets))
@@ -141,7 +142,7 @@ class Rollout:
                 self.state = replace(self.state, wave=wave + 1)
                 self._publish()
                 return self.state
-        self.state = replace(self.state, state="succeeded", reason="")
+        self.state = replace(self.state, state=RolloutStatus.SUCCEEDED, reason="")
         self._publish()
         return self.state
 
@@ -155,7 +156,7 @@ class Rollout:
         def answered(c: FleetCoordinator, device_id: str) -> str | None:
             report = c.reported.get(device_id)
             if report and report.serial == serials[device_id]:
-                return {"active": "ok", "failed": "failed"}.get(report.phase)
+                return {Phase.ACTIVE: "ok", Phase.FAILED: "failed"}.get(report.phase)
             return None
 
         rid = self.state.rollout_id
@@ -193,7 +194,7 @@ class Rollout:
             self._assign(device_id, Target(before.artifacts, before.options, before.target))
             reverted.append(device_id)
         self.state = replace(
-            self.state, state="aborted", reason=reason[:2000], reverted=tuple(reverted)
+            self.state, state=RolloutStatus.ABORTED, reason=reason[:2000], reverted=tuple(reverted)
         )
         self._publish()
         progress(f"returned {len(reverted)} devices to their previous state")
@@ -259,7 +260,7 @@ def _parse_record(record: str):
     }
     serials = {d: int(s) for d, s in data["serials"].items()}
     if not targets or not set(targets) == set(previous) == set(state.devices):
-        raise ValueError("targets, previous states and the state's devices disagree")
+        raise ConfigError("targets, previous states and the state's devices disagree")
     if not set(state.updated) <= set(serials) <= set(targets):
-        raise ValueError("updated devices without a serial, or serials of other devices")
+        raise ConfigError("updated devices without a serial, or serials of other devices")
     return state, _plan_from(data["plan"]), targets, previous, serials

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud_trainer.errors import ConfigError
 from edge_runtime.data import save_npz
 
 
@@ -84,7 +85,7 @@ def load_importance(model_dir: Path, domain: str | None = None) -> np.ndarray:
         key = f"domain:{domain}" if domain else "class"
         if key not in data:
             known = sorted(k.split(":", 1)[1] for k in data.files if k.startswith("domain:"))
-            raise ValueError(f"no importance recorded for domain {domain!r}; known: {known}")
+            raise ConfigError(f"no importance recorded for domain {domain!r}; known: {known}")
         return data[key]
 
 

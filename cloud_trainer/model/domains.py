@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cloud_trainer.errors import ConfigError
+
 Shift = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
@@ -48,5 +50,5 @@ DOMAINS: dict[str, Shift] = {
 def apply(domain: str, x: np.ndarray, seed: int = 0) -> np.ndarray:
     """``x`` as seen in ``domain``; raises ValueError naming the known domains."""
     if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
+        raise ConfigError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
     return DOMAINS[domain](x, np.random.default_rng(seed)).astype(np.float32)

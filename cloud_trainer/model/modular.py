@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from cloud_trainer.errors import ConfigError
 from edge_runtime.composer import part_name
 
 
@@ -30,9 +31,9 @@ class ModularSpec:
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
         if self.image_size % 2:
-            raise ValueError(f"image_size: must be even, got {self.image_size}")
+            raise ConfigError(f"image_size: must be even, got {self.image_size}")
 
     @property
     def feature_size(self) -> int:

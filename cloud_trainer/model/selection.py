@@ -12,11 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cloud_trainer.errors import SelectionError
 from device_profiles import Budget
-
-
-class SelectionError(ValueError):
-    """No sub-model meets the budget, or the inputs are malformed."""
 
 
 @dataclass(frozen=True)

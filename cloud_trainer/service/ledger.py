@@ -15,6 +15,7 @@ import numpy as np
 import eclm_wire as wire
 from cloud_trainer.federation.aggregation import DomainAggregator
 from cloud_trainer.service.state import CloudState
+from eclm_wire.enums import EventCode
 from eclm_wire.errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ class UpdateLedger:
             weight = self._weight(update.base)
             if self.state.add_update(update, weight=weight, worker=self.worker) is None:
                 raise ProtocolError(
-                    "stored before: a replay or a redelivery", field="nonce", code="replayed"
+                    "stored before: a replay or a redelivery",
+                    field="nonce",
+                    code=EventCode.REPLAYED,
                 )
         except ProtocolError as exc:
             self.state.count(f"rejected:{exc.code}")
@@ -62,14 +65,16 @@ class UpdateLedger:
         trained_on = self.state.version_of_serial(int(base)) if base.isdigit() else None
         if trained_on is None:
             raise ProtocolError(
-                f"{base!r} is no desired state this cloud issued", field="base", code="unknown-base"
+                f"{base!r} is no desired state this cloud issued",
+                field="base",
+                code=EventCode.UNKNOWN_BASE,
             )
         staleness = max(0, self.version() - trained_on)
         if staleness > self.max_staleness:
             raise ProtocolError(
                 f"trained {staleness} model versions back (limit {self.max_staleness})",
                 field="base",
-                code="stale-base",
+                code=EventCode.STALE_BASE,
             )
         return 1.0 / (1 + staleness)
 

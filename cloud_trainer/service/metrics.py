@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from cloud_trainer.service.state import RoundState
+
 log = logging.getLogger(__name__)
 
 
@@ -73,8 +75,8 @@ class FleetCollector:
             dropped.add_metric([kind, reason], n)
         yield dropped
         rounds = GaugeMetricFamily("eclm_rounds", "Aggregation rounds by state.", labels=["state"])
-        for name in ("open", "closed", "done"):
-            rounds.add_metric([name], len(state.rounds(name)))
+        for name in RoundState:
+            rounds.add_metric([str(name)], len(state.rounds(name)))
         yield rounds
 
 

@@ -10,6 +10,7 @@ gets there first) and keeps the aggregate it produced.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -22,6 +23,19 @@ from eclm_wire.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
+
+class RoundState(str, enum.Enum):
+    """An aggregation round's state (``rounds.state``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    OPEN = "open"  # taking updates
+    CLOSED = "closed"  # aggregated; waiting to be integrated
+    DONE = "done"  # integrated, or nothing to integrate
+
+
+OPEN, CLOSED, DONE = (f"'{s.value}'" for s in RoundState)  # as SQL literals
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS serials (serial BIGINT PRIMARY KEY, version INTEGER NOT NULL)",
@@ -30,7 +44,7 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS rounds (id INTEGER PRIMARY KEY AUTOINCREMENT,"
     " domain TEXT NOT NULL, state TEXT NOT NULL, opened REAL NOT NULL, closed REAL,"
     " samples INTEGER, devices INTEGER, weights BLOB)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS one_open_round ON rounds (domain) WHERE state = 'open'",
+    f"CREATE UNIQUE INDEX IF NOT EXISTS one_open_round ON rounds (domain) WHERE state = {OPEN}",
     "CREATE TABLE IF NOT EXISTS updates (key TEXT PRIMARY KEY, device_id TEXT NOT NULL,"
     " domain TEXT NOT NULL, base TEXT NOT NULL, samples INTEGER NOT NULL,"
     " weight REAL NOT NULL, message BLOB NOT NULL, round_id INTEGER NOT NULL,"
@@ -136,12 +150,12 @@ class CloudState:
             if cur.execute("SELECT 1 FROM updates WHERE key = ?", (key,)):
                 return None
             cur.execute(
-                "INSERT INTO rounds (domain, state, opened) VALUES (?, 'open', ?)"
+                f"INSERT INTO rounds (domain, state, opened) VALUES (?, {OPEN}, ?)"
                 " ON CONFLICT DO NOTHING",
                 (update.domain, time.time()),
             )
             (round_id,) = cur.execute(
-                "SELECT id FROM rounds WHERE domain = ? AND state = 'open'", (update.domain,)
+                f"SELECT id FROM rounds WHERE domain = ? AND state = {OPEN}", (update.domain,)
             )[0]
             cur.execute(
                 "INSERT INTO updates (key, device_id, domain, base, samples, weight, message,"
@@ -164,13 +178,13 @@ class CloudState:
             )[0]
         return round_id, int(devices)
 
-    def rounds(self, state: str) -> list[Round]:
+    def rounds(self, state: RoundState) -> list[Round]:
         rows = self.db.execute(
             "SELECT r.id, r.domain, r.state, r.opened, COUNT(DISTINCT u.device_id), r.samples,"
             " r.weights FROM rounds r LEFT JOIN updates u ON u.round_id = r.id"
             " WHERE r.state = ? GROUP BY r.id, r.domain, r.state, r.opened, r.samples, r.weights"
             " ORDER BY r.id",
-            (state,),
+            (str(state),),
         )
         return [
             Round(i, d, s, o, int(n), int(m or 0), bytes(w) if w is not None else None)
@@ -195,14 +209,14 @@ class CloudState:
         """Keep the round's aggregate; False if another worker closed it first."""
         with self.db.transaction() as cur:
             cur.execute(
-                "UPDATE rounds SET state = 'closed', closed = ?, weights = ?, samples = ?,"
-                " devices = ? WHERE id = ? AND state = 'open'",
+                f"UPDATE rounds SET state = {CLOSED}, closed = ?, weights = ?, samples = ?,"
+                f" devices = ? WHERE id = ? AND state = {OPEN}",
                 (time.time(), weights, samples, devices, round_id),
             )
             return cur.rowcount == 1
 
     def finish_round(self, round_id: int) -> None:
-        self.db.execute("UPDATE rounds SET state = 'done' WHERE id = ?", (round_id,))
+        self.db.execute(f"UPDATE rounds SET state = {DONE} WHERE id = ?", (round_id,))
 
     def latest_aggregate(self, domain: str) -> tuple[bytes, int] | None:
         rows = self.db.execute(

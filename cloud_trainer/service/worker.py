@@ -26,7 +26,8 @@ from cloud_trainer.export.plan import Target
 from cloud_trainer.export.pool import Exporter
 from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
 from cloud_trainer.service.config import ServiceConfig
-from cloud_trainer.service.state import CloudState, Round
+from cloud_trainer.service.state import CloudState, Round, RoundState
+from eclm_wire import RolloutStatus
 
 log = logging.getLogger(__name__)
 LEASE = "leader"
@@ -225,7 +226,7 @@ class Service:
 
     def _close_rounds(self) -> None:
         a = self.config.aggregation
-        for r in self.state.rounds("open"):
+        for r in self.state.rounds(RoundState.OPEN):
             if r.devices >= a.quorum or time.time() - r.opened >= a.deadline:
                 self._close(r)
 
@@ -262,7 +263,7 @@ class Service:
             )
 
     def _integrate_rounds(self) -> None:
-        for r in self.state.rounds("closed"):
+        for r in self.state.rounds(RoundState.CLOSED):
             if self.stop_event.is_set():
                 return
             record = self.state.rollouts().get(f"integrate-{r.id}")
@@ -349,9 +350,9 @@ class Service:
 
     def _finish(self, rollout: Rollout, r: Round) -> None:
         final = rollout.run(progress=log.info, pause=self.stop_event.is_set)
-        if final.state == "running":
+        if final.state == RolloutStatus.RUNNING:
             return  # paused by SIGTERM between waves: resumed at the next start
-        if final.state == "succeeded":
+        if final.state == RolloutStatus.SUCCEEDED:
             adapter = next(
                 a for t in rollout.targets.values() for a in t.artifacts if a.part == "adapter"
             )

@@ -123,5 +123,5 @@ class ExecuTorchTrainer(AdapterTrainer):
 def _one(params: dict, suffix: str) -> str:
     names = [n for n in params if n.endswith(suffix)]
     if len(names) != 1:
-        raise ValueError(f"training program has no single '*{suffix}' parameter: {list(params)}")
+        raise BackendError(f"training program has no single '*{suffix}' parameter: {list(params)}")
     return names[0]

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eclm_wire as wire
+from cloud_trainer.errors import ConfigError
 from cloud_trainer.fleet.keys import init_keys, load_signing_key, sign
 from eclm_wire.errors import ProtocolError
 from edge_runtime.trust import Gate, load_public_key
@@ -43,7 +44,7 @@ def test_the_private_key_is_owner_only_and_never_silently_replaced(tmp_path):
     private, public = init_keys(tmp_path)
 
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ConfigError, match="--force"):
         init_keys(tmp_path)
     first = public.read_bytes()
     init_keys(tmp_path, force=True)

@@ -14,18 +14,23 @@ class ExitCode(IntEnum):
     TIMEOUT = 5
     ABORTED = 6
     STATE = 7
+    BROKER = 8
+    BUILD = 9
     INTERRUPTED = 130
 
 
 HELP: dict[ExitCode, str] = {
     ExitCode.OK: "Success.",
-    ExitCode.ERROR: "An unexpected error; the log says what happened.",
+    ExitCode.ERROR: "An unexpected error (a bug): -v shows the traceback; please report it.",
     ExitCode.USAGE: "Wrong command-line arguments; see --help.",
-    ExitCode.CONFIG: "A profile, config or data file is invalid; the message names the field.",
+    ExitCode.CONFIG: "A profile, config, key or data file, or a setting, is invalid or missing\n"
+    "       (a backend that is not installed, say); the message names it.",
     ExitCode.BROKER_UNREACHABLE: "The MQTT broker could not be reached or refused the login.",
     ExitCode.TIMEOUT: "Devices did not reach the desired state in time.",
     ExitCode.ABORTED: "A rollout was aborted; the devices it reached got their previous state.",
     ExitCode.STATE: "The service's state database is locked, full, corrupt or unreachable.",
+    ExitCode.BROKER: "The broker could not start (Mosquitto missing, port taken, config refused).",
+    ExitCode.BUILD: "An export, a training job or a board bundle failed; the message says why.",
     ExitCode.INTERRUPTED: "Stopped by Ctrl-C.",
 }
 
