@@ -27,7 +27,13 @@ KEYS = Path("runs/keys")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("cloud", help="train, export, select and deploy from the cloud")
     cmds = parser.add_subparsers(dest="cloud_cmd", required=True)
+    _model_commands(cmds)
+    _fleet_commands(cmds)
+    _service_commands(cmds)
 
+
+def _model_commands(cmds: argparse._SubParsersAction) -> None:
+    """train, export, select, integrate: the model and its programs."""
     train = cmds.add_parser("train", help="train the modular model on scikit-learn's digits")
     train.add_argument(
         "--out",
@@ -84,6 +90,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     integrate.set_defaults(func=_integrate)
 
+
+def _fleet_commands(cmds: argparse._SubParsersAction) -> None:
+    """deploy, rollout start|status|abort: sub-models onto devices from outside the service."""
     deploy = cmds.add_parser("deploy", help="select, export and deliver sub-models to devices")
     _broker_args(deploy)
     _fleet_args(deploy)
@@ -119,6 +128,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         _broker_args(cmd)
         cmd.set_defaults(func=func)
 
+
+def _service_commands(cmds: argparse._SubParsersAction) -> None:
+    """serve, keys init: the long-running cloud and the key it signs with."""
     serve = cmds.add_parser(
         "serve",
         help="run the cloud as a service: fleet state in a database, aggregation rounds, "
