@@ -111,3 +111,25 @@ def test_cli_modules_hold_no_library_functions():
         public = re.findall(r"^def ([a-z]\w*)\(", path.read_text(), re.MULTILINE)
 
         assert set(public) <= {"add_parser", "main", "build_parser", "run_command"}, (path, public)
+
+
+def test_files_and_functions_stay_small():
+    """STYLE.md's sizes, as limits: no module over 500 lines, no function over 80, and
+    no more than 6 modules at the top of cloud_trainer/ (the rest live in its rooms)."""
+    import ast
+
+    big = []
+    for package in PACKAGES:
+        for path in _sources(package):
+            text = path.read_text()
+            where = path.relative_to(ROOT)
+            if text.count("\n") > 500:
+                big.append(f"{where}: {text.count(chr(10))} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > 80:
+                        big.append(f"{where}: {node.name} is {length} lines")
+
+    assert not big, "\n".join(big)
+    assert len(list((ROOT / "cloud_trainer").glob("*.py"))) <= 6
