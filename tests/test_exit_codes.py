@@ -92,3 +92,10 @@ def test_each_entry_says_why_in_one_line(cls, code, capsys):
     assert _failed(exc, verbose=False) == code
     err = capsys.readouterr().err
     assert err == ("" if code == ExitCode.INTERRUPTED else "eclm: the reason\n")
+
+
+def test_the_readme_documents_every_code():
+    readme = (ROOT / "README.md").read_text()
+
+    for code in ExitCode:
+        assert f"| {int(code)} | " in readme, code
