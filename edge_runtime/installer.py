@@ -36,7 +36,7 @@ class Installed:
     runner: Runner
     accuracy: float | None  # on the eval set; None without one
     latency_ms: float  # one sample
-    head: np.ndarray | None  # the adapter head the desired state brings, if any
+    head: dict[str, np.ndarray] | None  # the adapter head it brings (weight, bias), if any
 
 
 class Installer:
@@ -113,7 +113,9 @@ class Installer:
             raise type(exc)(f"adapter: {exc}") from exc
         return Installed(runner, accuracy, latency, head)
 
-    def _head(self, runner: Runner, refs: list[wire.ArtifactRef], like) -> np.ndarray | None:
+    def _head(
+        self, runner: Runner, refs: list[wire.ArtifactRef], like
+    ) -> dict[str, np.ndarray] | None:
         """The head the desired state brings, if its shape fits the sub-model's features."""
         head = next((r for r in refs if r.part == "adapter" and r.format == "safetensors"), None)
         if head is None:
