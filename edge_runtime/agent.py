@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -68,6 +69,20 @@ def _chunk_index(name: str) -> bool:
     return name.isascii() and name.isdigit() and len(name) <= 12
 
 
+def _reporter(config: AgentConfig, client, saved: Path, clock) -> Reporter:
+    """The device's voice, idle until a desired state arrives."""
+    initial = wire.ReportedState(
+        device_id=config.device_id,
+        profile=config.profile.name,
+        backends=config.profile.backends,
+        labels=config.labels,
+        serial=0,
+        phase="idle",
+        insecure=config.insecure,
+    )
+    return Reporter(client, initial, saved, limits=config.events, clock=clock)
+
+
 class AgentState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -112,22 +127,7 @@ class EdgeAgent:
         )
         self.stats = AgentStats()
         self.client = make_client(config.device_id, config.broker)
-        initial = wire.ReportedState(
-            device_id=config.device_id,
-            profile=config.profile.name,
-            backends=config.profile.backends,
-            labels=config.labels,
-            serial=0,
-            phase="idle",
-            insecure=config.insecure,
-        )
-        self.voice = Reporter(
-            self.client,
-            initial,
-            self.store.root / "reported.json",
-            limits=config.events,
-            clock=clock,
-        )
+        self.voice = _reporter(config, self.client, self.store.root / "reported.json", clock)
         self.keeper = Keeper(
             self.store,
             self.voice,
