@@ -150,9 +150,9 @@ def write_status(path: Path, agents: dict, counts: dict) -> None:
     status = {
         d: {
             **counts[d],
-            "uploads": a.uploads,
-            "swaps": a.swaps,
-            "warm_starts": a.warm_starts,
+            "uploads": a.stats.uploads,
+            "swaps": a.stats.swaps,
+            "warm_starts": a.stats.warm_starts,
             "serial": a.report.serial,
             "phase": a.report.phase,
             "connected": a.client.is_connected(),

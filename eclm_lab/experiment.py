@@ -360,11 +360,10 @@ def run(
 ) -> dict:
     """Deploy the fleet, run every method on the same streams, return the report.
     Programs go to ``store`` (default ``work/artifacts``), devices' stores under ``work``."""
-    from cloud_trainer.fleet.deploy import plan_fleet, wait_for_fleet
-
     from cloud_trainer.federation.aggregation import DomainAggregator
     from cloud_trainer.federation.integration import Integrator
     from cloud_trainer.fleet.coordinator import FleetCoordinator
+    from cloud_trainer.fleet.deploy import plan_fleet, wait_for_fleet
     from cloud_trainer.model.checkpoint import load_model
     from device_profiles import load_profile
     from edge_runtime.agent import AgentConfig, EdgeAgent
@@ -466,8 +465,8 @@ def run(
                     adaptive.bytes_down += n
                 key = f"{way}:{kind}"
                 adaptive.bytes_by_kind[key] = adaptive.bytes_by_kind.get(key, 0) + n
-            adaptive.swaps += agent.swaps
-            adaptive.violations += agent.budget_violations
+            adaptive.swaps += agent.stats.swaps
+            adaptive.violations += agent.stats.budget_violations
         for name, link in (("static cloud (remote)", links["remote"]), ("FedAvg", links["fedavg"])):
             r = records[name]
             r.bytes_up = sum(n for (d, _), n in link.bytes.items() if d == "up")
@@ -489,8 +488,8 @@ def run(
                 learning,
                 spec.seed,
             ),
-            "uploads": sum(a.uploads for a in agents.values()),
-            "warm_starts": sum(a.warm_starts for a in agents.values()),
+            "uploads": sum(a.stats.uploads for a in agents.values()),
+            "warm_starts": sum(a.stats.warm_starts for a in agents.values()),
             "rejected_updates": dict(aggregator.rejected),
             "integrations": [
                 {"rollout": r.rollout_id, "state": r.state, "succeeded": len(r.succeeded)}
@@ -524,13 +523,13 @@ def _settle(fc, agents, timeout: float = 10.0) -> None:
 
     def quiet() -> bool:
         aggregator = fc.aggregator
-        uploads = sum(a.uploads for a in agents.values())
+        uploads = sum(a.stats.uploads for a in agents.values())
         handled = aggregator.accepted + sum(aggregator.rejected.values())
         domains = all(
             fc.reported.get(d) is not None and fc.reported[d].domain == a.report.domain
             for d, a in agents.items()
         )
-        offers = sum(a.offers_received for a in agents.values())
+        offers = sum(a.stats.offers_received for a in agents.values())
         return handled >= uploads and domains and offers >= fc.offers
 
     while not quiet():

@@ -2,8 +2,11 @@
 
 paho's network thread only queues incoming messages; one worker thread handles them in
 order, so a slow install never blocks the connection and state changes have one writer.
-Downloads are :class:`~edge_runtime.download.Transfer`'s; what the device says goes
-through its :class:`~edge_runtime.reporting.Reporter`.
+The agent wires its parts together: the :class:`~edge_runtime.reconcile.Keeper` brings the
+store to a goal through a :class:`~edge_runtime.download.Transfer`, the
+:class:`~edge_runtime.installer.Installer` turns the goal into a health-checked runner and
+remembers it, the :class:`~edge_runtime.reporting.Reporter` says what the device does, and
+:class:`~edge_runtime.stats.AgentStats` counts it.
 
 The store heals itself: an object is used only after its sha256 was checked (every object
 at start, a desired state's objects when it arrives, each program as it is loaded); a
@@ -18,7 +21,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -26,22 +28,21 @@ import numpy as np
 import paho.mqtt.client as paho
 
 import eclm_wire as wire
-from device_profiles import DeviceProfile
-from eclm_wire import EventCode
+from eclm_wire import EventCode, Phase
 from eclm_wire.errors import ProtocolError
-from eclm_wire.mqtt import BrokerAddress, connect, make_client, wait_published
+from eclm_wire.mqtt import connect, make_client, wait_published
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import Backend, get_backend
+from edge_runtime.config import AgentConfig  # imported from here too, as before
 from edge_runtime.data import load_npz
-from edge_runtime.download import RetryPolicy
-from edge_runtime.errors import ArtifactError, BackendError, DamagedArtifact, EdgeError
-from edge_runtime.events import EventLimits
-from edge_runtime.installer import Installer
-from edge_runtime.learning import Learner, LearnerConfig
+from edge_runtime.errors import ArtifactError, BackendError, DamagedArtifact, NotServing
+from edge_runtime.installer import Installed, Installer
+from edge_runtime.learning import Learner
 from edge_runtime.monitor import PsutilSource, ResourceSource
 from edge_runtime.reconcile import Goal, Keeper
 from edge_runtime.reporting import Reporter
 from edge_runtime.runner import Runner
+from edge_runtime.stats import AgentStats
 from edge_runtime.trust import Gate, load_public_key
 from edge_runtime.watchdog import Notifier
 
@@ -63,45 +64,24 @@ def _chunk_index(name: str) -> bool:
     return name.isascii() and name.isdigit() and len(name) <= 12
 
 
+def _reporter(config: AgentConfig, client, saved: Path, clock) -> Reporter:
+    """The device's voice, idle until a desired state arrives."""
+    initial = wire.ReportedState(
+        device_id=config.device_id,
+        profile=config.profile.name,
+        backends=config.profile.backends,
+        labels=config.labels,
+        serial=0,
+        phase=Phase.IDLE,
+        insecure=config.insecure,
+    )
+    return Reporter(client, initial, saved, limits=config.events, clock=clock)
+
+
 class AgentState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
     STOPPED = "stopped"
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    """How one device runs. ``backend`` forces a backend instead of the profile's order."""
-
-    device_id: str
-    profile: DeviceProfile
-    broker: BrokerAddress
-    store_dir: Path
-    eval_data: Path | None = None
-    backend: str | None = None
-    fetch_timeout: float = 10.0
-    fetch_window: int = 2  # chunks asked for and not yet arrived: what a cut can cost
-    policy_interval: float = 5.0  # seconds between resource readings
-    trust_key: Path | None = None  # the cloud's public key (required unless insecure)
-    insecure: bool = False  # no trust key, on purpose: accepts unsigned desired states
-    labels: tuple[str, ...] = ()  # key=value, for rollouts to pick devices by
-    learning: LearnerConfig = LearnerConfig()  # the adapter heads trained on the device
-    retry: RetryPolicy = RetryPolicy()  # files that fail their whole-file check
-    events: EventLimits = EventLimits()  # the bound on events about refused messages
-    scrub_interval: float = 3600.0  # seconds between re-hashes of the active set
-
-    def __post_init__(self) -> None:
-        wire.check_device_id(self.device_id)
-        wire.check_labels(self.labels)
-        if self.fetch_window < 1:
-            raise ValueError(f"fetch_window: must be >= 1, got {self.fetch_window}")
-        if self.trust_key is None and not self.insecure:
-            raise ValueError(
-                "no trust key: give the cloud's public key (--trust-key signing.pub), or "
-                "--insecure to accept unsigned desired states (development only)"
-            )
-        if self.trust_key is not None and self.insecure:
-            raise ValueError("--insecure and --trust-key contradict each other: choose one")
 
 
 class EdgeAgent:
@@ -140,23 +120,9 @@ class EdgeAgent:
             config.profile.name,
             floor=saved[0].serial if saved else -1,
         )
+        self.stats = AgentStats()
         self.client = make_client(config.device_id, config.broker)
-        initial = wire.ReportedState(
-            device_id=config.device_id,
-            profile=config.profile.name,
-            backends=config.profile.backends,
-            labels=config.labels,
-            serial=0,
-            phase="idle",
-            insecure=config.insecure,
-        )
-        self.voice = Reporter(
-            self.client,
-            initial,
-            self.store.root / "reported.json",
-            limits=config.events,
-            clock=clock,
-        )
+        self.voice = _reporter(config, self.client, self.store.root / "reported.json", clock)
         self.keeper = Keeper(
             self.store,
             self.voice,
@@ -167,14 +133,10 @@ class EdgeAgent:
             timeout=config.fetch_timeout,
             retry=config.retry,
             scrub_interval=config.scrub_interval,
+            stats=self.stats,
         )
         self._applied_serial = -1
         self.learner: Learner | None = None  # with a modular sub-model that brings a head
-        self.uploads = 0
-        self.warm_starts = 0
-        self.offers_received = 0
-        self.budget_violations = 0  # readings after which the sub-model stayed too large
-        self.swaps = 0  # module sets switched to on a resource reading
         self._last_tick = 0.0
         self._network = network
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
@@ -244,7 +206,7 @@ class EdgeAgent:
         """Class scores for a batch, from what is active."""
         runner = self.runner
         if runner is None:
-            raise EdgeError("no program is active yet")
+            raise NotServing("no program is active yet")
         return runner.predict(x)
 
     def enter(self, domain: str) -> None:
@@ -266,7 +228,7 @@ class EdgeAgent:
         domain's adapter when the device adapts."""
         runner = self.runner
         if runner is None:
-            raise EdgeError("no program is active yet")
+            raise NotServing("no program is active yet")
         self.enter(domain)
         learner = self.learner
         if learner is None:
@@ -289,7 +251,7 @@ class EdgeAgent:
     def _upload(self, domain: str) -> None:
         update = self.learner.update(domain, self.config.device_id, str(self._applied_serial))
         self.client.publish(self._topic("updates"), update.encode(), qos=1)
-        self.uploads += 1
+        self.stats.uploads += 1
         log.info("uploaded the %s adapter (%d samples)", domain, update.samples)
 
     def tick(self) -> bool:
@@ -307,9 +269,9 @@ class EdgeAgent:
             return False
         finally:
             if runner.over_budget:
-                self.budget_violations += 1
+                self.stats.budget_violations += 1
         if changed:
-            self.swaps += 1
+            self.stats.swaps += 1
             self.voice.set(active=runner.active, detail=runner.detail)
         return changed
 
@@ -351,11 +313,13 @@ class EdgeAgent:
             try:
                 self._handle(*item)
             except (ProtocolError, ArtifactError) as exc:
+                self.stats.refusals += 1
                 self.voice.refused(getattr(exc, "code", EventCode.ARTIFACT), str(exc), item[0])
             except Exception as exc:  # one place where handler bugs are caught and reported
                 log.exception("handling a message on %s failed", item[0])
+                self.stats.refusals += 1
                 self.keeper.drop()  # what was active keeps serving
-                self.voice.set(phase="failed", detail=f"internal error: {exc!r}"[:1000])
+                self.voice.set(phase=Phase.FAILED, detail=f"internal error: {exc!r}"[:1000])
                 self.voice.refused(EventCode.INTERNAL, repr(exc), item[0])
             self._idle()
 
@@ -395,7 +359,7 @@ class EdgeAgent:
         self.keeper.want(Goal(desired, backend, refs, install=not applied))
 
     def _on_offer(self, offer: wire.AdapterOffer) -> None:
-        self.offers_received += 1
+        self.stats.offers_received += 1
         if offer.device_id != self.config.device_id:
             raise ProtocolError("names another device", field="device_id", code="wrong-device")
         self.gate.check_offer(offer)
@@ -403,25 +367,30 @@ class EdgeAgent:
             log.info("adapter offer for %s ignored: this device does not adapt", offer.domain)
         else:
             self.learner.warm_start(offer.domain, offer.tensors(), offer.samples)
-            self.warm_starts += 1
+            self.stats.warm_starts += 1
             log.info("warm start for %s (the fleet's %d samples)", offer.domain, offer.samples)
 
     def _install(self, goal: Goal) -> None:
         desired, refs, backend = goal.desired, goal.refs, goal.backend
         self.voice.set(
-            phase="installing", serial=desired.serial, detail=f"loading {len(refs)} programs"
+            phase=Phase.INSTALLING, serial=desired.serial, detail=f"loading {len(refs)} programs"
         )
         like = self.learner.base if self.learner else None
         try:
-            runner, accuracy, latency, head = self.installer.load(desired, refs, backend, like)
+            installed = self.installer.load(desired, refs, backend, like)
         except DamagedArtifact as exc:  # changed since it was checked: fetch it again
             self.keeper.damaged(exc.sha256, "a program")
             self.keeper.want(goal)
             return
         except (BackendError, ArtifactError, ProtocolError) as exc:
-            self.voice.set(phase="failed", detail=str(exc)[:1000])
+            self.voice.set(phase=Phase.FAILED, detail=str(exc)[:1000])
             self.voice.event(EventCode.INSTALL_FAILED, str(exc), self._topic("desired"))
             return
+        self._serve(goal, installed)
+
+    def _serve(self, goal: Goal, installed: Installed) -> None:
+        """Put a health-checked runner in service in place of the one before."""
+        runner, head, latency = installed.runner, installed.head, installed.latency_ms
         if head is not None and self.learner is None:
             self.learner = Learner(head, self.config.learning)
         elif head is not None:
@@ -429,23 +398,25 @@ class EdgeAgent:
         previous, self.runner = self.runner, runner
         if previous is not None:
             previous.close()
-        self._applied_serial = desired.serial
+        self._applied_serial = goal.desired.serial
         self.keeper.served(goal)
         self._last_tick = self.clock()
-        self.installer.save(desired, refs)
+        self.installer.commit(goal.desired, goal.refs)
+        self.stats.installs += 1
         self.voice.set(
-            phase="active",
+            phase=Phase.ACTIVE,
             active=runner.active,
-            backend=backend,
-            accuracy=accuracy,
+            backend=goal.backend,
+            accuracy=installed.accuracy,
             detail=f"{runner.detail}; {latency:.1f} ms per sample",
         )
+        accuracy = "n/a" if installed.accuracy is None else f"{installed.accuracy:.4f}"
         log.info(
             "%s %s on %s (accuracy %s, %.1f ms per sample)",
             self.config.device_id,
             runner.detail,
-            backend,
-            "n/a" if accuracy is None else f"{accuracy:.4f}",
+            goal.backend,
+            accuracy,
             latency,
         )
 
@@ -456,22 +427,13 @@ class EdgeAgent:
         while the damaged parts are fetched again."""
         for sha in self.store.scrub():
             self.keeper.damaged(sha, "a stored object")
-        saved = self.installer.saved()
-        if not saved:
-            return
-        self.installer.kept = self.store.names()  # nothing held is pruned yet
-        try:
-            goals = [Goal(s, *self.installer.choose(s)) for s in saved]
-        except (ProtocolError, BackendError) as exc:
-            log.error("cannot restore serial %d: %s", saved[0].serial, exc)
-            return
-        whole = [g for g in goals if all(self.store.has(r.sha256) for r in g.refs)]
-        if whole:
-            log.info("restoring serial %d", whole[0].desired.serial)
-            self._install(whole[0])
-        if not whole or whole[0] is not goals[0]:
-            log.warning("serial %d is damaged: fetching it again", goals[0].desired.serial)
-            self.keeper.want(goals[0])
+        serve, fetch = self.installer.restore()
+        if serve is not None:
+            log.info("restoring serial %d", serve.desired.serial)
+            self._install(serve)
+        if fetch is not None:
+            log.warning("serial %d is damaged: fetching it again", fetch.desired.serial)
+            self.keeper.want(fetch)
 
     def _request_chunk(self, sha: str, index: int) -> None:
         request = wire.FetchRequest(
@@ -483,11 +445,6 @@ class EdgeAgent:
 
     def _topic(self, kind: str) -> str:
         return wire.device_topic(self.config.device_id, kind)
-
-    @property
-    def duplicate_chunks(self) -> int:
-        """Chunks that arrived again (after a cut, say)."""
-        return self.keeper.duplicate_chunks
 
     @property
     def report(self) -> wire.ReportedState:

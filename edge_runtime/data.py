@@ -13,7 +13,7 @@ from edge_runtime.errors import ConfigError
 def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Load ``x`` (float32 samples) and ``y`` (integer labels) from an ``.npz`` file.
 
-    Raises ValueError naming the file and what is wrong with it.
+    Raises ConfigError naming the file and what is wrong with it.
     """
     try:
         with np.load(path, allow_pickle=False) as archive:

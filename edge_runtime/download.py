@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import eclm_wire as wire
 from eclm_wire import EventCode
 from edge_runtime.artifacts import Arrival, ArtifactStore, Download
-from edge_runtime.errors import HashMismatch
+from edge_runtime.errors import ConfigError, HashMismatch
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.budget < 1 or not 0 <= self.backoff <= self.max_backoff:
-            raise ValueError(f"retry: budget >= 1 and 0 <= backoff <= max_backoff: {self}")
+            raise ConfigError(f"retry: budget >= 1 and 0 <= backoff <= max_backoff: {self}")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...)."""
@@ -71,7 +71,7 @@ class Transfer:
         retry: RetryPolicy = RetryPolicy(),
     ) -> None:
         if not refs:
-            raise ValueError("a transfer needs at least one artifact")
+            raise ConfigError("a transfer needs at least one artifact")
         self.store, self.request, self.event, self.clock = store, request, event, clock
         self.window, self.timeout, self.retry = window, timeout, retry
         self.pending = list(refs[1:])

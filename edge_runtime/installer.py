@@ -1,10 +1,17 @@
 """Turning a desired state into a runner: picking the backend, loading and health-checking
-the programs, and remembering on disk what passed (and the state before it)."""
+the programs, and remembering on disk what passed (and the state before it).
+
+The agent calls :meth:`Installer.choose` when a desired state arrives, :meth:`~Installer.load`
+once the store holds its artifacts, :meth:`~Installer.commit` once the runner serves, and
+:meth:`~Installer.restore` after a restart. The installer never publishes: what it finds
+comes back as values or as the package's errors, and the agent reports them.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +24,20 @@ from edge_runtime.artifacts import ArtifactStore, atomic_write
 from edge_runtime.backends import FORMAT_OF, Backend
 from edge_runtime.errors import ArtifactError, BackendError, DamagedArtifact
 from edge_runtime.monitor import ResourceSource
+from edge_runtime.reconcile import Goal
 from edge_runtime.runner import ModularRunner, ProgramRunner, Runner
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A runner that passed its health check, and what the check found."""
+
+    runner: Runner
+    accuracy: float | None  # on the eval set; None without one
+    latency_ms: float  # one sample
+    head: dict[str, np.ndarray] | None  # the adapter head it brings (weight, bias), if any
 
 
 class Installer:
@@ -68,9 +86,11 @@ class Installer:
 
     def load(
         self, desired: wire.DesiredState, refs: list[wire.ArtifactRef], backend: str, like
-    ) -> tuple[Runner, float | None, float, np.ndarray | None]:
-        """The runner for ``desired``, health-checked: with its accuracy (None without an
-        eval set), latency, and the adapter head it brings (shaped like ``like``), if any."""
+    ) -> Installed:
+        """The runner for ``desired``, health-checked, with the adapter head it brings
+        (shaped like ``like``), if any. DamagedArtifact (moved aside) if a program changed
+        since it was checked; BackendError, ArtifactError or ProtocolError if it is
+        refused, with nothing left open."""
         if desired.options:
             runner: Runner = ModularRunner(
                 backend,
@@ -92,9 +112,11 @@ class Installer:
             if isinstance(exc, DamagedArtifact):
                 raise
             raise type(exc)(f"adapter: {exc}") from exc
-        return runner, accuracy, latency, head
+        return Installed(runner, accuracy, latency, head)
 
-    def _head(self, runner: Runner, refs: list[wire.ArtifactRef], like) -> np.ndarray | None:
+    def _head(
+        self, runner: Runner, refs: list[wire.ArtifactRef], like
+    ) -> dict[str, np.ndarray] | None:
         """The head the desired state brings, if its shape fits the sub-model's features."""
         head = next((r for r in refs if r.part == "adapter" and r.format == "safetensors"), None)
         if head is None:
@@ -117,10 +139,11 @@ class Installer:
             raise
         return accuracy, latency
 
-    def save(self, desired: wire.DesiredState, refs: list[wire.ArtifactRef]) -> None:
-        """Remember ``desired`` as what to serve after a restart, whatever the retained
-        desired state says; the state before it stays as the fallback, with its artifacts
-        (a rollback or a damaged active set needs no download)."""
+    def commit(self, desired: wire.DesiredState, refs: list[wire.ArtifactRef]) -> None:
+        """Remember ``desired`` (which serves now) as what to serve after a restart,
+        whatever the retained desired state says, each file replaced atomically; the
+        state before it stays as the fallback, with its artifacts (a rollback or a damaged
+        active set needs no download). Every other object is pruned."""
         encoded = desired.encode()
         try:
             before = self.active_path.read_bytes()
@@ -142,6 +165,23 @@ class Installer:
     def saved(self) -> list[wire.DesiredState]:
         """The states that passed their health check, newest first (at most two)."""
         return [s for s in map(_read_state, (self.active_path, self.previous_path)) if s]
+
+    def restore(self) -> tuple[Goal | None, Goal | None]:
+        """After a restart: the newest saved state whose objects are all held, to install
+        at once, and the newest saved state if that is not it, to fetch again (a damaged
+        active set: the one before it serves meanwhile). Nothing held is pruned until the
+        next commit."""
+        saved = self.saved()
+        if not saved:
+            return None, None
+        self.kept = self.store.names()
+        try:
+            goals = [Goal(s, *self.choose(s)) for s in saved]
+        except (ProtocolError, BackendError) as exc:
+            log.error("cannot restore serial %d: %s", saved[0].serial, exc)
+            return None, None
+        whole = next((g for g in goals if all(self.store.has(r.sha256) for r in g.refs)), None)
+        return whole, None if whole is goals[0] else goals[0]
 
 
 def _read_state(path: Path) -> wire.DesiredState | None:

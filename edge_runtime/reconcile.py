@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import eclm_wire as wire
-from eclm_wire import EventCode
+from eclm_wire import EventCode, Phase
 from edge_runtime.artifacts import ArtifactStore, Check
 from edge_runtime.download import RetryPolicy, Transfer
 from edge_runtime.reporting import Reporter
+from edge_runtime.stats import AgentStats
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Keeper:
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         scrub_interval: float = 3600.0,
+        stats: AgentStats | None = None,
     ) -> None:
         self.store, self.voice, self.install, self.request = store, voice, install, request
         self.clock, self.window, self.timeout = clock, window, timeout
@@ -59,8 +61,7 @@ class Keeper:
         self.goal: Goal | None = None
         self.transfer: Transfer | None = None
         self.active: Goal | None = None  # what serves, kept whole
-        self.repairs = 0  # objects found damaged and moved aside
-        self.duplicate_chunks = 0  # chunks that arrived again (after a cut, say)
+        self.stats = stats or AgentStats()  # repairs, duplicate chunks, retries
         self._last_scrub = clock()
 
     def drop(self) -> None:
@@ -95,7 +96,7 @@ class Keeper:
         )
         detail = f"fetching {len(refs)} artifacts ({sum(r.size for r in refs)} bytes)"
         if goal.install:
-            self.voice.set(phase="downloading", serial=goal.desired.serial, detail=detail)
+            self.voice.set(phase=Phase.DOWNLOADING, serial=goal.desired.serial, detail=detail)
         else:
             self.voice.set(detail=f"repairing the serving set: {detail}")
         self.transfer.start()
@@ -110,7 +111,7 @@ class Keeper:
 
     def damaged(self, sha: str, name: str) -> None:
         """Report an object found damaged (and already moved aside)."""
-        self.repairs += 1
+        self.stats.repairs += 1
         self.voice.event(
             EventCode.ARTIFACT_DAMAGED,
             f"{name} ({sha[:12]}) was damaged on disk: moved aside, fetching it again",
@@ -125,7 +126,7 @@ class Keeper:
         if not transfer.on_chunk(sha, index, data):
             log.debug("chunk %d of %s is not awaited", index, sha[:12])
             return
-        self.duplicate_chunks += transfer.duplicates - duplicates
+        self.stats.duplicate_chunks += transfer.duplicates - duplicates
         self._after()
 
     def idle(self) -> None:
@@ -135,7 +136,7 @@ class Keeper:
         if transfer is not None and goal is not None:
             if goal.desired.expires and goal.desired.expires < time.time():
                 self.drop()
-                self.voice.set(phase="failed", detail=f"serial {goal.desired.serial} expired")
+                self.voice.set(phase=Phase.FAILED, detail=f"serial {goal.desired.serial} expired")
             else:
                 transfer.poll()
                 self._after()
@@ -163,6 +164,8 @@ class Keeper:
 
     def _event(self, code: EventCode, reason: str) -> None:
         self.voice.event(code, reason, self.voice.topic("fetch"))
+        if code is EventCode.TRANSFER_RETRY:
+            self.stats.transfer_retries += 1
         goal = self.goal
         if code is EventCode.TRANSFER_FAILING and goal is not None and goal.install:
-            self.voice.set(phase="failed", detail=f"{reason} (still trying)"[:1000])
+            self.voice.set(phase=Phase.FAILED, detail=f"{reason} (still trying)"[:1000])

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def load_public_key(path: Path):
-    """The cloud's ed25519 public key from a PEM file; ValueError naming the file if not."""
+    """The cloud's ed25519 public key from a PEM file; ConfigError naming the file if not."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key

@@ -4,13 +4,13 @@ cloud's signed aggregate; and a small run of the whole scenario with the baselin
 
 import numpy as np
 import pytest
-from cloud_trainer.fleet.deploy import wait_for_fleet
 from safetensors.numpy import save
 
 import eclm_wire as wire
 from cloud_trainer.export.plan import plan_device_modular
 from cloud_trainer.federation.aggregation import DomainAggregator
 from cloud_trainer.fleet.coordinator import FleetCoordinator
+from cloud_trainer.fleet.deploy import wait_for_fleet
 from cloud_trainer.fleet.keys import init_keys, load_signing_key, sign
 from cloud_trainer.model.domains import apply
 from device_profiles import load_profile
@@ -83,12 +83,12 @@ def test_a_device_entering_a_domain_others_adapted_to_gets_their_aggregate_signe
         )
 
         b.infer(x[:1], "rotate")  # b enters rotate: the cloud sends the aggregate
-        wait(lambda: b.warm_starts == 1)
+        wait(lambda: b.stats.warm_starts == 1)
         after = float((b.infer(x[held], "rotate").argmax(1) == y[held]).mean())
         print(f"rotate on b: head {before:.3f}, a alone {alone:.3f}, b warm-started {after:.3f}")
         assert after > before + 0.3 and after >= alone - 0.1
         # c entered rotate after a had uploaded, so it started from a's adapter too
-        assert c.warm_starts == 1 and b.learner.warm["rotate"] == 480 and fc.offers == 2
+        assert c.stats.warm_starts == 1 and b.learner.warm["rotate"] == 480 and fc.offers == 2
 
         # an offer the cloud did not sign is refused and changes nothing
         events = collector_factory(wire.device_topic("pi4-b", "events"))
@@ -99,7 +99,7 @@ def test_a_device_entering_a_domain_others_adapted_to_gets_their_aggregate_signe
         wait(lambda: len(events.messages) >= 2)
         codes = sorted(wire.decode(wire.Event, m).code for _, m in events.messages)
         assert codes == ["bad-signature", "unsigned"]
-        assert b.warm_starts == 1 and "noise" not in b.learner.warm
+        assert b.stats.warm_starts == 1 and "noise" not in b.learner.warm
     finally:
         for agent in agents.values():
             agent.stop()

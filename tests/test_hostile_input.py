@@ -101,7 +101,8 @@ def test_two_hundred_hostile_messages_are_refused_while_inference_goes_on(
 
         codes = Counter(wire.decode(wire.Event, p).code for _, p in events.messages)
         assert codes == Counter(code for _, _, code in messages)
-        assert sum(codes.values()) == 200
+        assert sum(codes.values()) == 200 == agent.stats.refusals
+        assert agent.stats.installs == 1  # the good state only
         assert failures == [] and served[0] > 0
         report = coordinator.reported[device]
         assert report.serial == good.serial and report.phase == "active"

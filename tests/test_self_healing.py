@@ -141,7 +141,7 @@ def test_a_damaged_object_is_repaired_in_100_of_100_trials_while_the_last_good_s
         assert repaired == 100
         assert server.failures == [] and server.served > 100
         assert events.wait_for(lambda t, p: len(events_of(events, "artifact-damaged")) >= 100)
-        assert len(events_of(events, "artifact-damaged")) == 100 == agent.keeper.repairs
+        assert len(events_of(events, "artifact-damaged")) == 100 == agent.stats.repairs
         assert len(list((agent.store.root / "damaged").iterdir())) <= 8  # the latest kept
     finally:
         if server:

@@ -49,10 +49,10 @@ def agent(name: str, tmp_path, address, public) -> EdgeAgent:
 
 def upload(device: EdgeAgent, x, y) -> None:
     """Serve a batch, learn from its labels: the device uploads its adapter."""
-    uploads = device.uploads
+    uploads = device.stats.uploads
     device.infer(x, "clean")
     device.learn(x, y)
-    assert device.uploads == uploads + 1
+    assert device.stats.uploads == uploads + 1
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def test_a_20_mb_program_arrives_whole_through_a_steady_and_a_cut_link(
         results = []
         for program, cuts in zip(programs, (0, 5), strict=True):
             ref = coordinator.add_artifact(f"wide-{cuts}.tflite", program, "tflite")
-            sent_before, duplicates_before = chunks_sent(coordinator), agent.duplicate_chunks
+            sent_before, duplicates_before = chunks_sent(coordinator), agent.stats.duplicate_chunks
             cutter = threading.Thread(
                 target=cut_while_downloading, args=(agent, proxy, ref.chunk_count, cuts)
             )
@@ -89,7 +89,7 @@ def test_a_20_mb_program_arrives_whole_through_a_steady_and_a_cut_link(
             results.append(
                 (
                     chunks_sent(coordinator) - sent_before - ref.chunk_count,
-                    agent.duplicate_chunks - duplicates_before,
+                    agent.stats.duplicate_chunks - duplicates_before,
                 )
             )
         assert results[0] == (0, 0)

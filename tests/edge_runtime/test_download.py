@@ -7,6 +7,7 @@ import eclm_wire as wire
 from eclm_wire import EventCode
 from edge_runtime.artifacts import ArtifactStore, sha256_bytes
 from edge_runtime.download import RetryPolicy, Transfer, TransferState
+from edge_runtime.errors import ArtifactError
 
 DATA = bytes(range(256)) * 16  # four 1 KiB chunks
 OTHER = bytes(reversed(DATA))
@@ -149,6 +150,48 @@ def test_a_resumed_download_that_holds_every_chunk_finishes_at_start(tmp_path):
     transfer.start()
 
     assert transfer.done and link.requests == [] and store.read(ref().sha256) == DATA
+
+
+def test_a_download_cut_by_a_restart_resumes_from_its_journal_asking_only_what_it_lacks(
+    tmp_path,
+):
+    link = Link()
+    before = link.transfer(ArtifactStore(tmp_path), [ref()], window=2)
+    before.start()
+    for sha, index in [link.requests.pop(0), link.requests.pop(0)]:
+        before.on_chunk(sha, index, chunk(DATA, index))  # 0 and 1; a restart cuts 2 and 3
+    link.requests.clear()
+    damaged = tmp_path / "partial" / f"{ref().sha256}.part"
+    with open(damaged, "r+b") as fh:  # chunk 1 torn on disk by the cut
+        fh.seek(1024)
+        fh.write(b"\0" * 16)
+
+    store = ArtifactStore(tmp_path)  # the restarted device
+    after = link.transfer(store, [ref()], window=4)
+    after.start()
+
+    assert sorted(i for _, i in link.requests) == [1, 2, 3]
+    link.answer(after)
+    assert after.done and store.read(ref().sha256) == DATA
+    assert not damaged.exists()
+
+
+def test_duplicates_are_counted_and_chunks_not_awaited_or_out_of_shape_are_refused(tmp_path):
+    link = Link()
+    transfer = link.transfer(ArtifactStore(tmp_path), [ref()], window=1)
+    transfer.start()
+    sha = ref().sha256
+
+    assert transfer.on_chunk(sha, 0, chunk(DATA, 0))
+    assert transfer.on_chunk(sha, 0, chunk(DATA, 0))  # again, after a cut
+    assert not transfer.on_chunk(ref(OTHER).sha256, 1, chunk(OTHER, 1))  # another file
+    with pytest.raises(ArtifactError, match="expected 1024"):
+        transfer.on_chunk(sha, 1, chunk(DATA, 1)[:100])
+    with pytest.raises(ArtifactError, match="outside 0..3"):
+        transfer.on_chunk(sha, 4, chunk(DATA, 0))
+
+    assert transfer.duplicates == 1 and transfer.current.received == {0}
+    assert link.events == [] and not transfer.done
 
 
 @pytest.mark.parametrize(

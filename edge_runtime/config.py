@@ -1,0 +1,50 @@
+"""How one device's agent runs: the settings the CLI, the fleet simulator and the tests
+give :class:`~edge_runtime.agent.EdgeAgent`, checked when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import eclm_wire as wire
+from device_profiles import DeviceProfile
+from eclm_wire.mqtt import BrokerAddress
+from edge_runtime.download import RetryPolicy
+from edge_runtime.errors import ConfigError
+from edge_runtime.events import EventLimits
+from edge_runtime.learning import LearnerConfig
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How one device runs. ``backend`` forces a backend instead of the profile's order."""
+
+    device_id: str
+    profile: DeviceProfile
+    broker: BrokerAddress
+    store_dir: Path
+    eval_data: Path | None = None
+    backend: str | None = None
+    fetch_timeout: float = 10.0
+    fetch_window: int = 2  # chunks asked for and not yet arrived: what a cut can cost
+    policy_interval: float = 5.0  # seconds between resource readings
+    trust_key: Path | None = None  # the cloud's public key (required unless insecure)
+    insecure: bool = False  # no trust key, on purpose: accepts unsigned desired states
+    labels: tuple[str, ...] = ()  # key=value, for rollouts to pick devices by
+    learning: LearnerConfig = LearnerConfig()  # the adapter heads trained on the device
+    retry: RetryPolicy = RetryPolicy()  # files that fail their whole-file check
+    events: EventLimits = EventLimits()  # the bound on events about refused messages
+    scrub_interval: float = 3600.0  # seconds between re-hashes of the active set
+
+    def __post_init__(self) -> None:
+        wire.check_device_id(self.device_id)
+        wire.check_labels(self.labels)
+        if self.fetch_window < 1:
+            raise ConfigError(f"fetch_window: must be >= 1, got {self.fetch_window}")
+        if self.trust_key is None and not self.insecure:
+            raise ConfigError(
+                "no trust key: give the cloud's public key (--trust-key signing.pub), or "
+                "--insecure to accept unsigned desired states (development only)"
+            )
+        if self.trust_key is not None and self.insecure:
+            raise ConfigError("--insecure and --trust-key contradict each other: choose one")
