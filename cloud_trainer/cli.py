@@ -47,8 +47,7 @@ def _model_commands(cmds: argparse._SubParsersAction) -> None:
 
     export = cmds.add_parser(
         "export",
-        help="export every module as .pte and .tflite, "
-        "fp32 and int8, plus the adapter's training program",
+        help="export every module as .pte and .tflite, fp32 and int8",
     )
     export.add_argument("--model", type=Path, default=MODEL)
     export.add_argument(

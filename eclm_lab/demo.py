@@ -17,6 +17,7 @@ from pathlib import Path
 
 from eclm_common.exit_codes import ExitCode
 from eclm_common.lifeline import popen
+from eclm_common.runlog import routed_to
 from edge_runtime.cli import run_command
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--devices", type=int, default=4, help="edge agents (default: 4)")
     parser.add_argument("--steps", type=int, default=50, help="stream steps (default: 50)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # absent: eclm -v decides
+        help="show the libraries' output and debug logs here (else: demo.log in the outputs)",
+    )
     parser.add_argument(
         "--domains", default="noise,rotate,contrast", help="shifts (default: %(default)s)"
     )
@@ -69,8 +77,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.delivery_only:
-        return run_delivery(args)
+    """Run the demo with what the libraries print (warnings, native start-up lines) in
+    ``demo.log`` in the outputs, unless ``-v``."""
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="eclm-demo-"))
+    logfile = work / "demo.log"
+    with routed_to(logfile, verbose=getattr(args, "verbose", False)):
+        code = run_delivery(args, work) if args.delivery_only else run_adaptation(args, work)
+    if not getattr(args, "verbose", False):
+        print(f"log:     {logfile}")
+    return code
+
+
+def run_adaptation(args: argparse.Namespace, work: Path) -> int:
     from dataclasses import replace
 
     from eclm_lab.experiment import Settings, run_with_broker
@@ -83,7 +101,6 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         domains=tuple(args.domains.split(",")),
     )
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="eclm-demo-"))
     for name in (
         "edge_runtime",
         "cloud_trainer.federation.aggregation",
@@ -107,7 +124,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def run_delivery(args: argparse.Namespace) -> int:
+def run_delivery(args: argparse.Namespace, work: Path) -> int:
     from broker.launcher import Broker
     from cloud_trainer.fleet.coordinator import FleetCoordinator
     from cloud_trainer.fleet.deploy import deploy_fleet, parse_devices, print_fleet, wait_for_fleet
@@ -120,7 +137,6 @@ def run_delivery(args: argparse.Namespace) -> int:
     devices = parse_devices(args.fleet.split(","))
     for _, profile in devices:
         load_profile(profile)  # a bad name stops here, before anything starts
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="eclm-demo-"))
     broker = None if args.broker else Broker(kind=args.broker_kind, data_dir=work / "broker")
     agents: list[subprocess.Popen] = []
     try:

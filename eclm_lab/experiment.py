@@ -137,6 +137,7 @@ class Record:
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     swaps: int = 0
     violations: int = 0
+    adapting: np.ndarray | None = None  # (devices, steps): the adapter served, not the head
 
 
 def summarize(records: dict[str, Record], streams: list[DeviceStream], after: int) -> dict:
@@ -314,6 +315,7 @@ def _drive(
     steps = len(next(iter(streams.values())).domains)
     names = [*([ADAPTIVE] if agents else []), *methods]
     accuracy = {n: np.zeros((len(streams), steps)) for n in names}
+    adapting = np.zeros((len(streams), steps))
     iterators = {d: iter(s) for d, s in streams.items()}
     for t in tqdm(range(steps), desc=progress, unit="step", leave=False, disable=not progress):
         batch = {device: next(iterators[device]) for device in streams}
@@ -331,6 +333,7 @@ def _drive(
                 agent.tick()
                 predicted = agent.infer(step.x, step.domain).argmax(1)
                 accuracy[ADAPTIVE][i, t] = (predicted == step.y).mean()
+                adapting[i, t] = agent.learner is not None and agent.learner.adapting
                 agent.learn(step.x[lab], step.y[lab])
             with torch_lock:
                 for name, method in methods.items():
@@ -344,7 +347,7 @@ def _drive(
                     method.exchange()
         if after_step:
             after_step(t)
-    return {n: Record(a) for n, a in accuracy.items()}
+    return {n: Record(a, adapting=adapting if n == ADAPTIVE else None) for n, a in accuracy.items()}
 
 
 def run(
@@ -498,6 +501,7 @@ def run(
             "reselections": integrator.reselections,
             "seconds": time.perf_counter() - started,
             "curves": {n: r.accuracy.mean(axis=0).round(4).tolist() for n, r in records.items()},
+            "adapting_share": adaptive.adapting.mean(axis=0).round(4).tolist(),
             "shifted_share": [
                 float(np.mean([s.domains[t] != "clean" for s in streams.values()]))
                 for t in range(spec.steps)

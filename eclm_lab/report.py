@@ -97,6 +97,16 @@ def plot(report: dict, path: Path) -> Path:
     for name, curve in report["curves"].items():
         smooth = np.convolve(curve, np.ones(5) / 5, mode="valid")  # mean of the last 5 steps
         ax.plot(steps[4:], smooth, label=name, lw=2 if "ECLM" in name else 1.2)
+    if "adapting_share" in report:  # the rest serve the cloud's head (see Learner)
+        ax.plot(
+            steps,
+            report["adapting_share"],
+            color="k",
+            ls=":",
+            lw=1,
+            drawstyle="steps-mid",
+            label="ECLM devices serving their adapter",
+        )
     ax.set(xlabel="stream step", ylabel="prequential accuracy (mean over devices)", ylim=(0, 1))
     ax.legend(loc="lower left", fontsize=8)
     names = list(report["methods"])

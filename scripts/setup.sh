@@ -6,14 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${ECLM_EXTRAS:-dev}"
 venv="${ECLM_VENV:-.venv}"
+# What apt and pip print goes here (appended, one header per run); the terminal gets one
+# line per step, and the end of this log if a step fails.
+log="$venv/setup.log"
+mkdir -p "$venv"
+echo "== scripts/setup.sh $(date -u +%FT%TZ)" >>"$log"
 
 if ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
   sudo=""
   [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo="sudo -n"
   if command -v apt-get >/dev/null && { [[ $(id -u) -eq 0 ]] || [[ -n $sudo ]]; }; then
     echo "[setup] installing Mosquitto from the system packages"
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null 2>&1 \
-      || echo "[setup] Mosquitto could not be installed; the embedded amqtt broker will be used"
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq mosquitto mosquitto-clients; } >>"$log" 2>&1 \
+      || echo "[setup] Mosquitto could not be installed (log: $log); the embedded amqtt broker will be used"
   else
     echo "[setup] Mosquitto is not installed and apt-get is not usable; the embedded amqtt broker will be used"
   fi
@@ -23,20 +28,18 @@ fi
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && command -v apt-get >/dev/null \
   && [[ $(id -u) -eq 0 ]]; then
   echo "[setup] installing PostgreSQL from the system packages (tests of the PostgreSQL state)"
-  apt-get install -y -qq postgresql >/dev/null 2>&1 \
-    || { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; } \
-    || echo "[setup] PostgreSQL could not be installed; its tests will be skipped"
+  { apt-get install -y -qq postgresql || { apt-get update -qq && apt-get install -y -qq postgresql; }; } \
+    >>"$log" 2>&1 || echo "[setup] PostgreSQL could not be installed (log: $log); its tests will be skipped"
 fi
 
 if [[ ! -x $venv/bin/python ]]; then
   echo "[setup] creating $venv"
-  python3 -m venv "$venv"
+  python3 -m venv "$venv" >>"$log" 2>&1 || { echo "[setup] python3 -m venv failed:" >&2; tail -n 30 "$log" >&2; exit 1; }
 fi
 stamp="$venv/.eclm-installed-$extras"
 # The editable install knows the top-level packages it was made with: a new one reinstalls.
 want=$({ cat pyproject.toml; ls -d -- */__init__.py; } | sha256sum | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-  log="$venv/setup.log"
   echo "[setup] installing Python packages (extras: $extras); the first run takes a few minutes (log: $log)"
   pip_install() {
     "$venv/bin/python" -m pip install -q "$@" >>"$log" 2>&1 || {
@@ -45,7 +48,6 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
       exit 1
     }
   }
-  : >"$log"
   pip_install --upgrade pip
   # torch first and pinned: an open range would pull a multi-GB CUDA build.
   pip_install "torch==2.13.0"

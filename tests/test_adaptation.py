@@ -148,6 +148,8 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
     remote = methods["static cloud (remote)"]
     assert remote["bytes_up"] >= 2 * 16 * 16 * 64 * 4 and remote["bytes_down"] > 0
     assert methods["static sub-model"]["bytes_up"] == 0
+    # before its adapter beat the cloud's head on new labels, no device served it
+    assert len(report["adapting_share"]) == 16 and report["adapting_share"][0] == 0.0
     figures = headline(report, ADAPTIVE)
     assert figures["fedavg_bytes_ratio"] > 1
     json_path, png_path = write(report, tmp_path / "out")

@@ -1,7 +1,12 @@
-"""The on-device adapter's training program: an ExecuTorch joint forward-backward graph.
+"""The adapter's training program as an ExecuTorch joint forward-backward graph.
 
-The device loads it with ``executorch.extension.training``, calls ``forward_backward`` on
+A runtime loads it with ``executorch.extension.training``, calls ``forward_backward`` on
 a batch of (features, labels) and steps an SGD optimizer over its live parameters.
+
+Exports do not build it and boards do not train with it: at the adapter's real size
+(512 features, 10 classes, batches of 32) numpy's step is about 5x faster
+(``bench/adapter.py``), so every board trains in numpy. It stays for that benchmark
+(and the tests that keep both trainers' SGD identical), should the head grow.
 """
 
 from __future__ import annotations

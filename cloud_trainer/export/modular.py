@@ -19,7 +19,6 @@ from torch import nn
 
 import eclm_wire as wire
 from cloud_trainer.errors import ExportError
-from cloud_trainer.export.adapter import export_adapter_training
 from cloud_trainer.export.programs import (
     batch_dim,
     export_executorch,
@@ -50,8 +49,6 @@ def export_program(
         return export_litert(module, sample, name=name)
     if (fmt, quant) == ("tflite", "int8"):
         return _litert_int8(export_litert(module, sample, name=name), name)
-    if (fmt, quant) == ("pte", "train"):
-        return export_adapter_training(module)
     raise ExportError(name, fmt, f"unknown variant {fmt}/{quant}")
 
 
@@ -174,8 +171,9 @@ def export_modular(
     variants: Iterable[tuple[str, str]] = VARIANTS,
     on_record: Callable[[ExportRecord], None] | None = None,
 ) -> list[ExportRecord]:
-    """Export every part in every variant, and the adapter's training program; write
-    ``modular.json`` listing them."""
+    """Export every part in every variant; write ``modular.json`` listing them. (No
+    adapter training program: boards train the adapter in numpy, which is faster at its
+    size than ExecuTorch's training runtime; see ``bench/adapter.py``.)"""
     net = net.eval()
     exporter = ModularExporter(store)
     calib = torch.from_numpy(calib_x[:64])
@@ -185,8 +183,6 @@ def export_modular(
         for fmt, quant in variants
         for name, module in parts(net).items()
     ]
-    features = net.head.features(inputs["head"]).detach()
-    jobs.append(("adapter", net.head.fc, features, "pte", "train"))
     records = []
     for name, module, data, fmt, quant in jobs:
         records.append(exporter.export(name, module, data[:2], fmt, quant, calib=data))

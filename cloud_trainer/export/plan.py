@@ -61,7 +61,7 @@ def export_model(model_dir: Path, store_dir: Path, *, variants=None, progress: b
     if progress:
         from tqdm import tqdm
 
-        total = len(variants) * (2 + net.spec.layers * (1 + net.spec.modules_per_layer)) + 1
+        total = len(variants) * (2 + net.spec.layers * (1 + net.spec.modules_per_layer))
         bar = tqdm(total=total, desc="export", unit="program", leave=False)
     try:
         return export_modular(
@@ -169,11 +169,7 @@ def plan_device_modular(
     calib = np.load(model_dir / "test.npz")["x"]
     net = load_model(model_dir)
     records = export_modular(net, calib, ArtifactStore(store_dir), variants=variants)
-    refs = [
-        replace(r.ref, part=r.part)
-        for r in records
-        if r.part in needed and r.variant.endswith("fp32")
-    ]
+    refs = [replace(r.ref, part=r.part) for r in records if r.part in needed]
     return options, [*refs, head_ref(net, ArtifactStore(store_dir))]
 
 

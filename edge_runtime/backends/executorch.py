@@ -84,7 +84,8 @@ class ExecuTorchBackend(Backend):
 
 
 class ExecuTorchTrainer(AdapterTrainer):
-    """Runs the cloud-exported joint forward-backward program (batch fixed at export)."""
+    """Runs a joint forward-backward program (``cloud_trainer.export.adapter``; batch fixed
+    at export). Not what boards train with: numpy is faster at the adapter's size."""
 
     def __init__(
         self, program: bytes, weight: np.ndarray, bias: np.ndarray, *, lr: float, batch: int

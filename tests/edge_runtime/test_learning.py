@@ -127,13 +127,15 @@ def test_predictions_lean_toward_the_label_mix_the_device_sees():
     to the adapter's logits; 0 turns it off."""
     x, y = domain_data(0, 48)
     y = np.where(np.arange(48) < 36, 2, y)  # three labels in four are 2
-    learners = {p: Learner(base(), LearnerConfig(prior=p, mix_window=48)) for p in (0.0, 1.0)}
+    learners = {
+        p: Learner(base(), LearnerConfig(prior=p, mix_window=48, gate_window=0)) for p in (0, 1.0)
+    }
     for learner in learners.values():
         for i in range(0, 48, 8):
             learner.learn(x[i : i + 8], y[i : i + 8])
     counts = np.bincount(y, minlength=CLASSES) + 1.0
     np.testing.assert_allclose(
-        learners[1.0].logits(x) - learners[0.0].logits(x),
+        learners[1.0].logits(x) - learners[0].logits(x),
         np.broadcast_to(np.log(counts / counts.sum()), (48, CLASSES)),
         rtol=1e-5,
     )
@@ -141,3 +143,34 @@ def test_predictions_lean_toward_the_label_mix_the_device_sees():
     assert learners[1.0].logits(ambiguous).argmax() == 2
     with pytest.raises(ValueError, match="prior"):
         LearnerConfig(prior=-1)
+
+
+def right_head():
+    """A head that is already right on the base domain (class c: feature c)."""
+    weight = np.zeros((CLASSES, FEATURES), np.float32)
+    weight[np.arange(CLASSES), np.arange(CLASSES)] = 5.0
+    return {"weight": weight, "bias": np.zeros(CLASSES, np.float32)}
+
+
+def test_in_the_base_domain_the_head_serves_until_the_adapter_beats_it_on_new_labels():
+    x, y = domain_data(0, 400)
+    gated, ungated = (Learner(right_head(), LearnerConfig(lr=1e-3, gate_window=g)) for g in (64, 0))
+    for learner in (gated, ungated):
+        learner.warm_start("clean", save(base()), 400)  # an adapter worse than the head
+        for i in range(0, 64, 8):
+            learner.learn(x[i : i + 8], y[i : i + 8])
+    assert accuracy(ungated, x[200:], y[200:]) < 0.5  # its adapter serves
+    assert not gated.adapting
+    assert accuracy(gated, x[200:], y[200:]) == 1.0  # the head still serves
+    gated.enter("noise")  # elsewhere the head is not known to fit: the adapter serves at once
+    assert gated.adapting
+
+    learner = Learner(base())  # a head that is wrong: the adapter beats it and serves
+    assert not learner.adapting
+    for i in range(0, 200, 8):
+        learner.learn(x[i : i + 8], y[i : i + 8])
+    assert learner.adapting and accuracy(learner, x[200:], y[200:]) > 0.9
+    learner.rebase(right_head())  # a new head: the adapter has to beat it again
+    assert not learner.adapting
+    with pytest.raises(ValueError, match="gate_window"):
+        LearnerConfig(gate_window=-1)
