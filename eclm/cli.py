@@ -77,6 +77,8 @@ def _main(argv: list[str] | None) -> int:
         return ExitCode.USAGE
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        raise  # the reader went away: main() ends quietly
     except (Exception, KeyboardInterrupt) as exc:
         return _failed(exc, verbose=args.verbose)
 
