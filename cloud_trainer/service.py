@@ -5,9 +5,10 @@ updates it receives (a shared subscription gives each update to one worker) and 
 artifact fetches. One worker at a time holds the leader lease in the database; the
 leader gives new devices their sub-model, closes aggregation rounds (on a quorum of
 devices or a deadline) with the configured strategy, integrates clean-domain rounds into
-a new head and rolls it out. Every step is in the database before it is acted on, so a
-restarted (or another) worker resumes rollouts and rounds where they were, and no
-serial is issued twice. SIGTERM lets the wave or round in flight finish, then exits 0.
+a new head and rolls it out, and gives a device whose label mix moved another module
+selection (:mod:`cloud_trainer.reselection`). Every step is in the database before it is
+acted on, so a restarted (or another) worker resumes rollouts and rounds where they were,
+and no serial is issued twice. SIGTERM lets the wave or round in flight finish, then exits 0.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ import numpy as np
 from cloud_trainer.config import ServiceConfig
 from cloud_trainer.errors import ConfigError, ExportError, StateError
 from cloud_trainer.exports import Exporter
+from cloud_trainer.reselection import Reselector
 from cloud_trainer.rollout import Rollout, RolloutPlan, Target
 from cloud_trainer.state import CloudState, Round
+from edge_runtime import protocol as wire
+from edge_runtime.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 LEASE = "leader"
@@ -105,6 +109,7 @@ class Service:
         )
         self.metrics = Metrics(self)
         self.exporter = Exporter(self.model_dir, self.store_dir)
+        self.reselector = Reselector(self)
         self.http: ThreadingHTTPServer | None = None
         self.started = time.time()
 
@@ -179,6 +184,7 @@ class Service:
                 self._close_rounds()
                 self._integrate_rounds()
                 self._assign_new_devices()
+                self.reselector.step()
             self.db_error = ""
         except StateError as exc:
             self.db_error = str(exc)
@@ -243,7 +249,7 @@ class Service:
                 max(1, round(u.samples * weight)),  # a stale update counts for less
                 np.array(u.histogram),
             )
-            for u, weight in self.state.round_updates(r.id)
+            for u, weight in self._round_updates(r)
         ]
         weights = self.strategy.aggregate(contributions, reference=like)
         samples = sum(c.samples for c in contributions)
@@ -260,6 +266,27 @@ class Service:
                 seconds,
             )
 
+    def _round_updates(self, r: Round) -> list[tuple[wire.AdapterUpdate, float]]:
+        """What round ``r`` aggregates: its updates, or (carry) every device's latest of
+        the domain so far, each weighted by its staleness now (too stale: left out)."""
+        if not self.config.aggregation.carry:
+            return self.state.round_updates(r.id)
+        out = []
+        for update in self.state.latest_updates(r.domain, r.id):
+            try:
+                out.append((update, self.ledger.weight(update.base)))
+            except ProtocolError:
+                continue  # trained too many versions back to count any more
+        return out
+
+    def _due(self, r: Round) -> bool:
+        """Whether closed clean round ``r`` makes a new head (integration.min_updates)."""
+        i = self.config.integration
+        if not (i.enabled and self._targets()):
+            return False
+        since = self.state.last_integrated_round()
+        return self.state.updates_after("clean", since) >= i.min_updates
+
     def _integrate_rounds(self) -> None:
         for r in self.state.rounds("closed"):
             if self.stop_event.is_set():
@@ -273,7 +300,7 @@ class Service:
                     self.state.finish_round(r.id)
                     continue
                 self._finish(rollout, r)
-            elif r.domain == "clean" and self.config.integration.enabled and self._targets():
+            elif r.domain == "clean" and self._due(r):
                 try:
                     self._integrate(r)
                 except StateError:

@@ -2,6 +2,8 @@
 heads per domain, upload, and a device entering a domain others adapted to gets the
 cloud's signed aggregate; and a small run of the whole scenario with the baselines."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from safetensors.numpy import save
@@ -112,7 +114,7 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
     from cloud_trainer.experiment import ADAPTIVE, Settings, run
     from cloud_trainer.scenario import ScenarioSpec
 
-    key, public = keys
+    _, public = keys
     spec = ScenarioSpec(devices=2, steps=16, clean_len=4, shift_len=4, seed=3)
     settings = Settings(
         spec=spec, profiles=("rpi4", "rpi-zero-2w"), upload_every=4, tune=False, integrate_every=8
@@ -122,7 +124,7 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
         modular["model_dir"],
         tmp_path,
         mosquitto.url,
-        signing_key=key,
+        signing_key=public.with_name("signing.key"),
         trust_key=public,
         store=modular["store"],
     )
@@ -138,8 +140,14 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
     for figures in methods.values():
         assert 0.0 <= figures["accuracy"] <= 1.0
     assert methods[ADAPTIVE]["budget_violations"] == 0
-    # the cloud folded the devices' clean adapters into a new head and rolled it out
-    assert [r["state"] for r in report["integrations"]] == ["succeeded"]  # at step 8 of 16
+    # the figures are of `eclm cloud serve`, whose database and config the report names
+    cloud = report["cloud"]
+    assert cloud["command"][-4:-2] == ["serve", "--config"] and cloud["exit_code"] == 0
+    assert Path(cloud["database"].removeprefix("sqlite:///")).is_file()
+    assert "class-mean" in Path(cloud["config"]).read_text()
+    assert report["unsettled_steps"] == 0
+    # the service folded the devices' clean adapters into a new head and rolled it out
+    assert report["integrations"][0]["state"] == "succeeded"
     assert methods[ADAPTIVE]["bytes_by_kind"]["down:chunks"] > 0
     assert report["uploads"] > 0 and methods[ADAPTIVE]["bytes_by_kind"]["up:updates"] > 0
     # full weights both ways cost more than adapter uploads; raw samples went up too
