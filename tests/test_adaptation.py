@@ -142,7 +142,7 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
     assert methods[ADAPTIVE]["budget_violations"] == 0
     # the figures are of `eclm cloud serve`, whose database and config the report names
     cloud = report["cloud"]
-    assert cloud["command"][-4:-2] == ["serve", "--config"] and cloud["exit_code"] == 0
+    assert cloud["command"][-3:-1] == ["serve", "--config"] and cloud["exit_code"] == 0
     assert Path(cloud["database"].removeprefix("sqlite:///")).is_file()
     assert "class-mean" in Path(cloud["config"]).read_text()
     assert report["unsettled_steps"] == 0
