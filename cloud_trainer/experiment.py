@@ -334,25 +334,31 @@ def run(
         for name, tag in (("static cloud (remote)", "remote"), ("FedAvg", "fedavg")):
             _count_link(records[name], links[tag])
         aggregates = cloud.pop("aggregates")
+        first = selections[next(iter(devices))]
         return {
             "settings": {**asdict(settings), "devices": devices, "tuned": tuned},
             "methods": summarize(records, list(streams.values()), settings.after_shift),
-            "newcomer": newcomer(
-                net, selections[next(iter(devices))], aggregates, x, y, learning, spec.seed
-            ),
+            "newcomer": newcomer(net, first, aggregates, x, y, learning, spec.seed),
             **totals,
             **cloud,
             "seconds": time.perf_counter() - started,
-            "curves": {n: r.accuracy.mean(axis=0).round(4).tolist() for n, r in records.items()},
-            "shifted_share": [
-                float(np.mean([s.domains[t] != "clean" for s in streams.values()]))
-                for t in range(spec.steps)
-            ],
+            **_curves(records, list(streams.values())),
         }
     finally:
         fleet.stop()
         for link in links.values():
             link.close()
+
+
+def _curves(records: dict[str, Record], streams: list[DeviceStream]) -> dict:
+    """Mean accuracy per step per method, and the share of devices in a shifted domain."""
+    steps = len(streams[0].domains)
+    return {
+        "curves": {n: r.accuracy.mean(axis=0).round(4).tolist() for n, r in records.items()},
+        "shifted_share": [
+            float(np.mean([s.domains[t] != "clean" for s in streams])) for t in range(steps)
+        ],
+    }
 
 
 def planned_selections(model_dir: Path, devices: dict[str, str]) -> dict[str, tuple]:
