@@ -284,11 +284,13 @@ def run(
     cloud_url: str | None = None,
     store: Path | None = None,
     timeout: float = 300.0,
+    tuned: dict[str, dict] | None = None,
 ) -> dict:
     """Start the cloud service against the broker at ``cloud_url`` (default ``url``) with
     ``signing_key`` (its key file) and the fleet, run every method on the same streams,
     return the report. Programs go to ``store`` (default ``work/artifacts``); the cloud's
-    config, log and database to ``work/cloud``, devices' stores under ``work``."""
+    config, log and database to ``work/cloud``, devices' stores under ``work``. ``tuned``
+    (each method's settings, as a report's ``settings.tuned``) skips the tuning."""
     from cloud_trainer.adaptive_fleet import AdaptiveFleet
     from cloud_trainer.pipeline import load_model
 
@@ -302,7 +304,10 @@ def run(
     streams = dict(zip(devices, build(spec, x, y), strict=True))
     started = time.perf_counter()
     selections = planned_selections(model_dir, devices)
-    tuned = tune(settings, net, selections, x, y) if settings.tune else {n: {} for n in GRIDS}
+    if tuned is None:
+        tuned = tune(settings, net, selections, x, y) if settings.tune else {n: {} for n in GRIDS}
+    elif settings.tune:
+        raise ValueError("tuned: given settings with tune=True; tune one way")
     if settings.tune:
         print(f"settings tuned on seed {spec.seed + 1000}: {tuned}", flush=True)
     learning = replace(settings.learning, upload_every=settings.upload_every, **tuned[ADAPTIVE])
@@ -411,6 +416,7 @@ def run_with_broker(
     url: str | None = None,
     broker_kind: str = "auto",
     epochs: int = 25,
+    tuned: dict[str, dict] | None = None,
 ) -> tuple[dict, tuple[Path, Path]]:
     """Train (or reuse) the model in ``work/model``, start a broker unless ``url`` names
     one, give the cloud a key made in ``work/keys``, run, and write the report and plot."""
@@ -438,6 +444,7 @@ def run_with_broker(
             signing_key=keys / PRIVATE_NAME,
             trust_key=keys / "signing.pub",
             cloud_url=broker.cloud_url if broker else url,
+            tuned=tuned,
         )
     finally:
         if broker:
