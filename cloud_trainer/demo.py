@@ -1,8 +1,9 @@
 """``eclm demo``: broker, cloud and edge devices on this machine, end to end.
 
 By default a short adaptation scenario (see :mod:`cloud_trainer.experiment`): a few real
-edge agents adapt on shifting streams while the cloud aggregates, next to the baselines;
-it prints the table and where the report and plot went. ``--delivery-only`` instead
+edge agents adapt on shifting streams while the cloud (``eclm cloud serve``, started as
+its own process) aggregates, next to the baselines; it prints the table and where the
+report, the plot and the cloud's config, log and database went. ``--delivery-only`` instead
 starts ``eclm edge run`` processes and shows signed delivery of their sub-models.
 """
 
@@ -84,7 +85,7 @@ def run_demo(args: argparse.Namespace) -> int:
         domains=tuple(args.domains.split(",")),
     )
     work = args.workdir or Path(tempfile.mkdtemp(prefix="eclm-demo-"))
-    for name in ("edge_runtime", "cloud_trainer.aggregation", "cloud_trainer.coordinator"):
+    for name in ("edge_runtime", "cloud_trainer.aggregation"):
         logging.getLogger(name).setLevel(logging.WARNING)  # per-message lines: see the report
     report, (json_path, png_path) = run_with_broker(
         replace(Settings(spec=spec), tune=args.tune),
@@ -99,6 +100,8 @@ def run_demo(args: argparse.Namespace) -> int:
         f"cloud, {sum(report['rejected_updates'].values())} updates refused; "
         f"{report['seconds']:.0f} s"
     )
+    cloud = report["cloud"]
+    print(f"cloud:  {cloud['config']} (log {cloud['log']}, state {cloud['database']})")
     print(f"report: {json_path}\nplot:   {png_path}\noutputs: {work}")
     return ExitCode.OK
 
