@@ -283,7 +283,7 @@ def run(
     trust_key: Path | None = None,
     cloud_url: str | None = None,
     store: Path | None = None,
-    timeout: float = 300.0,
+    timeout: float = 900.0,  # for the cloud to plan every profile (slow on a busy machine)
     tuned: dict[str, dict] | None = None,
 ) -> dict:
     """Start the cloud service against the broker at ``cloud_url`` (default ``url``) with
