@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from cloud_trainer.errors import FleetError
 from cloud_trainer.lockstep import Record, StepSource
 from cloud_trainer.process import ServiceProcess
 from cloud_trainer.scenario import DeviceStream
@@ -142,7 +143,8 @@ class AdaptiveFleet:
 
     def start(self, timeout: float = 300.0) -> AdaptiveFleet:
         """Start the cloud and the agents; return once the cloud gave every device its
-        sub-model and each serves it (RuntimeError naming the cloud's log otherwise)."""
+        sub-model and each serves it (FleetError naming the cloud's log otherwise, and
+        ServiceError if the cloud exited)."""
         from device_profiles import load_profile
         from edge_runtime.agent import AgentConfig, EdgeAgent
 
@@ -165,7 +167,7 @@ class AdaptiveFleet:
         while not all(self.observer.serving(d) for d in self.devices):
             self.cloud.healthy()  # ServiceError if the cloud exited
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise FleetError(
                     f"the fleet was not served in {timeout:.0f} s; see {self.cloud.log}"
                 )
             time.sleep(0.1)

@@ -4,7 +4,8 @@ CloudError
 ├── ExportError      a module that could not be exported (names module and backend)
 ├── FleetError       a device that did not reach its desired state in time
 ├── ConfigError      a service config file with an unknown key or a wrong type (names it)
-└── StateError       the state database is locked, full, corrupt or unreachable
+├── StateError       the state database is locked, full, corrupt or unreachable
+└── ServiceError     a service process that exited or did not get healthy (its log's end)
 """
 
 from __future__ import annotations
@@ -33,3 +34,7 @@ class ConfigError(CloudError, ValueError):
 
 class StateError(CloudError):
     """The state database failed; the message says how (locked, full, corrupt...)."""
+
+
+class ServiceError(CloudError):
+    """A service process started as a child exited or did not answer ``/healthz``."""

@@ -14,11 +14,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cloud_trainer.errors import ServiceError
 from eclm_common.lifeline import popen
 
-
-class ServiceError(RuntimeError):
-    """The service process exited or did not get healthy; the message holds its log's end."""
+__all__ = ["ServiceError", "ServiceProcess"]
 
 
 class ServiceProcess:
