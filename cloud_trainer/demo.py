@@ -74,6 +74,9 @@ def run_demo(args: argparse.Namespace) -> int:
         return run_delivery(args)
     from dataclasses import replace
 
+    # One torch thread per process (this one, the cloud service and its export worker share
+    # the cores): spinning thread pools made the benchmark's steps 30x slower on a busy machine.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from cloud_trainer.adaptation_report import table
     from cloud_trainer.experiment import Settings, run_with_broker
     from cloud_trainer.scenario import ScenarioSpec
