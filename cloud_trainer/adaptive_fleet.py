@@ -82,9 +82,9 @@ class Observer:
 
     def serving(self, device: str) -> bool:
         desired, reported = self.desired.get(device), self.reported.get(device)
-        return bool(desired and reported and reported.serial == desired.serial) and (
-            reported.phase == "active"
-        )
+        if desired is None or reported is None:
+            return False
+        return reported.serial == desired.serial and reported.phase == "active"
 
     def close(self) -> None:
         self.client.disconnect()
@@ -176,6 +176,7 @@ class AdaptiveFleet:
 
     def selections(self) -> dict[str, tuple]:
         """The modules each device's desired state has it run at its full budget."""
+        assert self.observer is not None, "start() first"
         return {d: self.observer.desired[d].options[0].selection for d in self.devices}
 
     def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
@@ -207,7 +208,7 @@ class AdaptiveFleet:
     def account(self, record: Record) -> dict:
         """Fill ``record`` with the bytes, swaps and violations since :meth:`start`; the
         uploads and warm starts, summed."""
-        totals = Counter()
+        totals: Counter[str] = Counter()
         for d, agent in self.agents.items():
             now, before = agent_counters(agent), self._before[d]
             for (direction, kind), n in (now["bytes"] - before["bytes"]).items():
@@ -244,7 +245,7 @@ class AdaptiveFleet:
         try:
             rollouts = state.rollout_states()
             return {
-                "cloud": {**self.cloud.describe(), "exit_code": self.cloud.proc.returncode},
+                "cloud": {**self.cloud.describe(), "exit_code": self._exit_code()},
                 "cloud_metrics": metrics,
                 "aggregates": {
                     d: (load(a[0]), a[1])
@@ -262,6 +263,9 @@ class AdaptiveFleet:
             }
         finally:
             state.db.close()
+
+    def _exit_code(self) -> int | None:
+        return self.cloud.proc.returncode if self.cloud.proc else None
 
     def stop(self) -> None:
         for agent in self.agents.values():

@@ -111,6 +111,8 @@ class ServiceProcess:
             return ""
 
     def kill(self, sig=signal.SIGKILL, timeout: float = 60.0) -> int:
+        if self.proc is None:
+            raise ServiceError("the service was never started")
         self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
