@@ -2,6 +2,7 @@
 
     python bench/adaptation.py [--seed 0 [1 2 ...]] [--devices 6] [--steps 120]
                                [--domains noise,rotate,contrast] [--out DIR]
+                               [--tuned-from DIR]
 
 Per seed: train the modular model, start Mosquitto (or the embedded broker), deploy a
 fleet of real edge agents (profiles in turn: rpi4, rpi-zero-2w, rpi5, android-phone), tune
@@ -13,7 +14,9 @@ JSON holding the headline figures (averaged over the seeds).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -22,6 +25,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# One torch thread per process (the benchmark, the cloud service and its export worker
+# inherit it): they share the cores, and on a busy machine torch's pool of spinning
+# threads made a training step 30x slower than on one thread (86 s against 2.8 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from bench._common import print_json  # noqa: E402
 
@@ -34,6 +41,12 @@ def main() -> None:
     parser.add_argument("--domains", default="noise,rotate,contrast")
     parser.add_argument("--no-tune", action="store_true", help="baselines keep their defaults")
     parser.add_argument("--out", type=Path, help="where reports and plots go (default: a temp dir)")
+    parser.add_argument(
+        "--tuned-from",
+        type=Path,
+        help="take each seed's tuned settings from DIR/seed<N>/report.json of an earlier run "
+        "(skips the tuning, which runs no part of the cloud)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -50,8 +63,13 @@ def main() -> None:
             domains=tuple(args.domains.split(",")),
             seed=seed,
         )
-        settings = replace(Settings(spec=spec), tune=not args.no_tune)
-        report, paths = run_with_broker(settings, out / f"seed{seed}")
+        tuned = None
+        if args.tuned_from:
+            earlier = json.loads((args.tuned_from / f"seed{seed}" / "report.json").read_text())
+            tuned = earlier["settings"]["tuned"]
+            print(f"seed {seed}: settings tuned in {args.tuned_from}: {tuned}", flush=True)
+        settings = replace(Settings(spec=spec), tune=not (args.no_tune or tuned))
+        report, paths = run_with_broker(settings, out / f"seed{seed}", tuned=tuned)
         print(f"\nseed {seed}:\n{table(report['methods'])}")
         print(f"report: {paths[0]}\nplot:   {paths[1]}")
         figures.append(headline(report, ADAPTIVE))

@@ -7,7 +7,8 @@ CloudError
 ├── ConfigError      a config, key or data file or a value the cloud cannot use (names it)
 │   └── SelectionError   no module set fits a device's budget, or a bad label histogram
 ├── JobError         a training job (integration) whose processes failed
-└── StateError       the state database is locked, full, corrupt or unreachable
+├── StateError       the state database is locked, full, corrupt or unreachable
+└── ServiceError     a service process that exited or did not get healthy (its log's end)
 """
 
 from __future__ import annotations
@@ -48,3 +49,7 @@ class StateError(CloudError):
 
 class JobError(CloudError):
     """A training job failed (a worker process raised or died); the message says which."""
+
+
+class ServiceError(CloudError):
+    """A service process started as a child exited or did not answer ``/healthz``."""

@@ -13,6 +13,7 @@ from cloud_trainer.errors import (
     FleetError,
     JobError,
     RolloutAborted,
+    ServiceError,
     StateError,
 )
 from device_profiles import ProfileError
@@ -31,6 +32,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (RolloutAborted, ExitCode.ABORTED),
     (FleetError, ExitCode.TIMEOUT),
     (StateError, ExitCode.STATE),
+    (ServiceError, ExitCode.SERVICE),
     (ExportError, ExitCode.BUILD),
     (JobError, ExitCode.BUILD),
     (BundleError, ExitCode.BUILD),

@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     STATE = 7
     BROKER = 8
     BUILD = 9
+    SERVICE = 10
     INTERRUPTED = 130
 
 
@@ -31,6 +32,7 @@ HELP: dict[ExitCode, str] = {
     ExitCode.STATE: "The service's state database is locked, full, corrupt or unreachable.",
     ExitCode.BROKER: "The broker could not start (Mosquitto missing, port taken, config refused).",
     ExitCode.BUILD: "An export, a training job or a board bundle failed; the message says why.",
+    ExitCode.SERVICE: "The cloud service this command started exited or never got healthy.",
     ExitCode.INTERRUPTED: "Stopped by Ctrl-C.",
 }
 

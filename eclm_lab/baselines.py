@@ -60,6 +60,9 @@ class Method(ABC):
     def learn(self, device: str, x: np.ndarray, y: np.ndarray) -> None:  # noqa: B027
         """Learn from the labelled samples of the batch just predicted."""
 
+    def enter(self, device: str, domain: str) -> None:  # noqa: B027
+        """``device``'s input now comes from ``domain`` (a method that knows contexts)."""
+
     def exchange(self) -> None:  # noqa: B027
         """An upload opportunity (every device's, at once)."""
 

@@ -1,11 +1,15 @@
 """The adaptation scenario: real edge agents adapting on shifting streams with the cloud
-aggregating per domain, side by side with the baselines on the same streams, in one run.
+(``eclm cloud serve``, in its own process) aggregating per domain, side by side with the
+baselines on the same streams, in one run.
 
 Every device is a real :class:`EdgeAgent` with its own MQTT connection, profile and
-memory trace, serving its modular sub-model through LiteRT (or ExecuTorch) programs. The
-driver steps all devices in lockstep: read resources (the policy swaps modules), predict a
-batch, then learn from the labels that arrived. The baselines see the same batches and
-labels; what they send crosses the same broker and is counted the same way.
+memory trace, serving its modular sub-model through LiteRT (or ExecuTorch) programs; the
+cloud gives each its sub-model, sends warm starts, integrates and re-selects as it does
+for any fleet (:mod:`eclm_lab.adaptive_fleet`). The driver
+(:mod:`eclm_lab.lockstep`) steps all devices in lockstep: read resources (the policy
+swaps modules), predict a batch, then learn from the labels that arrived. The baselines
+see the same batches and labels; what they send crosses the same broker and is counted
+the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +28,15 @@ import eclm_wire as wire
 from cloud_trainer.federation.strategies import ClassWeightedMean
 from cloud_trainer.model.checkpoint import head_weights
 from eclm_lab.baselines import FedAvg, Method, OnDeviceOnly, StaticCloud, StaticSubModel
+from eclm_lab.errors import SettingsError
+from eclm_lab.lockstep import ADAPTIVE, Record, drive
 from eclm_lab.scenario import DeviceStream, ScenarioSpec, build
+from eclm_wire.errors import BrokerUnreachable
 from eclm_wire.mqtt import BrokerAddress, connect, make_client
 from edge_runtime.learning import Learner, LearnerConfig
-from edge_runtime.monitor import Reading, ResourceSource
 
 log = logging.getLogger(__name__)
 
-ADAPTIVE = "adaptive (ECLM)"
 OFFER_RATIO = 4.0  # the coordinator's default: an aggregate worth sending to a contributor
 PROFILES = ("rpi4", "rpi-zero-2w", "rpi5", "android-phone")
 # What each method's settings are tuned over, on a separate seed (the adaptive system's
@@ -59,25 +64,16 @@ class Settings:
     backend: str = "litert"
     tune: bool = True  # tune the baselines' settings on seed + 1000 first
     after_shift: int = 5  # steps after a shift that "accuracy after shifts" averages
-    integrate_every: int = 60  # steps between the cloud's integration rounds (0: never)
-    reselect_gain: float = 0.5  # relative importance gain that makes the cloud re-select
+    # steps between the cloud's integrations (0: never): the service's
+    # integration.min_updates is set to the clean uploads that many steps make
+    integrate_every: int = 60
+    reselect_gain: float = 0.5  # the service's fleet.reselect_gain
 
     def __post_init__(self) -> None:
         if not self.profiles:
-            raise ValueError("profiles: need at least one")
+            raise SettingsError("profiles: need at least one")
         if self.upload_every < 1:
-            raise ValueError(f"upload_every: must be >= 1, got {self.upload_every}")
-
-
-class StepSource(ResourceSource):
-    """A device's memory trace, at the step the driver is on."""
-
-    def __init__(self, stream: DeviceStream) -> None:
-        self.stream = stream
-        self.t = 0
-
-    def read(self) -> Reading:
-        return Reading(available_mb=float(self.stream.memory_mb[self.t]))
+            raise SettingsError(f"upload_every: must be >= 1, got {self.upload_every}")
 
 
 class BrokerLink:
@@ -102,7 +98,7 @@ class BrokerLink:
             client.loop_start()
             client.subscribe(f"{self.root}/{listens}/#", qos=1)
             if not subscribed.wait(10):
-                raise RuntimeError(f"the broker did not confirm the {tag} subscription")
+                raise BrokerUnreachable(f"the broker did not confirm the {tag} subscription")
             self.clients[side] = client
 
     def _on_message(self, client, userdata, msg) -> None:
@@ -125,19 +121,6 @@ class BrokerLink:
         for client in self.clients.values():
             client.disconnect()
             client.loop_stop()
-
-
-@dataclass
-class Record:
-    """Per method: accuracy per device per step, and what it cost."""
-
-    accuracy: np.ndarray  # (devices, steps)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    bytes_by_kind: dict[str, int] = field(default_factory=dict)
-    swaps: int = 0
-    violations: int = 0
-    adapting: np.ndarray | None = None  # (devices, steps): the adapter served, not the head
 
 
 def summarize(records: dict[str, Record], streams: list[DeviceStream], after: int) -> dict:
@@ -274,7 +257,7 @@ def tune(settings: Settings, net, selections: dict[str, tuple], x, y) -> dict[st
         for params in grid:
             method = _baseline(name, net, selections, params, seed=spec.seed, learning=learning)
             label = f"tune {name} {params}"
-            record = _drive({name: method}, streams, settings.upload_every, progress=label)[name]
+            record = drive({name: method}, streams, settings.upload_every, progress=label)[name]
             scores.append(float(record.accuracy.mean()))
             log.info("tuning %s %s: %.4f", name, params, scores[-1])
         best[name] = grid[int(np.argmax(scores))]
@@ -292,85 +275,26 @@ def _baseline(
     return FedAvg(net, selections, seed=seed, **kwargs, **params)
 
 
-def _drive(
-    methods: dict[str, Method],
-    streams: dict,
-    upload_every: int,
-    agents=None,
-    after_step=None,
-    before_predict=None,
-    progress: str | None = None,
-    torch_lock=None,
-):
-    """Step every device's stream in lockstep through ``methods`` (and ``agents``, the
-    adaptive devices, when given): predict, then learn from the labelled samples.
-    Agents enter each step's domain first, then ``before_predict`` runs (the wire settles:
-    a warm start the cloud sends comes back in a round trip, while a real stream's samples
-    arrive over time). ``torch_lock`` is held during each step's torch work."""
-    from contextlib import nullcontext
-
-    from tqdm import tqdm
-
-    torch_lock = torch_lock or nullcontext()
-    steps = len(next(iter(streams.values())).domains)
-    names = [*([ADAPTIVE] if agents else []), *methods]
-    accuracy = {n: np.zeros((len(streams), steps)) for n in names}
-    adapting = np.zeros((len(streams), steps))
-    iterators = {d: iter(s) for d, s in streams.items()}
-    for t in tqdm(range(steps), desc=progress, unit="step", leave=False, disable=not progress):
-        batch = {device: next(iterators[device]) for device in streams}
-        if agents:  # each device learns its context first, as the rehearsal does
-            for device, agent in agents.items():
-                agent.enter(batch[device].domain)
-            if before_predict:
-                before_predict()
-        for i, device in enumerate(streams):
-            step = batch[device]
-            lab = step.labelled
-            if agents:
-                agent = agents[device]
-                agent.resources.t = t
-                agent.tick()
-                predicted = agent.infer(step.x, step.domain).argmax(1)
-                accuracy[ADAPTIVE][i, t] = (predicted == step.y).mean()
-                adapting[i, t] = agent.learner is not None and agent.learner.adapting
-                agent.learn(step.x[lab], step.y[lab])
-            with torch_lock:
-                for name, method in methods.items():
-                    if isinstance(method, Rehearsal):
-                        method.enter(device, step.domain)
-                    accuracy[name][i, t] = (method.predict(device, step.x) == step.y).mean()
-                    method.learn(device, step.x[lab], step.y[lab])
-        if (t + 1) % upload_every == 0:
-            with torch_lock:
-                for method in methods.values():
-                    method.exchange()
-        if after_step:
-            after_step(t)
-    return {n: Record(a, adapting=adapting if n == ADAPTIVE else None) for n, a in accuracy.items()}
-
-
 def run(
     settings: Settings,
     model_dir: Path,
     work: Path,
     url: str,
     *,
-    signing_key=None,
+    signing_key: Path,
     trust_key: Path | None = None,
+    cloud_url: str | None = None,
     store: Path | None = None,
-    timeout: float = 300.0,
+    timeout: float = 900.0,  # for the cloud to plan every profile (slow on a busy machine)
+    tuned: dict[str, dict] | None = None,
 ) -> dict:
-    """Deploy the fleet, run every method on the same streams, return the report.
-    Programs go to ``store`` (default ``work/artifacts``), devices' stores under ``work``."""
-    from cloud_trainer.federation.aggregation import DomainAggregator
-    from cloud_trainer.federation.integration import Integrator
-    from cloud_trainer.fleet.coordinator import FleetCoordinator
-    from cloud_trainer.fleet.deploy import plan_fleet, wait_for_fleet
+    """Start the cloud service against the broker at ``cloud_url`` (default ``url``) with
+    ``signing_key`` (its key file) and the fleet, run every method on the same streams,
+    return the report. Programs go to ``store`` (default ``work/artifacts``); the cloud's
+    config, log and database to ``work/cloud``, devices' stores under ``work``. ``tuned``
+    (each method's settings, as a report's ``settings.tuned``) skips the tuning."""
     from cloud_trainer.model.checkpoint import load_model
-    from device_profiles import load_profile
-    from edge_runtime.agent import AgentConfig, EdgeAgent
-    from edge_runtime.artifacts import ArtifactStore
+    from eclm_lab.adaptive_fleet import AdaptiveFleet
 
     spec = settings.spec
     net = load_model(model_dir)
@@ -380,167 +304,119 @@ def run(
         f"dev-{i:02d}": settings.profiles[i % len(settings.profiles)] for i in range(spec.devices)
     }
     streams = dict(zip(devices, build(spec, x, y), strict=True))
-    address = BrokerAddress.parse(url)
-    aggregator = DomainAggregator(head_weights(net), strategy=ClassWeightedMean())
-    store = store or work / "artifacts"
     started = time.perf_counter()
-    targets = plan_fleet(model_dir, store, list(devices.items()), modular=True)
-    selections = {d: t.options[0].selection for d, t in targets.items()}
-    tuned = tune(settings, net, selections, x, y) if settings.tune else {n: {} for n in GRIDS}
+    selections = planned_selections(model_dir, devices)
+    if tuned is None:
+        tuned = tune(settings, net, selections, x, y) if settings.tune else {n: {} for n in GRIDS}
+    elif settings.tune:
+        raise SettingsError("tuned: given settings with tune=True; tune one way")
     if settings.tune:
         print(f"settings tuned on seed {spec.seed + 1000}: {tuned}", flush=True)
     learning = replace(settings.learning, upload_every=settings.upload_every, **tuned[ADAPTIVE])
-    links = {"remote": BrokerLink(address, "remote"), "fedavg": BrokerLink(address, "fedavg")}
-    agents: dict[str, EdgeAgent] = {}
-    fc = FleetCoordinator(
-        address, ArtifactStore(store), signing_key=signing_key, aggregator=aggregator
-    ).start()
+    fleet = AdaptiveFleet(
+        settings,
+        devices,
+        streams,
+        learning,
+        model_dir=model_dir,
+        store=store or work / "artifacts",
+        work=work,
+        url=url,
+        cloud_url=cloud_url or url,
+        signing_key=signing_key,
+        trust_key=trust_key,
+    )
+    links: dict[str, BrokerLink] = {}
     try:
-        for device, profile in devices.items():
-            config = AgentConfig(
-                device_id=device,
-                profile=load_profile(profile),
-                broker=address,
-                store_dir=work / "devices" / device,
-                backend=settings.backend,
-                policy_interval=1e9,  # the driver reads resources once per step
-                trust_key=trust_key,
-                learning=learning,
-            )
-            agents[device] = EdgeAgent(config, resources=StepSource(streams[device])).start()
-        serials = {
-            d: fc.assign(d, list(t.artifacts), options=t.options, target=t.profile).serial
-            for d, t in targets.items()
-        }
-        if not wait_for_fleet(fc, serials, timeout):
-            raise RuntimeError("the fleet did not reach its desired state; see the logs")
-        print(f"{len(agents)} devices serving; streaming {spec.steps} steps", flush=True)
-        methods = {
-            "static cloud (remote)": StaticCloud(net, links["remote"]),
-            "static sub-model": StaticSubModel(net, selections),
-            "on-device only": _baseline(
-                "on-device only", net, selections, tuned["on-device only"], seed=spec.seed
-            ),
-            "FedAvg": _baseline(
-                "FedAvg", net, selections, tuned["FedAvg"], seed=spec.seed, link=links["fedavg"]
-            ),
-        }
-        torch_lock = threading.Lock()  # the integrator's exports vs the baselines' training
-        integrator = Integrator(
-            fc,
-            aggregator,
-            net,
-            model_dir,
-            store,
-            targets,
-            {d: load_profile(p) for d, p in devices.items()},
-            min_gain=settings.reselect_gain,
-            torch_lock=torch_lock,
-        )
-
-        def after_step(t: int) -> None:
-            _settle(fc, agents)
-            every = settings.integrate_every
-            if every and (t + 1) % every == 0 and t + 1 < spec.steps:  # not once it is over
-                integrator.integrate()
-
-        before = {d: _traffic(a) for d, a in agents.items()}
-        records = _drive(
-            methods,
-            streams,
-            settings.upload_every,
-            agents,
-            after_step=after_step,
-            before_predict=lambda: _settle(fc, agents),
-            progress="stream",
-            torch_lock=torch_lock,
-        )
-        integrator.join()
-        _settle(fc, agents)
-        adaptive = records[ADAPTIVE]
-        for d, agent in agents.items():
-            now = _traffic(agent)
-            for (direction, kind), n in (now - before[d]).items():
-                way = "up" if direction == "sent" else "down"
-                if way == "up":
-                    adaptive.bytes_up += n
-                else:
-                    adaptive.bytes_down += n
-                key = f"{way}:{kind}"
-                adaptive.bytes_by_kind[key] = adaptive.bytes_by_kind.get(key, 0) + n
-            adaptive.swaps += agent.stats.swaps
-            adaptive.violations += agent.stats.budget_violations
-        for name, link in (("static cloud (remote)", links["remote"]), ("FedAvg", links["fedavg"])):
-            r = records[name]
-            r.bytes_up = sum(n for (d, _), n in link.bytes.items() if d == "up")
-            r.bytes_down = sum(n for (d, _), n in link.bytes.items() if d == "down")
-            r.bytes_by_kind = {f"{d}:{k}": n for (d, k), n in link.bytes.items()}
-        report = {
-            "settings": {
-                **asdict(settings),
-                "devices": devices,
-                "tuned": tuned,
-            },
+        print(f"cloud: {' '.join(fleet.cloud.command)} (log {fleet.cloud.log})", flush=True)
+        selections = _served(fleet.start(timeout).selections(), selections)
+        print(f"{len(devices)} devices serving; streaming {spec.steps} steps", flush=True)
+        address = BrokerAddress.parse(url)
+        links = {tag: BrokerLink(address, tag) for tag in ("remote", "fedavg")}
+        methods = _methods(net, selections, tuned, spec.seed, links)
+        records = drive(methods, streams, settings.upload_every, fleet, progress="stream")
+        fleet.settle()
+        totals = fleet.account(records[ADAPTIVE])
+        cloud = fleet.close()
+        for name, tag in (("static cloud (remote)", "remote"), ("FedAvg", "fedavg")):
+            _count_link(records[name], links[tag])
+        aggregates = cloud.pop("aggregates")
+        first = selections[next(iter(devices))]
+        return {
+            "settings": {**asdict(settings), "devices": devices, "tuned": tuned},
             "methods": summarize(records, list(streams.values()), settings.after_shift),
-            "newcomer": newcomer(
-                net,
-                selections[next(iter(devices))],
-                {d: aggregator.aggregate(d) for d in aggregator.domains() if d != "clean"},
-                x,
-                y,
-                learning,
-                spec.seed,
-            ),
-            "uploads": sum(a.stats.uploads for a in agents.values()),
-            "warm_starts": sum(a.stats.warm_starts for a in agents.values()),
-            "rejected_updates": dict(aggregator.rejected),
-            "integrations": [
-                {"rollout": r.rollout_id, "state": r.state, "succeeded": len(r.succeeded)}
-                for r in integrator.rollouts
-            ],
-            "reselections": integrator.reselections,
+            "newcomer": newcomer(net, first, aggregates, x, y, learning, spec.seed),
+            **totals,
+            **cloud,
             "seconds": time.perf_counter() - started,
-            "curves": {n: r.accuracy.mean(axis=0).round(4).tolist() for n, r in records.items()},
-            "adapting_share": adaptive.adapting.mean(axis=0).round(4).tolist(),
-            "shifted_share": [
-                float(np.mean([s.domains[t] != "clean" for s in streams.values()]))
-                for t in range(spec.steps)
-            ],
+            **_curves(records, list(streams.values())),
         }
-        return report
     finally:
-        for agent in agents.values():
-            agent.stop()
-        fc.stop()
+        fleet.stop()
         for link in links.values():
             link.close()
 
 
-def _traffic(agent) -> Counter:
-    return Counter(agent.client.traffic.bytes)
+def _curves(records: dict[str, Record], streams: list[DeviceStream]) -> dict:
+    """Mean accuracy per step per method, and the share of devices in a shifted domain."""
+    steps = len(streams[0].domains)
+    return {
+        "curves": {n: r.accuracy.mean(axis=0).round(4).tolist() for n, r in records.items()},
+        "adapting_share": next(
+            (
+                r.adapting.mean(axis=0).round(4).tolist()
+                for r in records.values()
+                if r.adapting is not None
+            ),
+            [],
+        ),
+        "shifted_share": [
+            float(np.mean([s.domains[t] != "clean" for s in streams])) for t in range(steps)
+        ],
+    }
 
 
-def _settle(fc, agents, timeout: float = 10.0) -> None:
-    """Wait until the cloud has every upload and report the devices sent, and every
-    device has the warm starts the cloud sent: each step starts from a quiet wire."""
-    deadline = time.monotonic() + timeout
+def planned_selections(model_dir: Path, devices: dict[str, str]) -> dict[str, tuple]:
+    """The modules each device's profile gets at its full budget (what the cloud will
+    give it; the baselines are tuned on them before the cloud runs)."""
+    from cloud_trainer.export.plan import select_for
+    from device_profiles import load_profile
 
-    def quiet() -> bool:
-        aggregator = fc.aggregator
-        uploads = sum(a.stats.uploads for a in agents.values())
-        handled = aggregator.accepted + sum(aggregator.rejected.values())
-        domains = all(
-            fc.reported.get(d) is not None and fc.reported[d].domain == a.report.domain
-            for d, a in agents.items()
-        )
-        offers = sum(a.stats.offers_received for a in agents.values())
-        return handled >= uploads and domains and offers >= fc.offers
+    chosen = {
+        p: tuple(map(tuple, select_for(model_dir, load_profile(p), None).modules))
+        for p in sorted(set(devices.values()))
+    }
+    return {d: chosen[p] for d, p in devices.items()}
 
-    while not quiet():
-        if time.monotonic() > deadline:
-            log.warning("the wire did not settle within %.0f s; going on", timeout)
-            return
-        time.sleep(0.002)
+
+def _served(served: dict[str, tuple], planned: dict[str, tuple]) -> dict[str, tuple]:
+    """The selections the cloud gave the devices, which the baselines run too."""
+    served = {d: tuple(map(tuple, s)) for d, s in served.items()}
+    for device, selection in served.items():
+        if selection != planned[device]:
+            log.warning(
+                "%s: the cloud selected %s, the tuning ran %s", device, selection, planned[device]
+            )
+    return served
+
+
+def _methods(net, selections, tuned: dict, seed: int, links: dict) -> dict[str, Method]:
+    return {
+        "static cloud (remote)": StaticCloud(net, links["remote"]),
+        "static sub-model": StaticSubModel(net, selections),
+        "on-device only": _baseline(
+            "on-device only", net, selections, tuned["on-device only"], seed=seed
+        ),
+        "FedAvg": _baseline(
+            "FedAvg", net, selections, tuned["FedAvg"], seed=seed, link=links["fedavg"]
+        ),
+    }
+
+
+def _count_link(record: Record, link: BrokerLink) -> None:
+    record.bytes_up = sum(n for (d, _), n in link.bytes.items() if d == "up")
+    record.bytes_down = sum(n for (d, _), n in link.bytes.items() if d == "down")
+    record.bytes_by_kind = {f"{d}:{k}": n for (d, k), n in link.bytes.items()}
 
 
 def run_with_broker(
@@ -550,11 +426,12 @@ def run_with_broker(
     url: str | None = None,
     broker_kind: str = "auto",
     epochs: int = 25,
+    tuned: dict[str, dict] | None = None,
 ) -> tuple[dict, tuple[Path, Path]]:
     """Train (or reuse) the model in ``work/model``, start a broker unless ``url`` names
-    one, sign with a key made in ``work/keys``, run, and write the report and plot."""
+    one, give the cloud a key made in ``work/keys``, run, and write the report and plot."""
     from broker.launcher import Broker
-    from cloud_trainer.fleet.keys import PRIVATE_NAME, init_keys, load_signing_key
+    from cloud_trainer.fleet.keys import PRIVATE_NAME, init_keys
     from cloud_trainer.model.checkpoint import train_model
     from eclm_lab.report import write
 
@@ -574,8 +451,10 @@ def run_with_broker(
             model_dir,
             work,
             url,
-            signing_key=load_signing_key(keys / PRIVATE_NAME),
+            signing_key=keys / PRIVATE_NAME,
             trust_key=keys / "signing.pub",
+            cloud_url=broker.cloud_url if broker else url,
+            tuned=tuned,
         )
     finally:
         if broker:

@@ -2,6 +2,8 @@
 heads per domain, upload, and a device entering a domain others adapted to gets the
 cloud's signed aggregate; and a small run of the whole scenario with the baselines."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from safetensors.numpy import save
@@ -112,7 +114,7 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
     from eclm_lab.report import headline, table, write
     from eclm_lab.scenario import ScenarioSpec
 
-    key, public = keys
+    _, public = keys
     spec = ScenarioSpec(devices=2, steps=16, clean_len=4, shift_len=4, seed=3)
     settings = Settings(
         spec=spec, profiles=("rpi4", "rpi-zero-2w"), upload_every=4, tune=False, integrate_every=8
@@ -122,7 +124,7 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
         modular["model_dir"],
         tmp_path,
         mosquitto.url,
-        signing_key=key,
+        signing_key=public.with_name("signing.key"),
         trust_key=public,
         store=modular["store"],
     )
@@ -138,8 +140,14 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
     for figures in methods.values():
         assert 0.0 <= figures["accuracy"] <= 1.0
     assert methods[ADAPTIVE]["budget_violations"] == 0
-    # the cloud folded the devices' clean adapters into a new head and rolled it out
-    assert [r["state"] for r in report["integrations"]] == ["succeeded"]  # at step 8 of 16
+    # the figures are of `eclm cloud serve`, whose database and config the report names
+    cloud = report["cloud"]
+    assert cloud["command"][-3:-1] == ["serve", "--config"] and cloud["exit_code"] == 0
+    assert Path(cloud["database"].removeprefix("sqlite:///")).is_file()
+    assert "class-mean" in Path(cloud["config"]).read_text()
+    assert report["unsettled_steps"] == 0
+    # the service folded the devices' clean adapters into a new head and rolled it out
+    assert report["integrations"][0]["state"] == "succeeded"
     assert methods[ADAPTIVE]["bytes_by_kind"]["down:chunks"] > 0
     assert report["uploads"] > 0 and methods[ADAPTIVE]["bytes_by_kind"]["up:updates"] > 0
     # full weights both ways cost more than adapter uploads; raw samples went up too
@@ -154,3 +162,89 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
     assert figures["fedavg_bytes_ratio"] > 1
     json_path, png_path = write(report, tmp_path / "out")
     assert json_path.stat().st_size > 0 and png_path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_the_service_warm_starts_from_every_devices_latest_update_and_reselects_for_a_mix(
+    modular, mosquitto, address, tmp_path, collector_factory
+):
+    """``eclm cloud serve`` as the adaptation benchmark runs it: each update closes a round
+    that carries the other devices' latest ones, so a device entering a domain starts from
+    all of them; a device whose label mix narrows to one class gets the modules chosen
+    for that mix (judged against the selection the planner makes, run here as reference)."""
+    from cloudproc import Cloud
+    from cloudproc import wait as wait_for
+
+    from cloud_trainer.export.plan import select_for
+    from cloud_trainer.model.checkpoint import load_importance
+    from cloud_trainer.model.selection import expected_importance
+    from cloud_trainer.service.reselection import score
+
+    profile = load_profile("rpi-zero-2w")
+    importance = load_importance(modular["model_dir"])
+    full = select_for(modular["model_dir"], profile, None).modules
+    gains = {}
+    for k in range(importance.shape[2]):
+        mix = np.eye(importance.shape[2])[k]
+        chosen = select_for(modular["model_dir"], profile, mix).modules
+        expected = expected_importance(importance, mix)
+        gains[k] = (score(expected, chosen) / score(expected, full), tuple(map(tuple, chosen)))
+    k = max(gains, key=lambda c: gains[c][0])
+    assert gains[k][0] >= 1.5, f"no class makes another selection pay: {gains}"
+
+    cloud = Cloud(
+        tmp_path / "cloud",
+        modular,
+        mosquitto.url,
+        aggregation='strategy = "class-mean"\nquorum = 1\ncarry = true',
+        fleet="reselect_gain = 0.5",
+        integration="enabled = false",
+    )
+    cloud.start()
+    agents = {}
+    try:
+        for name in ("zero-a", "zero-b", "zero-c"):
+            config = AgentConfig(
+                name, profile, address, tmp_path / name, backend="litert", trust_key=cloud.public
+            )
+            agents[name] = EdgeAgent(config).start()
+        wait_for(lambda: all(a.report.phase == "active" for a in agents.values()), 180, "serving")
+        a, b, c = agents.values()
+        test = np.load(modular["model_dir"] / "test.npz")
+        x, y = apply("rotate", test["x"]), test["y"]
+        state = cloud.state()
+        for device in (a, c):  # one after the other: c starts from a's adapter
+            device.infer(x[:1], "rotate")
+            for i in range(0, 240, 8):
+                device.learn(x[i : i + 8], y[i : i + 8])
+            device.infer(x[:1], "clean")  # leaving rotate uploads what it learned there
+            wait_for(lambda d=device: state.samples_of("rotate", d.config.device_id) == 240)
+            wait_for(lambda: not state.rounds("open") and not state.rounds("closed"))
+        assert state.latest_aggregate("rotate")[1] == 480  # a's update carried into c's round
+
+        b.infer(x[:1], "rotate")  # b enters rotate: the cloud sends the carried aggregate
+        wait_for(lambda: b.warm_starts == 1, 30, "b's warm start")
+        assert c.warm_starts == 1 and b.learner.warm["rotate"] == 480
+        assert "eclm_offers_sent_total 2.0" in cloud.get("/metrics")
+
+        desired = collector_factory(wire.device_topic("zero-b", "desired"), client_id="watch-b")
+        one = np.flatnonzero(test["y"] == k)
+        b.infer(x[:1], "clean")
+        for i in range(0, 64, 8):  # a label mix of class k alone
+            rows = one[np.arange(i, i + 8) % len(one)]
+            b.learn(test["x"][rows], test["y"][rows])
+        wait_for(lambda: "eclm_reselections_total 1.0" in cloud.get("/metrics"), 120, "reselect")
+        wait_for(lambda: len(desired.messages) >= 2, 30, "b's new desired state")
+        new = wire.decode(wire.DesiredState, desired.messages[-1][1])
+        assert new.options[0].selection == gains[k][1]
+        kept = {r.sha256 for r in new.artifacts if r.part in ("head", "adapter")}
+        before = wire.decode(wire.DesiredState, desired.messages[0][1])
+        assert (
+            new.serial > before.serial and new.options[0].selection != before.options[0].selection
+        )
+        assert kept and kept <= {r.sha256 for r in before.artifacts}  # b keeps head, adapter
+        assert "re-selected zero-b for its label mix" in cloud.log.read_text()
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        cloud.stop()

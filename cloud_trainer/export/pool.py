@@ -32,6 +32,15 @@ class Exporter:
         ``head`` (safetensors weights) in place of the trained one when given."""
         return self._run(_plan, self.model_dir, self.store_dir, profile_name, head)
 
+    def select(self, profile_name: str, mix: tuple[float, ...]) -> tuple[tuple[int, ...], ...]:
+        """The modules ``profile_name``'s full budget buys for label mix ``mix`` (no export:
+        what a re-selection is judged by before it is planned)."""
+        return self._run(_select, self.model_dir, profile_name, mix)
+
+    def plan_for_mix(self, profile_name: str, mix: tuple[float, ...]) -> Target:
+        """Like :meth:`plan` with the trained head, the modules chosen for label mix ``mix``."""
+        return self._run(_plan, self.model_dir, self.store_dir, profile_name, None, mix)
+
     def with_head(self, head: bytes, targets: dict[str, Target]) -> dict[str, Target]:
         """``targets`` with ``head`` exported in each format they run (see
         :func:`cloud_trainer.integration.with_head`)."""
@@ -74,12 +83,21 @@ def _warm() -> None:
     import cloud_trainer.export.plan  # noqa: F401 (torch and the model code)
 
 
-def _plan(model_dir: Path, store_dir: Path, profile_name: str, head: bytes | None) -> Target:
+def _select(model_dir: Path, profile_name: str, mix) -> tuple[tuple[int, ...], ...]:
+    from cloud_trainer.export.plan import select_for
+    from device_profiles import load_profile
+
+    return tuple(map(tuple, select_for(model_dir, load_profile(profile_name), mix).modules))
+
+
+def _plan(
+    model_dir: Path, store_dir: Path, profile_name: str, head: bytes | None, mix=None
+) -> Target:
     from cloud_trainer.export.plan import plan_device_modular
     from device_profiles import load_profile
 
     profile = load_profile(profile_name)
-    options, refs = plan_device_modular(model_dir, store_dir, profile)
+    options, refs = plan_device_modular(model_dir, store_dir, profile, mix)
     target = Target(tuple(refs), tuple(options), profile.name)
     if head is None:
         return target

@@ -87,6 +87,9 @@ class FleetCoordinator:
         self.events: deque[wire.Event] = deque(maxlen=EVENTS_KEPT)  # the latest; all are logged
         self.rejected: Counter[str] = Counter()
         self.offers = 0  # warm starts sent to devices entering a domain others adapted to
+        # device messages done with (stored, refused or dropped), by kind: what an observer
+        # compares with what devices sent to know the cloud has heard all of it
+        self.handled: Counter[str] = Counter()
         # called with (previous, new) report on the MQTT thread: hand work off, do not block
         self.listeners: list[Callable[[wire.ReportedState | None, wire.ReportedState], None]] = []
         self._serial = int(time.time() * 1000)  # grows across restarts without stored state
@@ -200,7 +203,16 @@ class FleetCoordinator:
                 self.store_error = str(exc)
                 self._unstored.append(msg)
             return
+        self._count_handled(msg.topic)
         client.ack(msg.mid, msg.qos)
+
+    def _count_handled(self, topic: str) -> None:
+        try:
+            kind = wire.parse_device_topic(topic)[1]
+        except ProtocolError:
+            kind = "other"
+        with self._changed:
+            self.handled[kind] += 1
 
     def _handle(self, msg: paho.MQTTMessage) -> None:
         try:
@@ -326,6 +338,7 @@ class FleetCoordinator:
                     self._unstored = waiting[i:] + self._unstored
                     self.store_error = str(exc)
                 return
+            self._count_handled(msg.topic)
             self.client.ack(msg.mid, msg.qos)
         if waiting:
             log.warning("stored %d messages held back by a store failure", len(waiting))

@@ -41,6 +41,9 @@ class ModelSection:
 class FleetSection:
     auto_assign: bool = True  # a device that reports without a desired state gets one
     ttl_days: float = 7.0  # desired states expire after this
+    # a device whose reported label mix moved so far that the modules selected for the new
+    # mix have this much more expected importance (relative) gets them (0: never re-select)
+    reselect_gain: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ class AggregationSection:
     quorum: int = 4  # devices whose updates close a round
     deadline: float = 600.0  # seconds after which a round closes with what it has
     max_staleness: int = 2  # model versions an update may lag; older ones are refused
+    # carry: a round's aggregate also counts each device's latest update of the domain from
+    # earlier rounds (within max_staleness), so it speaks for every device that adapted to
+    # the domain, not only those heard since the last round closed; with quorum = 1 every
+    # update closes a round at the next tick and warm starts follow the fleet at once
+    carry: bool = False
 
     def make_strategy(self):
         """The configured strategy with the parameters it takes; ValueError naming a bad one."""
@@ -70,6 +78,10 @@ class AggregationSection:
 @dataclass(frozen=True)
 class IntegrationSection:
     enabled: bool = True  # a clean-domain round makes a new head and rolls it out
+    # clean-domain updates stored since the last new head before a closed clean round makes
+    # the next one (0: every clean round does); with quorum = 1 a round per update would
+    # otherwise roll out a head per upload, faster than devices adapt to it
+    min_updates: int = 0
     blend: float = 0.5  # without retrain: how far the head moves toward the round's aggregate
     # retrain: train the head on the cloud's own data of every domain devices adapted to,
     # pulled toward each domain's latest aggregate, in `workers` torch.distributed processes
@@ -152,6 +164,10 @@ class ServiceConfig:
             raise ConfigError("aggregation: quorum >= 1, deadline > 0")
         if self.integration.workers < 1:
             raise ConfigError("integration.workers: must be >= 1")
+        if self.integration.min_updates < 0:
+            raise ConfigError("integration.min_updates: must be >= 0")
+        if not self.fleet.reselect_gain >= 0:  # not: nan too
+            raise ConfigError("fleet.reselect_gain: must be >= 0 (0: never re-select)")
         try:
             self.limits.limiter()
         except ValueError as exc:

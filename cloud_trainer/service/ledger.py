@@ -43,7 +43,7 @@ class UpdateLedger:
         StateError if the database fails (the caller does not acknowledge it then)."""
         try:
             self.checker.check(update)
-            weight = self._weight(update.base)
+            weight = self.weight(update.base)
             if self.state.add_update(update, weight=weight, worker=self.worker) is None:
                 raise ProtocolError(
                     "stored before: a replay or a redelivery",
@@ -61,7 +61,8 @@ class UpdateLedger:
             weight,
         )
 
-    def _weight(self, base: str) -> float:
+    def weight(self, base: str) -> float:
+        """What an update trained on ``base`` counts for now; ProtocolError if too stale."""
         trained_on = self.state.version_of_serial(int(base)) if base.isdigit() else None
         if trained_on is None:
             raise ProtocolError(

@@ -2,7 +2,8 @@
 
 Gauges are read from the service when scraped (devices online, model versions in the
 fleet, rollout progress, rounds), counters from the shared database (updates accepted and
-refused by reason, over every worker), and aggregation time from this process.
+refused by reason, re-selections, over every worker), counters of this worker (messages
+handled by kind, warm starts sent) and aggregation time from this process.
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ class FleetCollector:
         for (kind, reason), n in sorted(fc.dropped.items()):
             dropped.add_metric([kind, reason], n)
         yield dropped
+        handled = CounterMetricFamily(
+            "eclm_messages_handled",
+            "Device messages this worker is done with (stored, refused or dropped), by kind.",
+            labels=["kind"],
+        )
+        for kind, n in sorted(fc.handled.items()):
+            handled.add_metric([kind], n)
+        yield handled
+        yield CounterMetricFamily(
+            "eclm_offers_sent", "Warm starts this worker sent to devices.", value=fc.offers
+        )
+        yield CounterMetricFamily(
+            "eclm_reselections",
+            "Devices given another module selection for their label mix.",
+            value=state.counters("reselections").get("", 0),
+        )
         rounds = GaugeMetricFamily("eclm_rounds", "Aggregation rounds by state.", labels=["state"])
         for name in RoundState:
             rounds.add_metric([str(name)], len(state.rounds(name)))

@@ -205,6 +205,33 @@ class CloudState:
                 log.error("round %d: %s's stored update is damaged: %s", round_id, device, exc)
         return list(latest.values())
 
+    def latest_updates(self, domain: str, round_id: int) -> list[wire.AdapterUpdate]:
+        """Each device's latest update of ``domain`` in round ``round_id`` or before."""
+        rows = self.db.execute(
+            "SELECT device_id, message FROM updates WHERE domain = ? AND round_id <= ?"
+            " ORDER BY received",
+            (domain, round_id),
+        )
+        latest = {}
+        for device, message in rows:
+            try:
+                latest[device] = wire.decode(wire.AdapterUpdate, bytes(message))
+            except ProtocolError as exc:  # the aggregate goes on without it
+                log.error("%s's stored update for %s is damaged: %s", device, domain, exc)
+        return list(latest.values())
+
+    def updates_after(self, domain: str, round_id: int) -> int:
+        """Updates of ``domain`` stored in rounds after ``round_id``."""
+        rows = self.db.execute(
+            "SELECT COUNT(*) FROM updates WHERE domain = ? AND round_id > ?", (domain, round_id)
+        )
+        return int(rows[0][0])
+
+    def last_integrated_round(self) -> int:
+        """The round the latest integration rollout started from (0: none yet)."""
+        ids = (r.removeprefix("integrate-") for r in self.rollouts())
+        return max((int(i) for i in ids if i.isdigit()), default=0)
+
     def close_round(self, round_id: int, weights: bytes, samples: int, devices: int) -> bool:
         """Keep the round's aggregate; False if another worker closed it first."""
         with self.db.transaction() as cur:

@@ -5,9 +5,10 @@ updates it receives (a shared subscription gives each update to one worker) and 
 artifact fetches. One worker at a time holds the leader lease in the database; the
 leader gives new devices their sub-model, closes aggregation rounds (on a quorum of
 devices or a deadline) with the configured strategy, integrates clean-domain rounds into
-a new head and rolls it out. Every step is in the database before it is acted on, so a
-restarted (or another) worker resumes rollouts and rounds where they were, and no
-serial is issued twice. SIGTERM lets the wave or round in flight finish, then exits 0.
+a new head and rolls it out, and gives a device whose label mix moved another module
+selection (:mod:`cloud_trainer.service.reselection`). Every step is in the database before it is
+acted on, so a restarted (or another) worker resumes rollouts and rounds where they were,
+and no serial is issued twice. SIGTERM lets the wave or round in flight finish, then exits 0.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
+import eclm_wire as wire
 from cloud_trainer.errors import ConfigError, ExportError, StateError
 from cloud_trainer.export.plan import Target
 from cloud_trainer.export.pool import Exporter
 from cloud_trainer.fleet.rollout import Rollout, RolloutPlan
 from cloud_trainer.service.config import ServiceConfig
+from cloud_trainer.service.reselection import Reselector
 from cloud_trainer.service.state import CloudState, Round, RoundState
 from eclm_wire import RolloutStatus
+from eclm_wire.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 LEASE = "leader"
@@ -107,6 +111,7 @@ class Service:
         )
         self.metrics = Metrics(self)
         self.exporter = Exporter(self.model_dir, self.store_dir)
+        self.reselector = Reselector(self)
         self.http: ThreadingHTTPServer | None = None
         self.started = time.time()
 
@@ -181,6 +186,7 @@ class Service:
                 self._close_rounds()
                 self._integrate_rounds()
                 self._assign_new_devices()
+                self.reselector.step()
             self.db_error = ""
         except StateError as exc:
             self.db_error = str(exc)
@@ -245,7 +251,7 @@ class Service:
                 max(1, round(u.samples * weight)),  # a stale update counts for less
                 np.array(u.histogram),
             )
-            for u, weight in self.state.round_updates(r.id)
+            for u, weight in self._round_updates(r)
         ]
         weights = self.strategy.aggregate(contributions, reference=like)
         samples = sum(c.samples for c in contributions)
@@ -262,6 +268,27 @@ class Service:
                 seconds,
             )
 
+    def _round_updates(self, r: Round) -> list[tuple[wire.AdapterUpdate, float]]:
+        """What round ``r`` aggregates: its updates, or (carry) every device's latest of
+        the domain so far, each weighted by its staleness now (too stale: left out)."""
+        if not self.config.aggregation.carry:
+            return self.state.round_updates(r.id)
+        out = []
+        for update in self.state.latest_updates(r.domain, r.id):
+            try:
+                out.append((update, self.ledger.weight(update.base)))
+            except ProtocolError:
+                continue  # trained too many versions back to count any more
+        return out
+
+    def _due(self, r: Round) -> bool:
+        """Whether closed clean round ``r`` makes a new head (integration.min_updates)."""
+        i = self.config.integration
+        if not (i.enabled and self._targets()):
+            return False
+        since = self.state.last_integrated_round()
+        return self.state.updates_after("clean", since) >= i.min_updates
+
     def _integrate_rounds(self) -> None:
         for r in self.state.rounds(RoundState.CLOSED):
             if self.stop_event.is_set():
@@ -275,7 +302,7 @@ class Service:
                     self.state.finish_round(r.id)
                     continue
                 self._finish(rollout, r)
-            elif r.domain == "clean" and self.config.integration.enabled and self._targets():
+            elif r.domain == "clean" and self._due(r):
                 try:
                     self._integrate(r)
                 except StateError:

@@ -42,6 +42,10 @@ def test_values_are_read_by_section(tmp_path):
         ("[aggregation\n", "cloud.toml"),
         ('[aggregation]\nstrategy = "krum"\nmalicious = 0.5\n', "aggregation: malicious"),
         ("[aggregation]\ncap = 0.5\n", "aggregation: cap"),
+        ("[fleet]\nreselect_gain = -0.5\n", "fleet.reselect_gain: must be >= 0"),
+        ("[fleet]\nreselect_gain = nan\n", "fleet.reselect_gain: expected a number"),
+        ("[integration]\nmin_updates = -1\n", "integration.min_updates: must be >= 0"),
+        ('[aggregation]\ncarry = "yes"\n', "aggregation.carry: expected bool, got str"),
     ],
 )
 def test_a_bad_config_names_what_is_wrong(tmp_path, text, named):

@@ -126,3 +126,24 @@ def test_a_damaged_stored_update_is_left_out_of_its_round(url, caplog):
 
     assert [u.device_id for u, _ in kept] == ["b"]
     assert "a's stored update is damaged" in caplog.text
+
+
+def test_each_devices_latest_update_of_a_domain_is_there_for_a_carried_round(url):
+    state = CloudState(Database(url))
+    base = state.next_serial(version=0)
+    first, _ = state.add_update(update("a", "01" * 8, base), weight=1.0, worker="w")
+    state.add_update(update("b", "02" * 8, base, "rotate"), weight=1.0, worker="w")
+    state.close_round(first, b"", 4, 1)
+    second, _ = state.add_update(update("b", "03" * 8, base), weight=1.0, worker="w")
+    state.add_update(update("a", "04" * 8, base), weight=1.0, worker="w")
+    state.close_round(second, b"", 8, 2)
+    third, _ = state.add_update(update("c", "05" * 8, base), weight=1.0, worker="w")
+
+    latest = {u.device_id: u.nonce for u in state.latest_updates("clean", second)}
+    assert latest == {"a": "04" * 8, "b": "03" * 8}  # a's newer one; c's is in a later round
+    assert {u.device_id for u in state.latest_updates("clean", third)} == {"a", "b", "c"}
+    assert state.updates_after("clean", first) == 3 and state.updates_after("clean", third) == 0
+    assert state.last_integrated_round() == 0
+    state.save_rollout(f"integrate-{second}", "succeeded", "{}")
+    state.save_rollout("canary-7", "succeeded", "{}")  # an operator's rollout: not integration
+    assert state.last_integrated_round() == second
