@@ -223,8 +223,8 @@ def test_the_service_warm_starts_from_every_devices_latest_update_and_reselects_
         assert state.latest_aggregate("rotate")[1] == 480  # a's update carried into c's round
 
         b.infer(x[:1], "rotate")  # b enters rotate: the cloud sends the carried aggregate
-        wait_for(lambda: b.warm_starts == 1, 30, "b's warm start")
-        assert c.warm_starts == 1 and b.learner.warm["rotate"] == 480
+        wait_for(lambda: b.stats.warm_starts == 1, 30, "b's warm start")
+        assert c.stats.warm_starts == 1 and b.learner.warm["rotate"] == 480
         assert "eclm_offers_sent_total 2.0" in cloud.get("/metrics")
 
         desired = collector_factory(wire.device_topic("zero-b", "desired"), client_id="watch-b")

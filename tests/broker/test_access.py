@@ -9,6 +9,7 @@ import pytest
 
 import eclm_wire as wire
 from broker import Access, Broker
+from broker.errors import ConfigError
 from eclm_wire.mqtt import BrokerAddress, make_client
 
 
@@ -78,7 +79,7 @@ def test_the_access_directory_keeps_secrets_owner_only(secured):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE((access.dir / "credentials" / "dev-a.json").stat().st_mode) == 0o600
     assert access.password("dev-a") not in access.password_file.read_text()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ConfigError, match="--force"):
         access.init()
     with pytest.raises(ValueError):
         access.add_user("no/slashes")

@@ -4,6 +4,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from broker import Broker, BrokerConfig, render_acl, render_mosquitto_conf
+from broker.errors import BrokerError
 from eclm_wire.mqtt import BrokerAddress
 
 
@@ -78,7 +79,7 @@ def test_a_broken_config_fails_with_the_log_tail(tmp_path):
         port=broker.port, data_dir=tmp_path, password_file=tmp_path / "missing-passwords"
     )
 
-    with pytest.raises(RuntimeError, match="exited with code"):
+    with pytest.raises(BrokerError, match="exited with code"):
         broker.start()
 
 
