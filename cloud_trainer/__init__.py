@@ -5,7 +5,7 @@ Names load on first use so that ``eclm`` starts without importing torch.
 
 from __future__ import annotations
 
-import importlib
+from eclm_common.lazy import lazy_exports
 
 _EXPORTS = {
     "CloudError": "cloud_trainer.errors",
@@ -44,9 +44,4 @@ _EXPORTS = {
     "export_model": "cloud_trainer.export.plan",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cloud_trainer' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ table and the demo. ``bench/`` and ``eclm demo`` use it; a board never runs it.
 
 from __future__ import annotations
 
-import importlib
+from eclm_common.lazy import lazy_exports
 
 _EXPORTS = {
     "ScenarioSpec": "eclm_lab.scenario",
@@ -15,9 +15,4 @@ _EXPORTS = {
     "Method": "eclm_lab.baselines",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'eclm_lab' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -358,18 +358,12 @@ def run(
 
 
 def _curves(records: dict[str, Record], streams: list[DeviceStream]) -> dict:
-    """Mean accuracy per step per method, and the share of devices in a shifted domain."""
+    """Mean accuracy per step per method, the share of adaptive devices serving their
+    adapter, and the share of devices in a shifted domain."""
     steps = len(streams[0].domains)
     return {
         "curves": {n: r.accuracy.mean(axis=0).round(4).tolist() for n, r in records.items()},
-        "adapting_share": next(
-            (
-                r.adapting.mean(axis=0).round(4).tolist()
-                for r in records.values()
-                if r.adapting is not None
-            ),
-            [],
-        ),
+        "adapting_share": records[ADAPTIVE].adapting.mean(axis=0).round(4).tolist(),
         "shifted_share": [
             float(np.mean([s.domains[t] != "clean" for s in streams])) for t in range(steps)
         ],

@@ -7,7 +7,7 @@ imports; the wire contract both ends share is :mod:`eclm_wire`.
 
 from __future__ import annotations
 
-import importlib
+from eclm_common.lazy import lazy_exports
 
 _EXPORTS = {
     "AgentConfig": "edge_runtime.agent",
@@ -29,9 +29,4 @@ _EXPORTS = {
     "BrokerAddress": "eclm_wire.mqtt",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
