@@ -45,7 +45,7 @@ def clean_uploads(streams: list[DeviceStream], steps: int, upload_every: int) ->
 
 def service_sections(settings, streams: list[DeviceStream]) -> dict[str, str]:
     """The service config (TOML lines per section) the scenario runs: ``settings`` is an
-    :class:`cloud_trainer.experiment.Settings`."""
+    :class:`eclm_lab.experiment.Settings`."""
     every = settings.integrate_every
     updates = max(1, clean_uploads(streams, every, settings.upload_every)) if every else 0
     return {

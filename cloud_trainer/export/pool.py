@@ -43,7 +43,7 @@ class Exporter:
 
     def with_head(self, head: bytes, targets: dict[str, Target]) -> dict[str, Target]:
         """``targets`` with ``head`` exported in each format they run (see
-        :func:`cloud_trainer.integration.with_head`)."""
+        :func:`cloud_trainer.export.plan.with_head`)."""
         return self._run(_with_head, self.model_dir, self.store_dir, head, targets)
 
     def close(self) -> None:
