@@ -49,7 +49,7 @@ def drive(
     torch_lock=None,
 ) -> dict[str, Record]:
     """Step every device's stream in lockstep through ``methods`` (and ``fleet``'s agents,
-    an :class:`cloud_trainer.adaptive_fleet.AdaptiveFleet`, when given): predict, then
+    an :class:`eclm_lab.adaptive_fleet.AdaptiveFleet`, when given): predict, then
     learn from the labelled samples. Agents enter each step's domain first, then the wire
     settles (a warm start the cloud sends comes back in a round trip, while a real
     stream's samples arrive over time), and again after each step (the cloud has every

@@ -1,5 +1,5 @@
 """``eclm cloud serve`` in its own process for tests, started and killed as systemd would
-(:class:`cloud_trainer.process.ServiceProcess`, with a key made beside ``home``)."""
+(:class:`eclm_lab.process.ServiceProcess`, with a key made beside ``home``)."""
 
 from __future__ import annotations
 
