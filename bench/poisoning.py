@@ -2,7 +2,7 @@
 
     python bench/poisoning.py [--devices 10] [--share 0.2] [--seed 0]
 
-Real adapters (``cloud_trainer.robustness.digits_fleet``), one round through the update
+Real adapters (``eclm_lab.robustness.digits_fleet``), one round through the update
 checks, the first ``--share`` of the devices attackers of one kind per row (scaled x100,
 sign-flipped, NaN, lying sample counts of 1000x). Distance: |aggregate - honest mean| /
 |honest mean - head| (0: the honest mean; 1: as far as the head the round started from).
