@@ -32,6 +32,13 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && command -v apt-
     >>"$log" 2>&1 || echo "[setup] PostgreSQL could not be installed (log: $log); its tests will be skipped"
 fi
 
+# Chromium and its WebDriver: the dashboard's browser test (skipped with a reason without them).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [[ $(id -u) -eq 0 ]]; then
+  echo "[setup] installing chromium and chromium-driver from the system packages (dashboard test)"
+  { apt-get install -y -qq chromium chromium-driver || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }; } \
+    >>"$log" 2>&1 || echo "[setup] chromium could not be installed (log: $log); the browser test will be skipped"
+fi
+
 if [[ ! -x $venv/bin/python ]]; then
   echo "[setup] creating $venv"
   python3 -m venv "$venv" >>"$log" 2>&1 || { echo "[setup] python3 -m venv failed:" >&2; tail -n 30 "$log" >&2; exit 1; }
