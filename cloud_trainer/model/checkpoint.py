@@ -22,23 +22,32 @@ class TrainResult:
 
 
 def train_model(
-    out: Path, *, epochs: int = 25, seed: int = 0, progress: bool = False, spec=None
+    out: Path,
+    *,
+    epochs: int = 25,
+    seed: int = 0,
+    progress: bool = False,
+    spec=None,
+    preset_name: str = "digits",
 ) -> TrainResult:
-    """Train the modular model on digits and record module importance.
+    """Train the modular model (the ``preset_name`` network unless ``spec`` is given) on
+    digits and record module importance; samples are resized to the network's input.
 
     Writes ``model.pt``, ``metrics.json`` (with the spec), ``importance.npz`` (per class,
     and per domain) and ``test.npz`` (the held-out split, for devices to evaluate on).
     """
     import torch
 
-    from cloud_trainer.model.data import load_digits_split
+    from cloud_trainer.model.data import fit_to, load_digits_split
     from cloud_trainer.model.domains import DOMAINS, apply
-    from cloud_trainer.model.modular import ModularNet, ModularSpec
+    from cloud_trainer.model.modular import ModularNet, preset
     from cloud_trainer.model.train import accuracy, module_importance, train_modular
 
     start = time.perf_counter()
     split = load_digits_split(seed=seed)
-    spec = spec or ModularSpec(num_classes=split.num_classes)
+    channels = split.x_train.shape[1]
+    spec = spec or preset(preset_name, in_channels=channels, num_classes=split.num_classes)
+    split = fit_to(split, spec.image_size)
     net = train_modular(
         ModularNet(spec), split.x_train, split.y_train, epochs=epochs, seed=seed, progress=progress
     )

@@ -35,3 +35,24 @@ def load_digits_split(*, test_fraction: float = 0.3, seed: int = 0) -> Split:
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
     return Split(x_tr, y_tr, x_te, y_te)
+
+
+def resize(x: np.ndarray, size: int) -> np.ndarray:
+    """Images (N, C, H, W) resized to ``size`` x ``size`` (area-averaged when shrinking)."""
+    import torch
+
+    if x.shape[2:] == (size, size):
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    shrink = size < x.shape[2]
+    mode = "area" if shrink else "bilinear"
+    kwargs = {} if shrink else {"align_corners": False}
+    out = torch.nn.functional.interpolate(t, size=(size, size), mode=mode, **kwargs)
+    return np.ascontiguousarray(out.numpy().astype(np.float32))
+
+
+def fit_to(split: Split, size: int) -> Split:
+    """``split`` with every image at the network's input size."""
+    return Split(
+        resize(split.x_train, size), split.y_train, resize(split.x_test, size), split.y_test
+    )
