@@ -47,7 +47,7 @@ def train_model(
     split = load_digits_split(seed=seed)
     channels = split.x_train.shape[1]
     spec = spec or preset(preset_name, in_channels=channels, num_classes=split.num_classes)
-    split = fit_to(split, spec.image_size)
+    split = fit_to(split, spec.image_size, spec.in_channels)
     net = train_modular(
         ModularNet(spec), split.x_train, split.y_train, epochs=epochs, seed=seed, progress=progress
     )

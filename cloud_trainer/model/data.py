@@ -51,8 +51,14 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(out.numpy().astype(np.float32))
 
 
-def fit_to(split: Split, size: int) -> Split:
-    """``split`` with every image at the network's input size."""
-    return Split(
-        resize(split.x_train, size), split.y_train, resize(split.x_test, size), split.y_test
-    )
+def fit_to(split: Split, size: int, channels: int | None = None) -> Split:
+    """``split`` with every image at the network's input size (and grey images repeated
+    into ``channels`` colour channels when the network takes colour)."""
+
+    def fit(x: np.ndarray) -> np.ndarray:
+        x = resize(x, size)
+        if channels and x.shape[1] == 1 and channels > 1:
+            x = np.ascontiguousarray(np.repeat(x, channels, axis=1))
+        return x
+
+    return Split(fit(split.x_train), split.y_train, fit(split.x_test), split.y_test)
