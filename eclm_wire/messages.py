@@ -32,7 +32,9 @@ PHASES = tuple(p.value for p in Phase)
 
 _SIGNATURE = re.compile(r"^[0-9a-f]{128}$")
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
-_PART = re.compile(r"^(stem|head|adapter|layer\d{1,3}\.(router|shortcut|block\d{1,3}))$")
+_PART = re.compile(
+    r"^(stem|head|adapter|layer\d{1,3}\.(router|shortcut|block\d{1,3})|trunk\.[0-9_-]{1,400})$"
+)
 # What a modular layer may apply to its sum (the layout of a decomposed network).
 ACTIVATIONS = ("none", "relu", "relu6")
 
@@ -53,7 +55,10 @@ class ArtifactRef(Message):
         if not 0 < len(self.name) <= 128:
             raise ProtocolError("must be 1-128 characters", field="name")
         if self.part and not _PART.fullmatch(self.part):
-            raise ProtocolError("must be stem, head, adapter or layerL.router|blockM", field="part")
+            raise ProtocolError(
+                "must be stem, head, adapter, trunk.<modules> or layerL.router|shortcut|blockM",
+                field="part",
+            )
         _check_sha(self.sha256, "sha256")
         if not 0 < self.size <= MAX_ARTIFACT_BYTES:
             raise ProtocolError(f"must be 1..{MAX_ARTIFACT_BYTES}", field="size")

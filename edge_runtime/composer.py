@@ -66,6 +66,14 @@ def part_names(selection, layout: Layout = DEFAULT_LAYOUT) -> list[str]:
     return names + ["head"]
 
 
+TRUNK = "trunk"  # a fused program of a whole module set's trunk, standing in for its parts
+
+
+def trunk_part(selection) -> str:
+    """The part name of ``selection``'s fused trunk program: ``trunk.0_2-1_3``."""
+    return f"{TRUNK}." + "-".join("_".join(str(m) for m in layer) for layer in selection)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -91,7 +99,8 @@ def pooled_features(h: np.ndarray, pool: int = 2) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ComposedModel:
-    """Programs for ``stem``, ``head`` and the routers and blocks of ``selection``."""
+    """Programs for ``stem``, ``head`` and the routers and blocks of ``selection``, or for
+    ``trunk`` (the whole selection fused into one program) and ``head``."""
 
     programs: Mapping[str, Program]
     selection: tuple[tuple[int, ...], ...]
@@ -106,10 +115,14 @@ class ComposedModel:
             raise BackendError("every layer needs at least one module")
 
     def part_names(self) -> list[str]:
+        if TRUNK in self.programs:
+            return [TRUNK, "head"]
         return part_names(self.selection, self.layout)
 
     def trunk(self, x: np.ndarray) -> np.ndarray:
         """The last modular layer's output."""
+        if TRUNK in self.programs:  # one call instead of one per part
+            return self.programs[TRUNK].run(x)[0]
         h = self.programs["stem"].run(x)[0]
         for layer, present in enumerate(self.selection):
             logits = self.programs[part_name(layer)].run(h)[0]

@@ -21,7 +21,7 @@ import numpy as np
 from edge_runtime.adapter import Adapter
 from edge_runtime.artifacts import sha256_bytes
 from edge_runtime.backends import Backend, Program
-from edge_runtime.composer import DEFAULT_LAYOUT, ComposedModel, Layout
+from edge_runtime.composer import DEFAULT_LAYOUT, TRUNK, ComposedModel, Layout
 from edge_runtime.errors import ArtifactError, BackendError, NotServing
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,34 @@ class SubModelServer:
         """``swap`` on the background loader thread."""
         return self._worker.submit(self.swap, parts, selection)
 
+    def fuse(self, trunk_sha: str) -> Slot | None:
+        """Replace the active module set's parts by its fused trunk program (``trunk_sha``),
+        if it computes what they do on the smoke input; None if the active set changed
+        meanwhile. The parts serve until the fused program is in."""
+        with self._lock:
+            active = self._active
+            if active is None or active.model is None or TRUNK in active.parts:
+                return None
+            slot = Slot(active.selection, {TRUNK: trunk_sha, "head": active.parts["head"]})
+            try:
+                self._stage(slot)
+                self._verify(slot)
+                x = self._smoke(slot)
+                want, got = active.model.trunk(x), slot.model.trunk(x)  # type: ignore[union-attr]
+                if want.shape != got.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3):
+                    raise BackendError("the fused trunk disagrees with the module set's parts")
+            except (BackendError, ArtifactError) as exc:
+                slot.move(SlotState.FAILED, str(exc))
+                log.warning(
+                    "fused trunk of %s refused (its parts serve on): %s", slot.selection, exc
+                )
+                return None
+            self._activate(slot)
+        return slot
+
+    def fuse_async(self, trunk_sha: str) -> Future:
+        return self._worker.submit(self.fuse, trunk_sha)
+
     def _stage(self, slot: Slot) -> None:
         start = time.perf_counter()
         programs = {}
@@ -139,14 +167,21 @@ class SubModelServer:
 
     def _verify(self, slot: Slot) -> None:
         assert slot.model is not None
-        x = self.smoke_input
-        if x is None:  # zeros shaped like the stem's input, batch 1
-            spec = slot.model.programs["stem"].inputs[0]
-            x = np.zeros(tuple(1 if d == -1 else d for d in spec.shape), spec.dtype)
+        x = self._smoke(slot)
         out = slot.model.run(x)
         if out.shape[0] != len(x) or not np.isfinite(out).all():
             raise BackendError(f"smoke inference gave {out.shape} with non-finite values")
         slot.move(SlotState.VERIFIED)
+
+    def _smoke(self, slot: Slot) -> np.ndarray:
+        """The smoke input, or one seeded sample in [0, 1) shaped like the first program's
+        input (not zeros: a fused program is compared with its parts on it)."""
+        if self.smoke_input is not None:
+            return self.smoke_input
+        assert slot.model is not None
+        first = slot.model.programs[slot.model.part_names()[0]].inputs[0]
+        shape = tuple(1 if d == -1 else d for d in first.shape)
+        return np.random.default_rng(0).random(shape).astype(first.dtype)
 
     def _activate(self, slot: Slot) -> None:
         previous, self._active = self._active, slot

@@ -13,7 +13,7 @@ from device_profiles import Budget
 from eclm_wire.errors import ProtocolError
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import Backend, TensorSpec
-from edge_runtime.composer import Layout, part_names
+from edge_runtime.composer import Layout, part_names, trunk_part
 from edge_runtime.errors import BackendError, NotServing
 from edge_runtime.hotswap import SubModelServer
 from edge_runtime.monitor import Reading
@@ -137,6 +137,9 @@ class ModularRunner(Runner):
     def _swap(self, option: Option) -> None:
         needed = part_names(option.selection, self.layout)
         self.server.swap({p: self.parts[p] for p in needed}, option.selection)
+        fused = self.parts.get(trunk_part(option.selection))
+        if fused:  # the parts serve until the fused trunk is loaded and checked against them
+            self.server.fuse_async(fused)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.server.predict(x)

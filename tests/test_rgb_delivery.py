@@ -1,11 +1,13 @@
 """A 3-channel 32x32 model with strided stages, trained, exported per module and delivered
 through Mosquitto to an agent that serves it with each backend, and adapts on its features."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
-from cloud_trainer.export.plan import plan_device_modular
+from cloud_trainer.export.plan import fused_trunk, plan_device_modular
 from cloud_trainer.fleet.coordinator import FleetCoordinator
 from cloud_trainer.fleet.deploy import wait_for_fleet
 from cloud_trainer.model.checkpoint import load_model, train_model
@@ -14,6 +16,7 @@ from device_profiles import load_profile
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import FORMAT_OF
+from edge_runtime.composer import TRUNK, part_names, trunk_part
 
 # The cifar preset's shape (RGB, three stride-2 stages with shortcut programs), narrow
 # enough to train and export in seconds.
@@ -82,6 +85,59 @@ def test_an_rgb_model_with_strided_stages_is_served_by_an_agent(
         with torch.no_grad():
             torch_features = net.features(torch.from_numpy(x), selection).numpy()
         np.testing.assert_allclose(features, torch_features, atol=1e-3, rtol=1e-3)
+    finally:
+        agent.stop()
+        coordinator.stop()
+
+
+@pytest.mark.slow
+def test_a_fused_trunk_replaces_the_parts_once_it_agrees_with_them(
+    rgb_model, mosquitto, address, tmp_path
+):
+    profile = load_profile("rpi5")
+    options, refs = plan_device_modular(rgb_model["dir"], rgb_model["store"], profile, fused=True)
+    refs = [r for r in refs if r.format in ("tflite", "safetensors")]
+    trunks = {r.part: r.sha256 for r in refs if r.part.startswith("trunk.")}
+    assert set(trunks) == {trunk_part(o.selection) for o in options}
+    coordinator = FleetCoordinator(
+        address, ArtifactStore(rgb_model["store"]), client_id="cloud-rgb-fused"
+    ).start()
+    agent = EdgeAgent(
+        AgentConfig(
+            device_id="rgb-fused",
+            profile=profile,
+            broker=address,
+            store_dir=tmp_path / "device",
+            eval_data=rgb_model["dir"] / "test.npz",
+            backend="litert",
+            insecure=True,
+        )
+    ).start()
+    try:
+        serial = coordinator.assign("rgb-fused", refs, options=options).serial
+        assert wait_for_fleet(coordinator, {"rgb-fused": serial}, timeout=120)
+        server = agent.runner.server
+        selection = server.active.selection
+        deadline = time.monotonic() + 60
+        while TRUNK not in server.active.parts and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.active.parts[TRUNK] == trunks[trunk_part(selection)]
+        assert server.active.model.part_names() == [TRUNK, "head"]
+        x = np.load(rgb_model["dir"] / "test.npz")["x"][:8]
+        with torch.no_grad():
+            expected = load_model(rgb_model["dir"])(torch.from_numpy(x), selection).numpy()
+        np.testing.assert_allclose(agent.predict(x), expected, atol=1e-3, rtol=1e-3)
+
+        # Another set's trunk computes something else: refused, the parts serve on.
+        parts = {p: agent.runner.parts[p] for p in part_names(selection, agent.runner.layout)}
+        server.swap(parts, selection)
+        other = tuple((1,) if layer == (0,) else (0,) for layer in selection)
+        net, calib = load_model(rgb_model["dir"]), x
+        wrong = fused_trunk(net, calib, rgb_model["store"], other, "tflite")
+        agent.store.put(ArtifactStore(rgb_model["store"]).read(wrong.sha256))
+        assert server.fuse(wrong.sha256) is None
+        assert TRUNK not in server.active.parts
+        np.testing.assert_allclose(agent.predict(x), expected, atol=1e-3, rtol=1e-3)
     finally:
         agent.stop()
         coordinator.stop()

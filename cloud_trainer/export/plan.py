@@ -128,11 +128,16 @@ def plan_device_modular(
     *,
     domain: str | None = None,
     scales=BUDGET_SCALES,
+    fused: bool = False,
 ):
     """The module sets a device may switch between (its selection at its full budget, and
     selections at smaller shares of that selection's size, down to the smallest sub-model
     there is, for when the board runs short) and the per-part programs they need, for each
-    format its profile can run. Returns ``(options, refs)`` for a modular desired state."""
+    format its profile can run. Returns ``(options, refs)`` for a modular desired state.
+
+    ``fused`` adds one fused trunk program per module set and format: the device runs it
+    in place of that set's parts once loaded (two calls per inference instead of one per
+    part), at the cost of its export and its bytes."""
     from cloud_trainer.export.modular import export_modular
     from cloud_trainer.model.costs import cost_table
     from cloud_trainer.model.selection import SelectionError, smallest_memory_kb
@@ -176,7 +181,29 @@ def plan_device_modular(
     calib = np.load(model_dir / "test.npz")["x"]
     records = export_modular(net, calib, ArtifactStore(store_dir), variants=variants)
     refs = [replace(r.ref, part=r.part) for r in records if r.part in needed]
+    if fused:
+        refs += [
+            fused_trunk(net, calib, store_dir, option.selection, fmt)
+            for option in options
+            for fmt, _ in variants
+        ]
     return options, [*refs, head_ref(net, ArtifactStore(store_dir))]
+
+
+def fused_trunk(net, calib: np.ndarray, store_dir: Path, selection, fmt: str) -> wire.ArtifactRef:
+    """``selection``'s stem and layers as one fp32 program, stored (and cached)."""
+    import torch
+
+    from cloud_trainer.export.modular import ModularExporter
+    from cloud_trainer.model.modular import Trunk
+    from edge_runtime.composer import trunk_part
+
+    x = torch.from_numpy(calib[:64])
+    name = trunk_part(selection)
+    record = ModularExporter(ArtifactStore(store_dir)).export(
+        name, Trunk(net, selection), x[:2], fmt, "fp32", calib=x
+    )
+    return replace(record.ref, part=name)
 
 
 def head_ref(net, store: ArtifactStore) -> wire.ArtifactRef:

@@ -318,6 +318,19 @@ class SubModel(nn.Module):
         return self.net(x, self.selection)
 
 
+class Trunk(nn.Module):
+    """A fixed sub-model's stem and layers as one module: its fused trunk program, which a
+    device runs instead of the parts once loaded (the head stays its own program)."""
+
+    def __init__(self, net: ModularNet, selection) -> None:
+        super().__init__()
+        self.net = net
+        self.selection = tuple(tuple(layer) for layer in selection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.trunk(x, self.selection)
+
+
 def parts(net: ModularNet) -> dict[str, nn.Module]:
     """Every separately exported part, in the order a forward pass calls them."""
     names = part_names(net.full_selection(), net.layout())
