@@ -44,12 +44,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root", type=Path, required=True, help="the Debian arm64 root")
     p.add_argument("--cache", type=Path, required=True, help="model cache and run directory")
     p.add_argument("--profile", default="rpi4", help="an aarch64 board profile")
-    p.add_argument("--device-id", default="arm64-board")
-    p.add_argument("--latency-slack", type=float, default=20.0)
-    p.add_argument("--litert-delegates", choices=("default", "none"), default="default")
-    p.add_argument("--tolerance", type=float, default=0.01, help="accuracy, absolute")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds to converge")
-    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--device-id", default="arm64-board", help="(default: %(default)s)")
+    p.add_argument(
+        "--latency-slack",
+        type=float,
+        default=20.0,
+        help="the agent's --latency-slack: its health check holds the emulated board to "
+        "this many times the profile's latency budget (qemu runs LiteRT ~5x over the "
+        "rpi4's 10 ms; default: %(default)s)",
+    )
+    p.add_argument(
+        "--litert-delegates",
+        choices=("default", "none"),
+        default="default",
+        help="the agent's --litert-delegates (default: %(default)s: checked, then used)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="how far the board's accuracy may be from the host's on the same modules "
+        "(absolute; default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds to converge (default: %(default)s)"
+    )
+    p.add_argument("--epochs", type=int, default=25, help="training, when not cached")
     return p.parse_args(argv)
 
 
