@@ -58,22 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         choices=("executorch", "litert"),
         help="force a backend instead of the profile's order",
     )
-    run.add_argument(
-        "--litert-delegates",
-        choices=("default", "none"),
-        default="default",
-        help="LiteRT's default delegates (XNNPACK): 'default' uses them once a child "
-        "process has checked them on the programs, falling back to 'none' when they crash "
-        "or disagree; 'none' runs LiteRT's builtin kernels only (default: %(default)s)",
-    )
-    run.add_argument(
-        "--latency-slack",
-        type=float,
-        default=1.0,
-        metavar="X",
-        help="hold the health check to X times the profile's latency budget (an emulated "
-        "board, as scripts/arm64-check.sh runs, is far slower than the silicon; default: 1)",
-    )
+    _add_emulation_options(run)
     run.add_argument(
         "--dp-clip",
         type=float,
@@ -94,6 +79,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     status.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
     status.set_defaults(func=_status)
     return cmds
+
+
+def _add_emulation_options(run: argparse.ArgumentParser) -> None:
+    """What a board whose LiteRT misbehaves, or an emulated one, needs."""
+    run.add_argument(
+        "--litert-delegates",
+        choices=("default", "none"),
+        default="default",
+        help="LiteRT's default delegates (XNNPACK): 'default' uses them once a child "
+        "process has checked them on the programs, falling back to 'none' when they crash "
+        "or disagree; 'none' runs LiteRT's builtin kernels only (default: %(default)s)",
+    )
+    run.add_argument(
+        "--latency-slack",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="hold the health check to X times the profile's latency budget (an emulated "
+        "board, as scripts/arm64-check.sh runs, is far slower than the silicon; default: 1)",
+    )
 
 
 def run_command(
