@@ -48,10 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--latency-slack",
         type=float,
-        default=20.0,
+        default=50.0,
         help="the agent's --latency-slack: its health check holds the emulated board to "
-        "this many times the profile's latency budget (qemu runs LiteRT ~5x over the "
-        "rpi4's 10 ms; default: %(default)s)",
+        "this many times the profile's latency budget (under qemu on a busy 2-core host "
+        "the rpi4's sub-model took 50-160 ms a sample against its 10 ms; default: %(default)s)",
     )
     p.add_argument(
         "--litert-delegates",
@@ -199,7 +199,7 @@ def host_accuracy(store: Path, desired, active: tuple[str, ...], eval_set, profi
     from edge_runtime.monitor import PsutilSource
     from edge_runtime.runner import ModularRunner
 
-    refs = list(desired.artifacts)
+    refs = [r for r in desired.artifacts if r.format in ("tflite", "safetensors")]
     parts = {r.part: r.sha256 for r in refs if r.format == "tflite"}
     option = next(
         o for o in desired.options
