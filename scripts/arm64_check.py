@@ -304,6 +304,9 @@ def run(args) -> dict:
             broker.stop()
             log.close()
     result["agent_log"] = str(work / "agent.log")
+    text = (work / "agent.log").read_text(errors="replace")
+    fell_back = "running LiteRT without them" in text  # edge_runtime/backends/delegates.py
+    result["litert_delegates"] = "none (the check fell back)" if fell_back else args.litert_delegates
     return result
 
 
@@ -317,7 +320,8 @@ def main(argv=None) -> int:
     ok = result.get("converged", False)
     print(
         f"arm64 check: {'CONVERGED' if ok else 'FAILED'}: profile {result['profile']} on "
-        f"{result['machine']}, {result['litert_pin']}; install.sh {result['install_s']} s; "
+        f"{result['machine']}, {result['litert_pin']} (delegates {result['litert_delegates']}); "
+        f"install.sh {result['install_s']} s; "
         f"phase {result.get('phase')}; accuracy {result.get('accuracy')} against "
         f"{result.get('expected_accuracy')} expected (tolerance {args.tolerance}); "
         f"RSS {result.get('rss_mb')} MB (peak {result.get('peak_rss_mb')} MB, qemu included)"
