@@ -120,8 +120,10 @@ class Mounts:
 def prepare_root(root: Path, data: Path) -> None:
     """DNS, the host's CA bundle and the held-out data inside the root."""
     shutil.copy2("/etc/resolv.conf", root / "etc/resolv.conf")
-    shutil.copy2(os.environ.get("ECLM_HOST_CA", "/etc/ssl/certs/ca-certificates.crt"),
-                 root / HOST_CA_IN_ROOT.lstrip("/"))
+    shutil.copy2(
+        os.environ.get("ECLM_HOST_CA", "/etc/ssl/certs/ca-certificates.crt"),
+        root / HOST_CA_IN_ROOT.lstrip("/"),
+    )
     target = root / DATA_IN_ROOT.lstrip("/")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(data, target)
@@ -202,12 +204,16 @@ def host_accuracy(store: Path, desired, active: tuple[str, ...], eval_set, profi
     refs = [r for r in desired.artifacts if r.format in ("tflite", "safetensors")]
     parts = {r.part: r.sha256 for r in refs if r.format == "tflite"}
     option = next(
-        o for o in desired.options
-        if {parts[p] for p in part_names(o.selection)} == set(active)
+        o for o in desired.options if {parts[p] for p in part_names(o.selection)} == set(active)
     )
     backend = get_backend("litert", threads=1, check=None)
     runner = ModularRunner(
-        "litert", backend, ArtifactStore(store), refs, (option,), profile.budget,
+        "litert",
+        backend,
+        ArtifactStore(store),
+        refs,
+        (option,),
+        profile.budget,
         PsutilSource().read(),
     )
     try:
@@ -224,7 +230,11 @@ def cloud(broker, access, store: Path, private: Path):
     from edge_runtime.artifacts import ArtifactStore
 
     address = BrokerAddress(
-        "127.0.0.1", broker.cloud_port, True, "cloud", access.password("cloud"),
+        "127.0.0.1",
+        broker.cloud_port,
+        True,
+        "cloud",
+        access.password("cloud"),
         str(access.tls.cafile),
     )
     key = load_signing_key(private)
@@ -287,8 +297,11 @@ def run(args) -> dict:
     with Mounts(args.root):
         result.update(build_and_install(args, work, access, public, port))
         broker = Broker(
-            kind="mosquitto", port=port, data_dir=work / "broker",
-            password_file=access.password_file, tls=access.tls,
+            kind="mosquitto",
+            port=port,
+            data_dir=work / "broker",
+            password_file=access.password_file,
+            tls=access.tls,
         ).start()
         agent, log = start_agent(args, work)
         fc = cloud(broker, access, store, private)
@@ -306,7 +319,8 @@ def run(args) -> dict:
     result["agent_log"] = str(work / "agent.log")
     text = (work / "agent.log").read_text(errors="replace")
     fell_back = "running LiteRT without them" in text  # edge_runtime/backends/delegates.py
-    result["litert_delegates"] = "none (the check fell back)" if fell_back else args.litert_delegates
+    fallback = "none (the check fell back)"
+    result["litert_delegates"] = fallback if fell_back else args.litert_delegates
     return result
 
 
@@ -314,8 +328,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     agent_log = Path(result["agent_log"]).read_text(errors="replace")
-    lines = [ln for ln in agent_log.splitlines() if "health" in ln or "delegates" in ln
-             or " on litert" in ln or "active" in ln]
+    lines = [
+        ln
+        for ln in agent_log.splitlines()
+        if "health" in ln or "delegates" in ln or " on litert" in ln or "active" in ln
+    ]
     print("agent (in the root):", *("  " + ln[:160] for ln in lines[-6:]), sep="\n")
     ok = result.get("converged", False)
     print(

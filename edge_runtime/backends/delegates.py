@@ -53,7 +53,10 @@ class DelegateCheck:
     env: tuple[tuple[str, str], ...] = ()
 
 
-def verdict(programs: dict[str, bytes], check: DelegateCheck = DelegateCheck()) -> str:
+CHILD = DelegateCheck()
+
+
+def verdict(programs: dict[str, bytes], check: DelegateCheck = CHILD) -> str:
     """``"default"`` or ``"none"`` for ``programs`` (sha256 -> bytes), running the child
     for those not checked yet; BackendError if they do not run here at all."""
     with _lock:
@@ -100,7 +103,9 @@ def _run_child(programs: dict[str, bytes], check: DelegateCheck) -> str:
                 scale = max(1.0, float(np.abs(ref[key]).max(initial=0.0)))
                 diff = float(np.abs(ref[key] - got[key]).max(initial=0.0))
                 if not diff <= _TOLERANCE * scale:  # NaN too
-                    return _broken(f"default delegates disagree with the builtin kernels by {diff:g}")
+                    return _broken(
+                        f"the default delegates differ from the builtin kernels by {diff:g}"
+                    )
     return DEFAULT
 
 

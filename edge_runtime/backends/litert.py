@@ -130,7 +130,7 @@ class LiteRTBackend(Backend):
         *,
         threads: int = 1,
         delegates: str = checks.DEFAULT,
-        check: checks.DelegateCheck | None = checks.DelegateCheck(),
+        check: checks.DelegateCheck | None = checks.CHILD,
     ) -> None:
         """``check`` None trusts the default delegates without the child's check."""
         if delegates not in _MODES:
