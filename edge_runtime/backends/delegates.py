@@ -111,7 +111,10 @@ def _run_child(programs: dict[str, bytes], check: DelegateCheck) -> str:
 
 def _how(code: int, stderr: str) -> str:
     if code < 0:
-        return f"died by {signal.Signals(-code).name}"
+        try:
+            return f"died by {signal.Signals(-code).name}"
+        except ValueError:  # a real-time or unnamed signal
+            return f"died by signal {-code}"
     if code == 0:
         return "finished"
     last = stderr.strip().splitlines()[-1:] or ["no output"]
