@@ -37,7 +37,7 @@ from pathlib import Path
 from broker.access import Access
 from device_profiles import DeviceProfile
 from eclm.errors import BundleError
-from eclm.pins import NO_DEPS, Target, pin_from_index, pin_here
+from eclm.pins import NO_DEPS, Target, arch_pinned, pin_from_index, pin_here
 from eclm_common.errors import UsageError
 from eclm_common.exit_codes import ExitCode
 
@@ -54,8 +54,9 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./@-]+$")  # install.sh substitutes it wit
 WHEEL_NOTES = {
     "aarch64": [
         "PyPI has cp310-cp313 manylinux aarch64 wheels of each compiled package here (checked",
-        "for ai-edge-litert 2.3.0, numpy, cryptography 50.0.2, torch 2.13.0, executorch 1.5.1",
-        "and the others); they need glibc >= 2.28 (Raspberry Pi OS bookworm has 2.36).",
+        "for ai-edge-litert 2.3.0 and 2.1.6, numpy, cryptography 50.0.2, torch 2.13.0,",
+        "executorch 1.5.1 and the others); they need glibc >= 2.28 (Raspberry Pi OS bookworm",
+        "has 2.36). ai-edge-litert is pinned to 2.1.6, the version proven on aarch64 here.",
     ],
     "armv7l": [
         "PyPI has no armv7l wheels of ai-edge-litert 2.3.0 or numpy 2.4.6 (checked): on a",
@@ -235,6 +236,7 @@ def requirements(
         if req.name != DISTRIBUTION and (wanted or base):
             roots.append((req, DISTRIBUTION if base else f"{DISTRIBUTION}[{wanted[0]}]"))
     pins = pin_here(roots, env) if target.is_here else pin_from_index(roots, target)
+    pins = arch_pinned(pins, arch)
     how = (
         f"the versions of the venv it was built from (Python {platform.python_version()})"
         if target.is_here
@@ -289,6 +291,9 @@ def _edge_env(spec: BundleSpec, profile: DeviceProfile, arch: str, broker: str, 
         f"ECLM_TRUST_KEY=@PREFIX@/etc/signing.pub\n"
         f"ECLM_STORE={store}\n"
         f'ECLM_LABELS="{" ".join(spec.labels)}"\n'
+        "# Optional: ECLM_EVAL_DATA=<.npz with x, y> reports accuracy on held-out data;\n"
+        "# ECLM_LITERT_DELEGATES=none runs LiteRT without XNNPACK (default: checked, then\n"
+        "# used); ECLM_LATENCY_SLACK=<x> holds the health check to x times the budget.\n"
     )
 
 

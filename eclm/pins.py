@@ -26,6 +26,19 @@ from pathlib import Path
 from eclm.errors import BundleError
 
 NO_DEPS = {"executorch"}  # DESIGN.md section 6: installed after torch, without its deps
+# Versions a CPU gets whatever this venv has: what is proven to run there. ai-edge-litert
+# 2.3.0 dies (SIGSEGV) creating interpreters for fully connected programs on aarch64 under
+# qemu 7.2, with or without default delegates; 2.1.6 runs every part, XNNPACK included
+# (DESIGN.md section 6; scripts/arm64-check.sh). Its dependencies are 2.3.0's less
+# ml_dtypes, so the pins found for the others still fit.
+ARCH_PINS = {
+    "aarch64": {
+        "ai-edge-litert": (
+            "2.1.6",
+            "2.3.0 crashes under qemu aarch64; 2.1.6 runs here (scripts/arm64-check.sh)",
+        )
+    }
+}
 _MAX_ROUNDS = 12  # dependency levels; the edge extras have 4
 
 
@@ -241,3 +254,15 @@ def _canonical(name: str) -> str:
     from packaging.utils import canonicalize_name
 
     return canonicalize_name(name)
+
+
+def arch_pinned(pins: list[tuple[str, str]], arch: str) -> list[tuple[str, str]]:
+    """``pins`` with the versions ``ARCH_PINS`` fixes for ``arch`` put in."""
+    fixed = ARCH_PINS.get(arch, {})
+    out = []
+    for name, line in pins:
+        if name in fixed:
+            version, why = fixed[name]
+            line = f"{line.split('==')[0]}=={version}  # {why}"
+        out.append((name, line))
+    return out

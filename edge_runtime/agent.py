@@ -109,7 +109,7 @@ class EdgeAgent:
             self.store,
             config.profile,
             self.resources,
-            backends or (lambda name: get_backend(name, threads=1)),
+            backends or (lambda name: get_backend(name, **_backend_options(name, config))),
             backend=config.backend,
             eval_set=self.eval_set,
         )
@@ -450,3 +450,10 @@ class EdgeAgent:
     def report(self) -> wire.ReportedState:
         """The state last reported."""
         return self.voice.report
+
+
+def _backend_options(name: str, config: AgentConfig) -> dict:
+    """One thread (the agent shares the board); LiteRT's delegates as configured."""
+    if name == "litert":
+        return {"threads": 1, "delegates": config.litert_delegates}
+    return {"threads": 1}

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from eclm_common.exit_codes import ExitCode
@@ -57,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         choices=("executorch", "litert"),
         help="force a backend instead of the profile's order",
     )
+    _add_emulation_options(run)
     run.add_argument(
         "--dp-clip",
         type=float,
@@ -77,6 +79,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     status.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
     status.set_defaults(func=_status)
     return cmds
+
+
+def _add_emulation_options(run: argparse.ArgumentParser) -> None:
+    """What a board whose LiteRT misbehaves, or an emulated one, needs."""
+    run.add_argument(
+        "--litert-delegates",
+        choices=("default", "none"),
+        default="default",
+        help="LiteRT's default delegates (XNNPACK): 'default' uses them once a child "
+        "process has checked them on the programs, falling back to 'none' when they crash "
+        "or disagree; 'none' runs LiteRT's builtin kernels only (default: %(default)s)",
+    )
+    run.add_argument(
+        "--latency-slack",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="hold the health check to X times the profile's latency budget (an emulated "
+        "board, as scripts/arm64-check.sh runs, is far slower than the silicon; default: 1)",
+    )
 
 
 def run_command(
@@ -109,11 +131,16 @@ def _run(args: argparse.Namespace) -> int:
     from device_profiles import load_profile
     from eclm_wire.mqtt import BrokerAddress
     from edge_runtime.agent import AgentConfig, EdgeAgent
+    from edge_runtime.errors import ConfigError
     from edge_runtime.learning import LearnerConfig
 
+    if not args.latency_slack >= 1.0:
+        raise ConfigError(f"--latency-slack: at least 1, got {args.latency_slack}")
+    profile = load_profile(args.profile)
+    budget = replace(profile.budget, latency_ms=profile.budget.latency_ms * args.latency_slack)
     config = AgentConfig(
         device_id=args.device_id,
-        profile=load_profile(args.profile),
+        profile=replace(profile, budget=budget),
         broker=BrokerAddress.parse(args.broker, cafile=args.cafile),
         store_dir=args.store or Path(".eclm") / args.device_id,
         eval_data=args.eval_data,
@@ -122,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         labels=tuple(args.labels),
         learning=LearnerConfig(dp_clip=args.dp_clip, dp_noise=args.dp_noise),
+        litert_delegates=args.litert_delegates,
     )
     agent = EdgeAgent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())

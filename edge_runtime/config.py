@@ -35,10 +35,18 @@ class AgentConfig:
     retry: RetryPolicy = RetryPolicy()  # files that fail their whole-file check
     events: EventLimits = EventLimits()  # the bound on events about refused messages
     scrub_interval: float = 3600.0  # seconds between re-hashes of the active set
+    # "default": LiteRT's default delegates (XNNPACK), checked in a child process first
+    # and dropped if they crash or disagree; "none": builtin kernels only (qemu, boards
+    # whose XNNPACK build misbehaves). See edge_runtime/backends/delegates.py.
+    litert_delegates: str = "default"
 
     def __post_init__(self) -> None:
         wire.check_device_id(self.device_id)
         wire.check_labels(self.labels)
+        if self.litert_delegates not in ("default", "none"):
+            raise ConfigError(
+                f"litert_delegates: 'default' or 'none', got {self.litert_delegates!r}"
+            )
         if self.fetch_window < 1:
             raise ConfigError(f"fetch_window: must be >= 1, got {self.fetch_window}")
         if self.trust_key is None and not self.insecure:

@@ -91,6 +91,9 @@ class Installer:
         (shaped like ``like``), if any. DamagedArtifact (moved aside) if a program changed
         since it was checked; BackendError, ArtifactError or ProtocolError if it is
         refused, with nothing left open."""
+        fmt = FORMAT_OF[backend]
+        programs = {r.sha256: self.store.read(r.sha256) for r in refs if r.format == fmt}
+        self.backends[backend].vet(programs)
         if desired.options:
             runner: Runner = ModularRunner(
                 backend,

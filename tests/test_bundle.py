@@ -216,7 +216,9 @@ def test_requirements_are_pinned_to_this_venv_and_only_executorch_boards_get_tor
     assert {"ai-edge-litert", "numpy", "psutil", "paho-mqtt", "cryptography"} <= set(small)
     assert "safetensors" in small and not {"torch", "executorch"} & set(small)
     for name, pinned in small.items():
-        assert version(name) == pinned, name
+        assert version(name) == pinned or name == "ai-edge-litert", name
+    # aarch64 gets the LiteRT proven there (DESIGN.md 6: 2.3.0 crashes under qemu aarch64)
+    assert small["ai-edge-litert"] == "2.1.6" and "arm64-check" in litert
     assert "aarch64" in litert and "glibc" in litert  # where the board's wheels come from
     assert pins(big)["torch"] == "2.13.0" and "executorch" not in pins(big)
     assert pins(nodeps) == {"executorch": "1.5.1"}

@@ -10,5 +10,10 @@ set -- --profile "$ECLM_PROFILE" --broker "$ECLM_BROKER" --device-id "$ECLM_DEVI
 for label in ${ECLM_LABELS:-}; do
     set -- "$@" --label "$label"
 done
+# Optional, from edge.env: held-out data to report accuracy on, LiteRT's delegates, and a
+# latency slack for the health check (an emulated board; see edge.env).
+[ -z "${ECLM_EVAL_DATA:-}" ] || set -- "$@" --eval-data "$ECLM_EVAL_DATA"
+[ -z "${ECLM_LITERT_DELEGATES:-}" ] || set -- "$@" --litert-delegates "$ECLM_LITERT_DELEGATES"
+[ -z "${ECLM_LATENCY_SLACK:-}" ] || set -- "$@" --latency-slack "$ECLM_LATENCY_SLACK"
 # exec: the agent keeps this process id, the one systemd watches and takes notices from.
 exec "@PREFIX@/venv/bin/eclm" edge run "$@"

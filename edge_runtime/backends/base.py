@@ -105,6 +105,11 @@ class Backend(ABC):
     def load(self, source: Source) -> Program:
         """Load a program from a path or bytes; raise BackendError if it is not one."""
 
+    def vet(self, programs: dict[str, bytes]) -> None:  # noqa: B027 - most need no check
+        """Called with a sub-model's programs (sha256 -> bytes) before any is loaded: a
+        backend whose runtime may crash the process checks them out of process here, and
+        changes how it runs them, or raises BackendError."""
+
 
 def read_source(source: Source) -> bytes:
     """The bytes of a path or bytes source, with a BackendError for an unreadable path."""

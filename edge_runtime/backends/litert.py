@@ -2,16 +2,24 @@
 
 ``tflite_runtime`` is accepted as a fallback import for boards that only have it (it
 cannot load models under numpy 2, so it is the second choice).
+
+``delegates``: ``"default"`` lets LiteRT apply its default delegates (XNNPACK), after
+:mod:`~edge_runtime.backends.delegates` has checked them on the programs in a child process,
+falling back to ``"none"`` when they crash or disagree; ``"none"`` runs LiteRT's builtin
+kernels only (``BUILTIN_WITHOUT_DEFAULT_DELEGATES``: needed under qemu and on boards whose
+XNNPACK build misbehaves).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
 
+from edge_runtime.backends import delegates as checks
 from edge_runtime.backends.base import Backend, Program, Source, TensorSpec, read_source
-from edge_runtime.errors import BackendError, BackendUnavailable
+from edge_runtime.errors import BackendError, BackendUnavailable, ConfigError
 
 try:
     from ai_edge_litert.interpreter import Interpreter
@@ -24,6 +32,9 @@ except ImportError:  # pragma: no cover - depends on the install
         ) from exc
 
 
+_MODES = checks.MODES
+
+
 class LiteRTProgram(Program):
     """A LiteRT interpreter for one program.
 
@@ -34,9 +45,10 @@ class LiteRTProgram(Program):
 
     RESIZED_KEPT = 4
 
-    def __init__(self, data: bytes, *, threads: int) -> None:
+    def __init__(self, data: bytes, *, threads: int, delegates: str = checks.DEFAULT) -> None:
         self._data = data
         self._threads = threads
+        self._resolver = resolver(delegates)
         self._it = self._interpreter()
         self._in = self._it.get_input_details()
         self._out = self._it.get_output_details()
@@ -50,7 +62,11 @@ class LiteRTProgram(Program):
 
     def _interpreter(self, batch: int | None = None) -> Interpreter:
         try:
-            it = Interpreter(model_content=self._data, num_threads=self._threads)
+            it = Interpreter(
+                model_content=self._data,
+                num_threads=self._threads,
+                experimental_op_resolver_type=self._resolver,
+            )
             if batch is not None:
                 detail = it.get_input_details()[0]
                 it.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
@@ -90,6 +106,14 @@ class LiteRTProgram(Program):
             return [it.get_tensor(d["index"]) for d in self._out]
 
 
+def resolver(mode: str):
+    """LiteRT's op resolver for a ``delegates`` mode."""
+    kinds = sys.modules[Interpreter.__module__].OpResolverType
+    if mode == checks.NONE:
+        return kinds.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    return kinds.AUTO
+
+
 def _spec(detail: dict) -> TensorSpec:
     shape = tuple(int(s) for s in detail["shape"])
     return TensorSpec((-1, *shape[1:]) if shape else shape, np.dtype(detail["dtype"]).name)
@@ -101,11 +125,28 @@ class LiteRTBackend(Backend):
     name = "litert"
     file_format = "tflite"
 
-    def __init__(self, *, threads: int = 1) -> None:
-        self.threads = threads
+    def __init__(
+        self,
+        *,
+        threads: int = 1,
+        delegates: str = checks.DEFAULT,
+        check: checks.DelegateCheck | None = checks.CHILD,
+    ) -> None:
+        """``check`` None trusts the default delegates without the child's check."""
+        if delegates not in _MODES:
+            raise ConfigError(f"litert delegates: {delegates!r}, not one of {', '.join(_MODES)}")
+        self.threads, self.delegates, self.check = threads, delegates, check
+
+    def vet(self, programs: dict[str, bytes]) -> None:
+        """Check the default delegates on ``programs`` before any runs in this process
+        (a crash there would take the agent with it); switch to ``"none"`` if broken."""
+        if self.delegates == checks.NONE or self.check is None:
+            return
+        if checks.verdict(programs, self.check) == checks.NONE:
+            self.delegates = checks.NONE
 
     def load(self, source: Source) -> Program:
         data = read_source(source)
         if len(data) < 8 or data[4:8] != b"TFL3":
             raise BackendError("not a LiteRT program (no TFL3 identifier)")
-        return LiteRTProgram(data, threads=self.threads)
+        return LiteRTProgram(data, threads=self.threads, delegates=self.delegates)
