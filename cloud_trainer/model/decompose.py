@@ -115,7 +115,11 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     weight, bias = fold(conv, bn)
     out = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
         groups=conv.groups,
     )
     out.weight.copy_(weight)
@@ -285,7 +289,9 @@ def spec_for(
 def original_for(spec: ModularSpec) -> nn.Module:
     """The (random) original network a decomposed spec came from."""
     return build(
-        spec.arch, num_classes=spec.num_classes, width=spec.width_mult,
+        spec.arch,
+        num_classes=spec.num_classes,
+        width=spec.width_mult,
         in_channels=spec.in_channels,
     )
 

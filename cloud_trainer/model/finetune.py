@@ -30,6 +30,15 @@ class DecomposeResult:
     smallest_accuracy: float  # one module per layer
     seconds: float
 
+    def summary(self) -> str:
+        return (
+            f"decomposed in {self.seconds:.1f}s; before fine-tuning, max abs logit difference "
+            f"to the original {self.exactness:.2e}\nheld-out accuracy: original "
+            f"{self.original_accuracy:.4f}, full {self.accuracy:.4f}, half the modules "
+            f"{self.half_accuracy:.4f}, one module per layer {self.smallest_accuracy:.4f}\n"
+            f"wrote {self.model_dir}/model.pt, metrics.json, importance.npz, test.npz"
+        )
+
 
 def default_data(image_size: int, seed: int = 0) -> Split:
     """Digits at ``image_size`` with the grey channel repeated into RGB (until ``--data``)."""
@@ -122,8 +131,14 @@ def decompose_model(
     exactness = max_logit_difference(original, net, split.x_test[:EXACTNESS_SAMPLES])
     original_acc = accuracy(original, split.x_test, split.y_test)
     net = train_modular(
-        net, split.x_train, split.y_train, epochs=epochs, seed=seed, lr=lr,
-        progress=progress, teacher=original,
+        net,
+        split.x_train,
+        split.y_train,
+        epochs=epochs,
+        seed=seed,
+        lr=lr,
+        progress=progress,
+        teacher=original,
     )
     half = tuple(tuple(range(0, modules, 2)) for _ in range(spec.layers))
     smallest = tuple((0,) for _ in range(spec.layers))

@@ -68,7 +68,7 @@ class ResNet(nn.Module):
         c_in = widths[0]
         for i, (n, c) in enumerate(zip(blocks, widths, strict=True)):
             stride = 1 if i == 0 else 2
-            layer = [BasicBlock(c_in if j == 0 else c, c, stride if j == 0 else 1) for j in range(n)]
+            layer = [BasicBlock(c_in, c, stride)] + [BasicBlock(c, c) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
             c_in = c
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
