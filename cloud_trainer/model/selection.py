@@ -4,12 +4,12 @@ Per layer every non-empty subset is a candidate. Where there are at most ``EXACT
 sub-models in all (the native presets), the search is exact: layers are combined keeping
 only the Pareto front of (importance, memory, latency) within the budget. Beyond that (a
 decomposed ResNet-34 has 15^16) that front grows without bound (minutes for 16 layers of
-4), so a dynamic programme runs on a grid of ``GRID_PER_LAYER`` x layers cells of the full
-model's memory and latency, every cost rounded *up* to whole cells: the choice always fits
+4), so a dynamic programme runs on a grid of ``GRID_PER_LAYER`` x layers cells of all
+modules' memory and latency, every cost rounded *up* to whole cells: the choice always fits
 the budget, and its importance is at least that of the best sub-model fitting a budget
-smaller by 1/``GRID_PER_LAYER`` of the full model's memory and latency (each layer's
-rounding adds under one cell). Either way a larger budget only adds feasible candidates, so
-it never lowers the chosen importance.
+smaller by 1/``GRID_PER_LAYER`` of all modules' memory and latency (each layer's rounding
+adds under one cell; the fixed parts are not rounded). Either way a larger budget only adds
+feasible candidates, so it never lowers the chosen importance.
 """
 
 from __future__ import annotations
@@ -106,29 +106,33 @@ def _grid_select(options: list[list], costs: CostTable, budget: Budget) -> Selec
     if _fits(full, budget):  # importance is never negative: every module is worth taking
         every = [layer[-1] for layer in options]  # the last subset is the whole layer
         return Selection(tuple(o[2] for o in every), sum(o[0] for o in every), full)
-    step = (max(full.memory_kb, 1e-12) / cells, max(full.latency_ms, 1e-12) / cells)
+    # The grid spans the modules' costs only: the fixed parts are taken off the budget.
+    room = (
+        budget.model_memory_kb - costs.fixed.memory_kb,
+        budget.latency_ms - costs.fixed.latency_ms,
+    )
+    span = (full.memory_kb - costs.fixed.memory_kb, full.latency_ms - costs.fixed.latency_ms)
+    step = (max(span[0], 1e-12) / cells, max(span[1], 1e-12) / cells)
 
     def units(cost: Cost) -> tuple[int, int]:
         return math.ceil(cost.memory_kb / step[0]), math.ceil(cost.latency_ms / step[1])
 
-    top = cells + sum(len(layer) for layer in costs.modules) + 1  # the full model, rounded up
-    rows = min(math.floor(budget.model_memory_kb / step[0]), top) + 1
-    cols = min(math.floor(budget.latency_ms / step[1]), top) + 1
-    fm, fl = units(costs.fixed)
-    if fm >= rows or fl >= cols:
+    if min(room) < 0:
         return None
+    top = cells + sum(len(layer) for layer in costs.modules) + 1  # all modules, rounded up
+    rows = min(math.floor(room[0] / step[0]), top) + 1
+    cols = min(math.floor(room[1] / step[1]), top) + 1
     # best[i, j]: the highest importance with rounded costs of at most (i, j) cells.
-    best = np.full((rows, cols), -np.inf)
-    best[fm:, fl:] = 0.0
+    best = np.zeros((rows, cols), np.float32)
     choices = []
     for layer_options in options:
-        new = np.full((rows, cols), -np.inf)
+        new = np.full((rows, cols), -np.inf, np.float32)
         arg = np.zeros((rows, cols), np.int32)
         for k, (score, cost, _) in enumerate(layer_options):
             dm, dl = units(cost)
             if dm >= rows or dl >= cols:
                 continue
-            cand = best[: rows - dm, : cols - dl] + score
+            cand = best[: rows - dm, : cols - dl] + np.float32(score)
             better = cand > new[dm:, dl:]
             np.copyto(new[dm:, dl:], cand, where=better)
             np.copyto(arg[dm:, dl:], k, where=better)
