@@ -178,7 +178,12 @@ def load_weights(net: nn.Module, path: Path) -> nn.Module:
     if wrong:
         problems.append(f"wrong shapes {_few(wrong)}")
     if problems:
-        raise ConfigError(f"{path}: does not fit {type(net).__name__}: " + "; ".join(problems))
+        hint = ""
+        if wrong and all(w.startswith(("fc.", "classifier.1.")) for w in wrong):
+            hint = " (the classifier must have as many classes as the data)"
+        raise ConfigError(
+            f"{path}: does not fit {type(net).__name__}: " + "; ".join(problems) + hint
+        )
     net.load_state_dict(state, strict=True)
     return net
 
