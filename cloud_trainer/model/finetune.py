@@ -140,17 +140,8 @@ def decompose_model(
         progress=progress,
         teacher=original,
     )
-    half = tuple(tuple(range(0, modules, 2)) for _ in range(spec.layers))
-    smallest = tuple((0,) for _ in range(spec.layers))
-    result = DecomposeResult(
-        out,
-        exactness,
-        original_acc,
-        accuracy(net, split.x_test, split.y_test),
-        accuracy(net, split.x_test, split.y_test, half),
-        accuracy(net, split.x_test, split.y_test, smallest),
-        0.0,
-    )
+    accuracies = sub_model_accuracies(net, split)
+    result = DecomposeResult(out, exactness, original_acc, *accuracies, 0.0)
     write_model_dir(out, net, split, seed)
     metrics = {
         **{k: v for k, v in asdict(result).items() if k not in ("model_dir", "seconds")},
@@ -162,6 +153,18 @@ def decompose_model(
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return DecomposeResult(**{**asdict(result), "seconds": metrics["seconds"]})
+
+
+def sub_model_accuracies(net, split: Split) -> tuple[float, float, float]:
+    """Held-out accuracy of the full model, every other module, and one module per layer."""
+    from cloud_trainer.model.train import accuracy
+
+    m, layers = net.spec.modules_per_layer, net.spec.layers
+    half = tuple(tuple(range(0, m, 2)) for _ in range(layers))
+    smallest = tuple((0,) for _ in range(layers))
+    return tuple(
+        accuracy(net, split.x_test, split.y_test, selection) for selection in (None, half, smallest)
+    )
 
 
 def write_model_dir(out: Path, net, split: Split, seed: int) -> None:
