@@ -274,3 +274,15 @@ def test_exported_decomposed_layers_compose_on_the_edge_like_torch(
             with torch.no_grad():
                 expected = SubModel(net, selection)(torch.from_numpy(x)).numpy()
             assert np.abs(composed.run(x) - expected).max() <= 1e-4
+
+
+def test_distillation_is_zero_only_where_the_student_matches_the_teacher():
+    from cloud_trainer.model.train import distillation
+
+    teacher = torch.nn.Linear(5, 3)
+    x = torch.randn(8, 5)
+    with torch.no_grad():
+        same = teacher(x)
+
+    assert float(distillation(same, teacher, x, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation(same.flip(1), teacher, x, 4.0)) > 1e-3
