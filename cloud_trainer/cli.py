@@ -51,6 +51,17 @@ def _model_commands(cmds: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
 
+    dec = cmds.add_parser("decompose", help="ResNet/MobileNetV2 as modules, fine-tuned")
+    dec.add_argument("--arch", required=True, choices=("resnet18", "resnet34", "mobilenet_v2"))
+    dec.add_argument("--weights", default="none", help="torchvision-layout state dict, or none")
+    dec.add_argument("--modules", type=int, default=4, help="modules per block (default: 4)")
+    dec.add_argument("--data", type=Path, help="training data (default: digits, 32x32 RGB)")
+    dec.add_argument("--epochs", type=int, default=5)
+    dec.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1)")
+    dec.add_argument("--seed", type=int, default=0)
+    dec.add_argument("--out", type=Path, default=MODEL)
+    dec.set_defaults(func=_decompose)
+
     export = cmds.add_parser(
         "export",
         help="export every module as .pte and .tflite, fp32 and int8",
@@ -330,6 +341,20 @@ def _train(args: argparse.Namespace) -> int:
         f"(every other module: {result.half_accuracy:.4f})"
     )
     print(f"wrote {args.out}/model.pt, metrics.json, importance.npz, test.npz")
+    return ExitCode.OK
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    from cloud_trainer.model.finetune import decompose_model
+
+    if args.data is not None:  # the data loaders land separately; they fill data= below
+        raise UsageError("--data: not wired yet; decompose trains on digits for now")
+    weights = None if args.weights == "none" else Path(args.weights)
+    result = decompose_model(
+        args.out, arch=args.arch, modules=args.modules, weights=weights, data=None,
+        epochs=args.epochs, width=args.width, seed=args.seed, progress=True,
+    )  # fmt: skip
+    print(result.summary())
     return ExitCode.OK
 
 

@@ -41,6 +41,7 @@ class ModularSpec:
     stem_stride: int = 1
     block: str = "conv"  # "conv": two 3x3 convolutions; "inverted": 1x1, depthwise 3x3, 1x1
     arch: str = "modular"  # or the architecture a decomposed model came from
+    width_mult: float = 1.0  # a decomposed architecture's channel multiplier
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -46,8 +46,15 @@ def train_modular(
     seed: int = 0,
     router_weight: float = 0.1,
     progress: bool = False,
+    teacher: nn.Module | None = None,
+    temperature: float = 4.0,
+    distill: float = 0.5,
 ) -> ModularNet:
-    """Train with module dropout and router regularisation; return the net in eval mode."""
+    """Train with module dropout and router regularisation; return the net in eval mode.
+
+    With a ``teacher`` (the original of a decomposed net), the loss mixes cross-entropy
+    (weight ``1 - distill``) with the KL divergence from the teacher's logits at
+    ``temperature`` (weight ``distill``, times T^2 so its gradients keep their scale)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
@@ -67,12 +74,28 @@ def train_modular(
             weights: list[torch.Tensor] = []
             logits = net.head(net.trunk(xs[idx], sample_selection(net, rng), weights))
             sharp, balance = router_losses(weights)
-            loss = loss_fn(logits, ys[idx]) + router_weight * (sharp + balance)
+            loss = loss_fn(logits, ys[idx])
+            if teacher is not None:
+                loss = (1 - distill) * loss + distill * distillation(
+                    logits, teacher, xs[idx], temperature
+                )
+            loss = loss + router_weight * (sharp + balance)
             opt.zero_grad()
             loss.backward()
             opt.step()
         sched.step()
     return net.eval()
+
+
+def distillation(
+    logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """T^2 * KL(teacher || student) of the softened distributions."""
+    with torch.no_grad():
+        target = torch.log_softmax(teacher.eval()(x) / temperature, dim=1)
+    student = torch.log_softmax(logits / temperature, dim=1)
+    kl = nn.functional.kl_div(student, target, reduction="batchmean", log_target=True)
+    return kl * temperature**2
 
 
 @torch.no_grad()

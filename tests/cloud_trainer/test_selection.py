@@ -93,3 +93,40 @@ def test_a_smaller_board_gets_a_smaller_sub_model():
         ).module_count
 
     assert sizes["rpi-zero-2w"] < sizes["rpi4"] <= sizes["rpi5"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_grid_search_fits_and_is_within_its_bound_of_the_exact_search(monkeypatch, seed):
+    import cloud_trainer.model.selection as selection
+
+    rng = np.random.default_rng(seed)
+    layers, modules = 6, 3
+    importance = rng.dirichlet(np.ones(modules), size=(layers, 10)).transpose(0, 2, 1)
+    costs = table(rng, layers, modules)
+    full = costs.fixed
+    for layer in costs.modules:
+        for cost in layer:
+            full = full + cost
+    budget = Budget(int(full.memory_kb * 0.5), full.latency_ms * 0.6)
+    shrink = 1 / selection.GRID_PER_LAYER  # of the modules' total costs (the fixed ones aside)
+    smaller = Budget(
+        budget.model_memory_kb - (full.memory_kb - costs.fixed.memory_kb) * shrink,
+        budget.latency_ms - (full.latency_ms - costs.fixed.latency_ms) * shrink,
+    )
+    exact = select_modules(importance, np.ones(10), costs, budget)
+    exact_smaller = select_modules(importance, np.ones(10), costs, smaller)
+    monkeypatch.setattr(selection, "EXACT_LIMIT", 0)
+
+    grid = select_modules(importance, np.ones(10), costs, budget)
+
+    assert grid.cost.memory_kb <= budget.model_memory_kb
+    assert grid.cost.latency_ms <= budget.latency_ms
+    assert exact_smaller.importance - 1e-6 <= grid.importance <= exact.importance + 1e-9
+    assert grid.importance == pytest.approx(
+        float(
+            sum(
+                importance[layer, list(chosen)].mean(1).sum()
+                for layer, chosen in enumerate(grid.modules)
+            )
+        )
+    )
