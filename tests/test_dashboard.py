@@ -23,6 +23,16 @@ from edge_runtime.agent import AgentConfig, EdgeAgent
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 DEVICES = ("dev-a", "dev-b", "dev-c")
+# read in one script: the page rebuilds its rows every second, so an element found by one
+# WebDriver call may be gone by the next
+ROWS_JS = """return Object.fromEntries([...document.querySelectorAll('#devices tbody tr')]
+    .map((r) => [r.dataset.device, r.innerText]))"""
+CARD_JS = """const c = document.querySelector(`[data-rollout='${arguments[0]}']`);
+    return c && [c.dataset.state, c.dataset.succeeded,
+      [...c.querySelectorAll('[data-wave] > span:first-child')].map((s) => s.textContent)]"""
+TEXT_JS = (
+    """return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent).join(' ')"""
+)
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 
 pytestmark = pytest.mark.skipif(
@@ -124,10 +134,7 @@ def test_the_dashboard_shows_the_fleet_and_a_rollout_live(
         assert "token" not in browser.current_url
         stored = browser.execute_script("return sessionStorage.getItem('eclm-token')")
         assert stored == operator
-        texts = {
-            r.get_attribute("data-device"): r.text
-            for r in browser.find_elements("css selector", rows)
-        }
+        texts = browser.execute_script(ROWS_JS)  # at once: the rows are rebuilt every second
         assert sorted(texts) == list(DEVICES)
         assert all("active" in t and "rpi4" in t and "online" in t for t in texts.values())
 
@@ -138,42 +145,25 @@ def test_the_dashboard_shows_the_fleet_and_a_rollout_live(
         form.find_element("name", "rollout_id").send_keys("op-1")
         form.find_element("name", "profile").send_keys("rpi4")
         form.find_element("tag name", "button").click()
-        card = "[data-rollout='op-1']"
-        seen = set()
+        seen = []
 
         def finished():
-            found = browser.find_elements("css selector", card)
-            if found:
-                seen.add(
-                    (found[0].get_attribute("data-state"), found[0].get_attribute("data-succeeded"))
-                )
-            return ("succeeded", "3") in seen
+            found = browser.execute_script(CARD_JS, "op-1")
+            if found and found not in seen:
+                seen.append(found)
+            return found and found[:2] == ["succeeded", "3"] and found
 
-        wait(finished, 60, "the rollout to succeed on the page")
+        waves = wait(finished, 60, "the rollout to succeed on the page")[2]
         assert browser.execute_script("return window.sameDocument") is True  # no reload
-        waves = browser.find_elements("css selector", f"{card} [data-wave]")
-        assert [w.text.split()[0] for w in waves] == ["canary", "wave", "wave"]
+        assert waves == ["canary", "wave 1", "wave 2"]
+        assert seen[0] != seen[-1]  # the card changed while the page stayed
 
         # One device's page: the refusal with its code, and the readings as a plot.
-        browser.execute_script("location.hash = '#/devices'")
-        wait(lambda: len(browser.find_elements("css selector", rows)) == 3, 10)
-        browser.find_element("css selector", "tr[data-device='dev-a']").click()
-        timeline = "#device-timeline tbody tr[data-kind='event']"
-        wait(
-            lambda: (
-                "malformed"
-                in " ".join(e.text for e in browser.find_elements("css selector", timeline))
-            ),
-            20,
-            "the refusal",
-        )
-        wait(
-            lambda: browser.find_elements(
-                "css selector", "#device-plot polyline[data-series='available_mb']"
-            ),
-            20,
-            "a plot",
-        )
+        browser.execute_script("location.hash = '#/device/dev-a'")
+        timeline = "#device-timeline tbody tr[data-kind='event'] td"
+        wait(lambda: "malformed" in browser.execute_script(TEXT_JS, timeline), 20, "the refusal")
+        plot = "#device-plot polyline[data-series='available_mb']"
+        wait(lambda: browser.find_elements("css selector", plot), 20, "a plot")
 
         browser.execute_script("location.hash = '#/devices'")
         wait(lambda: len(browser.find_elements("css selector", rows)) == 3, 10)
