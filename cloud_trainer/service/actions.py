@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import eclm_wire as wire
 from cloud_trainer.errors import StateError
@@ -29,6 +29,7 @@ class StartRequest:
     rollout_id: str
     profile: str = ""  # "" = every profile
     label: str = ""  # key=value the devices must carry ("" = any)
+    devices: tuple[tuple[str, str], ...] = ()  # (device, profile) matched when asked
 
 
 class OperatorActions:
@@ -57,7 +58,7 @@ class OperatorActions:
         values = [body.get(k, "") for k in ("rollout_id", "profile", "label")]
         if not all(isinstance(v, str) for v in values):
             return 400, {"error": "rollout_id, profile and label are strings"}
-        request = StartRequest(*values)
+        request = StartRequest(*values)  # type: ignore[arg-type]
         try:
             wire.check_device_id(request.rollout_id)
             if request.label:
@@ -69,7 +70,10 @@ class OperatorActions:
             return 409, {"error": f"worker {s.config.worker} is not the leader"}
         if request.rollout_id in s.state.rollouts() or request.rollout_id in self._queued:
             return 409, {"error": f"rollout {request.rollout_id} exists"}
-        if not self._devices(request):
+        # the devices that match now, as the operator saw them: one that goes away before
+        # its wave counts as failed, as in any rollout
+        request = replace(request, devices=tuple(self._devices(request)))
+        if not request.devices:
             return 409, {"error": "no online device with a sub-model matches"}
         try:
             self._starts.put_nowait(request)
@@ -77,7 +81,11 @@ class OperatorActions:
             return 409, {"error": "too many rollouts waiting to start"}
         self._queued.add(request.rollout_id)
         log.info("an operator started rollout %s (dashboard)", request.rollout_id)
-        return 202, {"rollout_id": request.rollout_id, "state": "queued"}
+        return 202, {
+            "rollout_id": request.rollout_id,
+            "state": "queued",
+            "devices": [d for d, _ in request.devices],
+        }
 
     def step(self) -> None:
         """The leader's part: resume an operator rollout left running, else start one."""
@@ -101,7 +109,7 @@ class OperatorActions:
             return
         self._queued.discard(request.rollout_id)
         targets = {}
-        for device_id, profile in self._devices(request):
+        for device_id, profile in request.devices:
             target = s._plan_for(profile)
             if target is not None:
                 targets[device_id] = target

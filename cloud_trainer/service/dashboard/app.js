@@ -137,7 +137,7 @@ function renderDevices(data) {
     (data.matched !== data.total ? ` · ${data.matched} match the filter` : "");
   fillSelect($("#filters [name=profile]"), c.profile);
   fillSelect($("#filters [name=phase]"), c.phase);
-  const rows = data.devices.map((d) => el("tr", { "data-device": d.id, class: d.status },
+  const rows = data.devices.map((d) => el("tr", { "data-device": d.id, class: "st-" + d.status },
     el("td", {}, d.id, sub((d.labels || []).join(" "))),
     el("td", {}, d.profile || "—", sub(d.board || "")),
     el("td", { class: d.status }, d.status, sub(ago(d.seen, data.now) + " ago")),
