@@ -61,9 +61,10 @@ class Access:
 
     def where(self) -> str:
         """Where the tokens are, for the start-up line (never the tokens themselves)."""
-        read = str(self.read_file) if self.read_file else "dashboard.token in the config"
-        operate = str(self.operator_file) if self.operator_file else "the config"
-        return f"read-only token in {read}, operator token in {operate}"
+        read = f"in {self.read_file}" if self.read_file else "as dashboard.token in the config"
+        op = self.operator_file
+        operate = f"in {op}" if op else "as dashboard.operator_token in the config"
+        return f"read-only token {read}, operator token {operate}"
 
 
 def _make(path: Path) -> None:
