@@ -436,7 +436,7 @@ def _serve(args: argparse.Namespace) -> int:
     service = Service(config)
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     try:
-        service.run()
+        service.run(ready=lambda line: print(line, flush=True))
     except KeyboardInterrupt:
         service.stop()
         return ExitCode.INTERRUPTED

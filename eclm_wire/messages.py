@@ -156,6 +156,14 @@ class DesiredState(Message):
             )
 
 
+# a reported resource reading and its plausible range
+_READINGS = (
+    ("available_mb", 0.0, 1e9),
+    ("cpu_percent", 0.0, 100.0),
+    ("temperature_c", -100.0, 300.0),
+)
+
+
 @dataclass(frozen=True)
 class ReportedState(Message):
     """What a device runs and how it is doing (retained on ``reported``)."""
@@ -175,10 +183,18 @@ class ReportedState(Message):
     mix: tuple[float, ...] = ()  # the label mix of its latest labels (() before it has any)
     ts: float = field(default_factory=time.time)
     insecure: bool = False  # runs without a trust key: accepts unsigned desired states
+    # the board's latest resource reading (None: not reported, or no such sensor)
+    available_mb: float | None = None
+    cpu_percent: float | None = None
+    temperature_c: float | None = None
 
     def check(self) -> None:
         check_device_id(self.device_id)
         check_labels(self.labels)
+        for name, low, high in _READINGS:
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ProtocolError(f"must be in [{low}, {high}]", field=name)
         if self.domain and not SHORT_ID.fullmatch(self.domain):
             raise ProtocolError("must be a short id", field="domain")
         if len(self.mix) > 1000 or any(not 0.0 <= p <= 1.0 for p in self.mix):

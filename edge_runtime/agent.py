@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import queue
 import threading
 import time
@@ -38,7 +39,7 @@ from edge_runtime.data import load_npz
 from edge_runtime.errors import ArtifactError, BackendError, DamagedArtifact, NotServing
 from edge_runtime.installer import Installed, Installer
 from edge_runtime.learning import Learner
-from edge_runtime.monitor import PsutilSource, ResourceSource
+from edge_runtime.monitor import PsutilSource, Reading, ResourceSource
 from edge_runtime.reconcile import Goal, Keeper
 from edge_runtime.reporting import Reporter
 from edge_runtime.runner import Runner
@@ -138,6 +139,8 @@ class EdgeAgent:
         self._applied_serial = -1
         self.learner: Learner | None = None  # with a modular sub-model that brings a head
         self._last_tick = 0.0
+        self._last_health = -math.inf
+        self._reading: Reading | None = None  # the latest the policy saw
         self._network = network
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._stopped = threading.Event()
@@ -261,7 +264,8 @@ class EdgeAgent:
             return False
         self._last_tick = self.clock()
         try:
-            changed = runner.tick(self.resources.read())
+            self._reading = self.resources.read()
+            changed = runner.tick(self._reading)
         except (BackendError, ArtifactError) as exc:  # the previous set keeps serving
             self.voice.event(EventCode.SWAP_FAILED, str(exc), self._topic("reported"))
             if isinstance(exc, DamagedArtifact):
@@ -329,6 +333,21 @@ class EdgeAgent:
         self.keeper.idle()
         if self.clock() - self._last_tick >= self.config.policy_interval:
             self.tick()
+        if self.clock() - self._last_health >= self.config.health_interval:
+            self._report_health()
+
+    def _report_health(self) -> None:
+        """Put the latest resource reading in the report: the cloud's view of the board,
+        and a heartbeat from a device that has nothing else to say."""
+        self._last_health = self.clock()
+        reading = self._reading if self.runner and self._reading else self.resources.read()
+        self.voice.set(
+            available_mb=round(max(reading.available_mb, 0.0), 1),
+            cpu_percent=round(min(max(reading.cpu_percent, 0.0), 100.0), 1),
+            temperature_c=None
+            if reading.temperature_c is None
+            else round(reading.temperature_c, 1),
+        )
 
     def _handle(self, topic: str, payload: bytes) -> None:
         device_id, kind, rest = wire.parse_device_topic(topic)

@@ -28,6 +28,8 @@ class AgentConfig:
     fetch_timeout: float = 10.0
     fetch_window: int = 2  # chunks asked for and not yet arrived: what a cut can cost
     policy_interval: float = 5.0  # seconds between resource readings
+    # seconds between reports of the latest reading: the cloud's view of an idle device
+    health_interval: float = 10.0
     trust_key: Path | None = None  # the cloud's public key (required unless insecure)
     insecure: bool = False  # no trust key, on purpose: accepts unsigned desired states
     labels: tuple[str, ...] = ()  # key=value, for rollouts to pick devices by

@@ -134,6 +134,22 @@ class HttpSection:
 
 
 @dataclass(frozen=True)
+class DashboardSection:
+    """The page and JSON API on the HTTP port (``/``, ``/api/v1/...``). A token is its
+    own value (``token``) or the contents of a file (``token_file``, mode 600, made with a
+    random token at start if missing); the read-only one sees, the operator one may also
+    start and abort rollouts."""
+
+    enabled: bool = True
+    token: str = ""  # the read-only token itself (overrides token_file)
+    token_file: str = "runs/cloud/dashboard.token"
+    operator_token: str = ""  # the operator token itself (overrides operator_token_file)
+    operator_token_file: str = "runs/cloud/operator.token"
+    stale_after: float = 60.0  # seconds without a report after which a device shows stale
+    history: int = 120  # resource readings kept per device (a ring) for its plot
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     worker: str = "cloud-1"  # this worker's name: its MQTT client id and its rows' owner
     log_format: str = "json"  # json or text
@@ -146,6 +162,7 @@ class ServiceConfig:
     rollout: RolloutSection = RolloutSection()
     limits: LimitsSection = LimitsSection()
     http: HttpSection = HttpSection()
+    dashboard: DashboardSection = DashboardSection()
 
     def __post_init__(self) -> None:
         if self.log_format not in ("json", "text"):
@@ -172,6 +189,26 @@ class ServiceConfig:
             self.limits.limiter()
         except ValueError as exc:
             raise ConfigError(f"limits: {exc}") from None
+        self._check_dashboard()
+
+    def _check_dashboard(self) -> None:
+        d = self.dashboard
+        if not 0 <= self.http.port <= 65535:
+            raise ConfigError(f"http.port: must be in [0, 65535], got {self.http.port}")
+        if not d.stale_after > 0:
+            raise ConfigError("dashboard.stale_after: must be > 0 seconds")
+        if not 1 <= d.history <= 10_000:
+            raise ConfigError("dashboard.history: must be in [1, 10000] readings")
+        for key in ("token", "operator_token"):
+            value = getattr(d, key)
+            if value and (len(value) < 16 or not value.isascii() or not value.isprintable()):
+                raise ConfigError(f"dashboard.{key}: at least 16 printable ASCII characters")
+        if d.token and d.token == d.operator_token:
+            raise ConfigError("dashboard: token and operator_token must differ")
+        if d.enabled and not (d.token or d.token_file):
+            raise ConfigError("dashboard: a token or a token_file is required")
+        if d.enabled and not (d.operator_token or d.operator_token_file):
+            raise ConfigError("dashboard: an operator_token or an operator_token_file is required")
 
 
 def load_config(path: str | Path) -> ServiceConfig:

@@ -52,6 +52,7 @@ class UpdateLedger:
                 )
         except ProtocolError as exc:
             self.state.count(f"rejected:{exc.code}")
+            self.state.count(f"refused:{update.domain}:{exc.code}")  # the dashboard's, by domain
             raise
         log.info(
             "update from %s for %s stored (%d samples, weight %.2f)",

@@ -1,4 +1,5 @@
-"""The service's HTTP face: ``/metrics`` for Prometheus and ``/healthz`` for probes.
+"""The service's HTTP face: ``/metrics`` for Prometheus and ``/healthz`` for probes;
+the rest goes to the dashboard (:mod:`cloud_trainer.service.api`).
 
 Gauges are read from the service when scraped (devices online, model versions in the
 fleet, rollout progress, rounds), counters from the shared database (updates accepted and
@@ -129,8 +130,12 @@ def serve_http(service, host: str, port: int) -> ThreadingHTTPServer:
                 health = service.health()
                 code = 200 if health["status"] == "ok" else 503
                 self._send(code, json.dumps(health).encode(), "application/json")
-            else:
+            elif not (service.api and service.api.handle(self, "GET")):  # the dashboard's
                 self._send(404, b"try /metrics or /healthz\n", "text/plain")
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            if not (service.api and service.api.handle(self, "POST")):
+                self._send(404, b"nothing to POST here\n", "text/plain")
 
         def _send(self, status: int, body: bytes, kind: str) -> None:
             self.send_response(status)

@@ -318,6 +318,26 @@ class CloudState:
         rows = self.db.execute("SELECT version, head FROM versions ORDER BY version DESC LIMIT 1")
         return (int(rows[0][0]), bytes(rows[0][1])) if rows else (0, None)
 
+    def versions(self) -> list[tuple[int, int | None, str | None, float]]:
+        """Every model version: (version, round id, rollout id, commit time), newest first."""
+        rows = self.db.execute(
+            "SELECT version, round_id, rollout_id, created FROM versions ORDER BY version DESC"
+        )
+        return [(int(v), r, o, float(c)) for v, r, o, c in rows]
+
+    def round_summaries(self, limit: int = 200) -> list[dict]:
+        """The latest rounds with their updates and devices, newest first (no weights)."""
+        rows = self.db.execute(
+            "SELECT r.id, r.domain, r.state, r.opened, r.closed, r.samples,"
+            " COUNT(u.key), COUNT(DISTINCT u.device_id) FROM rounds r"
+            " LEFT JOIN updates u ON u.round_id = r.id"
+            " GROUP BY r.id, r.domain, r.state, r.opened, r.closed, r.samples"
+            " ORDER BY r.id DESC LIMIT ?",
+            (limit,),
+        )
+        keys = ("id", "domain", "state", "opened", "closed", "samples", "updates", "devices")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
     # --- leadership -------------------------------------------------------------------------
 
     def claim(self, name: str, holder: str, ttl: float) -> bool:

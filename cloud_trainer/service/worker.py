@@ -57,9 +57,13 @@ class Service:
         from cloud_trainer.fleet.coordinator import FleetCoordinator
         from cloud_trainer.fleet.keys import load_signing_key
         from cloud_trainer.model.checkpoint import head_weights, load_model
+        from cloud_trainer.service.access import Access
+        from cloud_trainer.service.actions import OperatorActions
+        from cloud_trainer.service.api import Api
         from cloud_trainer.service.database import Database
         from cloud_trainer.service.ledger import UpdateLedger
         from cloud_trainer.service.metrics import Metrics
+        from cloud_trainer.service.observer import FleetObserver
         from eclm_wire.mqtt import BrokerAddress
         from edge_runtime.artifacts import ArtifactStore
 
@@ -110,6 +114,10 @@ class Service:
             limiter=c.limits.limiter(),
         )
         self.metrics = Metrics(self)
+        self.observer = FleetObserver(c.dashboard.history)
+        self.fc.listeners.append(self.observer)
+        self.actions = OperatorActions(self)
+        self.api = Api(self, Access.from_config(c.dashboard)) if c.dashboard.enabled else None
         self.exporter = Exporter(self.model_dir, self.store_dir)
         self.reselector = Reselector(self)
         self.http: ThreadingHTTPServer | None = None
@@ -117,13 +125,17 @@ class Service:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until :meth:`stop`; BrokerUnreachable if the broker cannot be reached."""
+    def run(self, ready=None) -> None:
+        """Serve until :meth:`stop`; BrokerUnreachable if the broker cannot be reached.
+        ``ready(line)`` is told where the dashboard is once the HTTP port listens."""
         from cloud_trainer.service.metrics import serve_http
 
         self.fc.start()
         self._connected_at = time.monotonic()
         self.http = serve_http(self, self.config.http.host, self.config.http.port)
+        if ready and self.api:
+            url = f"http://{self.config.http.host}:{self.http.server_port}/"
+            ready(f"dashboard: {url} (open {url}#token=TOKEN; {self.api.access.where()})")
         lease = threading.Thread(target=self._hold_lease, name="lease", daemon=True)
         lease.start()
         log.info(
@@ -187,6 +199,7 @@ class Service:
                 self._integrate_rounds()
                 self._assign_new_devices()
                 self.reselector.step()
+                self.actions.step()
             self.db_error = ""
         except StateError as exc:
             self.db_error = str(exc)
