@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -15,6 +16,7 @@ import paho.mqtt.client as paho
 
 import eclm_wire as wire
 from cloud_trainer.errors import StateError
+from cloud_trainer.fleet.broadcast import Broadcaster, BroadcastPolicy
 from cloud_trainer.fleet.keys import sign
 from cloud_trainer.fleet.ratelimit import DropReason, RateLimiter
 from eclm_wire import signed_bytes
@@ -26,6 +28,7 @@ from edge_runtime.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 EVENTS_KEPT = 1000  # device events kept in memory (a long-running cloud would pile them up)
+DEFAULT_BROADCAST = BroadcastPolicy()
 FETCHES_QUEUED = 10_000  # chunk requests waiting for the sender; more are dropped, counted
 
 
@@ -58,6 +61,8 @@ class FleetCoordinator:
         shared_group: str = "",
         is_leader: Callable[[], bool] = lambda: True,
         limiter: RateLimiter | None = None,
+        broadcast: BroadcastPolicy | None = DEFAULT_BROADCAST,
+        source: str = "",
     ) -> None:
         """``signing_key`` (see :mod:`cloud_trainer.fleet.keys`) signs every desired state, which
         devices then refuse after ``ttl`` seconds; ``aggregator`` takes the devices' adapter
@@ -68,7 +73,12 @@ class FleetCoordinator:
         each update, fetch and event goes to one of them (a shared subscription), while
         every one sees all desired, reported and status messages; only the one for which
         ``is_leader()`` holds sends warm starts. ``limiter`` drops what a device sends over
-        its limits before it is decoded (default: no limits); drops are in ``dropped``."""
+        its limits before it is decoded (default: no limits); drops are in ``dropped``.
+
+        Shared fetch requests are gathered and sent once per artifact on its shared topic
+        (:mod:`~cloud_trainer.fleet.broadcast`; ``broadcast=None``: on each device's own
+        topic, as plain requests are). ``source`` names a content server holding the
+        artifacts at ``<source>/<sha256>`` in every desired state ("" = MQTT only)."""
         self.address = address
         self.signing_key = signing_key
         self.aggregator = aggregator
@@ -99,6 +109,14 @@ class FleetCoordinator:
         self._unstored: list[paho.MQTTMessage] = []  # not acknowledged: the store failed
         self.store_error = ""  # why the last store write failed ("" once it works again)
         self.client = make_client(client_id, address, manual_ack=True)
+        self.source = source
+        self.broadcaster = (
+            None
+            if broadcast is None
+            else Broadcaster(
+                self.client.publish, store, chunk_size, broadcast, alone=self._send_whole
+            )
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
@@ -106,11 +124,15 @@ class FleetCoordinator:
         connect(self.client, self.address)
         self.client.loop_start()
         self._sender.start()
+        if self.broadcaster is not None:
+            self.broadcaster.start()
         return self
 
     def stop(self) -> None:
         self._fetches.put(None)
         self._sender.join(timeout=10)
+        if self.broadcaster is not None:
+            self.broadcaster.stop()
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -155,6 +177,7 @@ class FleetCoordinator:
             options=tuple(options),
             target=target,
             expires=time.time() + self.ttl,
+            source=self.source,
         )
         if self.signing_key is not None:
             desired = sign(desired, self.signing_key)
@@ -166,6 +189,17 @@ class FleetCoordinator:
         else:  # a broker restart, say: paho sends it once connected again
             log.warning("desired state %d for %s queued (broker away)", desired.serial, device_id)
         return desired
+
+    def expect(self, devices: dict[str, list[wire.ArtifactRef]]) -> None:
+        """A wave is about to give ``devices`` these artifacts: a broadcast each of them
+        asks for together starts as soon as all have asked (see :meth:`Broadcaster.expect`)."""
+        if self.broadcaster is None:
+            return
+        wanted: dict[str, set[str]] = {}
+        for device_id, refs in devices.items():
+            for ref in refs:
+                wanted.setdefault(ref.sha256, set()).add(device_id)
+        self.broadcaster.expect(wanted)
 
     def wait_until(self, predicate: Callable[[FleetCoordinator], bool], timeout: float) -> bool:
         """Block until ``predicate(self)`` holds after a report, or ``timeout`` passes."""
@@ -229,6 +263,11 @@ class FleetCoordinator:
             if kind == "fetch":
                 request = wire.decode(wire.FetchRequest, msg.payload)
                 self._check_sender(request.device_id, device_id)
+                if request.shared and self.broadcaster is not None:
+                    self.broadcaster.want(request)
+                    return
+                if request.shared:  # no broadcasts here: the whole artifact, on its own topic
+                    request = replace(request, shared=False, first_chunk=0, count=0)
                 try:
                     self._fetches.put_nowait(request)
                 except queue.Full:
@@ -344,6 +383,13 @@ class FleetCoordinator:
             log.warning("stored %d messages held back by a store failure", len(waiting))
             with self._changed:
                 self.store_error = ""
+
+    def _send_whole(self, device_id: str, sha: str) -> None:
+        """Queue all of ``sha`` for one device, on its own topic."""
+        try:
+            self._fetches.put_nowait(wire.FetchRequest(device_id=device_id, sha256=sha))
+        except queue.Full:
+            self.limiter.count_drop("fetch", DropReason.QUEUE_FULL)
 
     def _send_chunks(self, request: wire.FetchRequest) -> None:
         if not self.store.has(request.sha256):

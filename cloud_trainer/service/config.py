@@ -134,6 +134,38 @@ class HttpSection:
 
 
 @dataclass(frozen=True)
+class ContentSection:
+    """An HTTPS content server for artifacts, named in every desired state (off: MQTT only)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9443  # 0 picks a free port
+    url: str = ""  # the base URL devices reach it by ("" = https://host:port)
+    cert: str = ""  # PEM certificate and key, e.g. the broker access dir's server.pem/.key
+    key: str = ""
+    secret_file: str = "runs/keys/content.secret"  # device tokens are HMACs with it ("" = none)
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        if not self.cert or not self.key:
+            raise ConfigError("content: cert and key are required when enabled")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"content.port: must be 0..65535, got {self.port}")
+        if self.url and (not self.url.startswith("https://") or len(self.url) > 512):
+            raise ConfigError(f"content.url: must be an https:// URL, got {self.url[:80]!r}")
+
+
+@dataclass(frozen=True)
+class BroadcastSection:
+    """When shared fetch requests for one artifact are sent as one broadcast."""
+
+    gather: float = 0.2  # seconds without a new request before the broadcast starts
+    gather_max: float = 2.0  # at most this long after the first request
+    enabled: bool = True  # false: every device gets its own copy on its own topic
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     worker: str = "cloud-1"  # this worker's name: its MQTT client id and its rows' owner
     log_format: str = "json"  # json or text
@@ -146,6 +178,8 @@ class ServiceConfig:
     rollout: RolloutSection = RolloutSection()
     limits: LimitsSection = LimitsSection()
     http: HttpSection = HttpSection()
+    content: ContentSection = ContentSection()
+    broadcast: BroadcastSection = BroadcastSection()
 
     def __post_init__(self) -> None:
         if self.log_format not in ("json", "text"):
@@ -172,6 +206,15 @@ class ServiceConfig:
             self.limits.limiter()
         except ValueError as exc:
             raise ConfigError(f"limits: {exc}") from None
+        self.content.check()
+        self.broadcast_policy()
+
+    def broadcast_policy(self):
+        """The broadcast section as a policy (None: off); ConfigError if out of range."""
+        from cloud_trainer.fleet.broadcast import BroadcastPolicy
+
+        b = self.broadcast
+        return BroadcastPolicy(b.gather, b.gather_max) if b.enabled else None
 
 
 def load_config(path: str | Path) -> ServiceConfig:
