@@ -56,17 +56,20 @@ def token_device(secret: bytes, token: str) -> str | None:
     return None
 
 
+UNSATISFIABLE = (-1, -1)
+
+
 def _span(header: str | None, size: int) -> tuple[int, int] | None:
-    """``(first, last)`` byte of a ``Range`` header (whole object: None); ValueError if
-    the range cannot be served."""
+    """``(first, last)`` byte of a ``Range`` header (whole object: None), or
+    :data:`UNSATISFIABLE` for a range that cannot be served (416)."""
     if not header:
         return None
     match = _RANGE.fullmatch(header.strip())
     if not match:
-        raise ValueError(header)
+        return UNSATISFIABLE
     first, last = int(match[1]), int(match[2]) if match[2] else size - 1
     if first >= size or last < first:
-        raise ValueError(header)
+        return UNSATISFIABLE
     return first, min(last, size - 1)
 
 
@@ -93,9 +96,8 @@ def serve_content(
                 return self._fail(404, "no such object")
             path = store.path(found[1])
             size = path.stat().st_size
-            try:
-                span = _span(self.headers.get("Range"), size)
-            except ValueError:
+            span = _span(self.headers.get("Range"), size)
+            if span == UNSATISFIABLE:
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
