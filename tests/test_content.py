@@ -30,9 +30,7 @@ def server(tmp_path):
     store = ArtifactStore(tmp_path / "cloud")
     secret = load_secret(tmp_path / "content.secret")
     tls = access.tls
-    http = serve_content(
-        store, "127.0.0.1", 0, cert=tls.certfile, key=tls.keyfile, secret=secret
-    )
+    http = serve_content(store, "127.0.0.1", 0, cert=tls.certfile, key=tls.keyfile, secret=secret)
     yield store, http.server_port, secret, tls.cafile
     http.shutdown()
     http.server_close()
@@ -107,3 +105,31 @@ def test_an_agent_takes_its_program_from_the_content_server_its_state_names(
     finally:
         agent.stop()
         coordinator.stop()
+
+
+def test_new_settings_are_checked_when_built(tmp_path):
+    from cloud_trainer.errors import ConfigError as CloudConfigError
+    from cloud_trainer.service.config import load_config
+    from edge_runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="broadcast_wait"):
+        AgentConfig("d-1", load_profile("rpi4"), None, tmp_path, insecure=True, broadcast_wait=-1)
+    with pytest.raises(ConfigError, match="content token"):
+        ContentAccess(token="two words")
+    for text, where in (
+        ("[content]\nenabled = true\n", "cert and key"),
+        ('[content]\nenabled = true\ncert = "c"\nkey = "k"\nurl = "http://x"\n', "content.url"),
+        ("[broadcast]\ngather = 5.0\ngather_max = 1.0\n", "gather"),
+        ("[broadcast]\ngather = nan\n", "nan"),
+    ):
+        path = tmp_path / "cloud.toml"
+        path.write_text(text)
+        with pytest.raises(CloudConfigError, match=where):
+            load_config(path)
+    with pytest.raises(wire.ProtocolError, match="source"):
+        wire.DesiredState(
+            device_id="d-1",
+            serial=1,
+            artifacts=(ref_of(ArtifactStore(tmp_path / "s"), b"y" * 2000),),
+            source="http://plain.example/objects",
+        )
