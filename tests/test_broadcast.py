@@ -11,6 +11,7 @@ import paho.mqtt.client as paho
 import pytest
 from cloudproc import wait
 from netproxy import ChaosProxy
+from small_program import mlp_program
 
 import eclm_wire as wire
 from cloud_trainer.export.plan import Target
@@ -28,14 +29,12 @@ CHUNK = 1024  # small chunks: the program travels in dozens of them
 
 
 @pytest.fixture
-def cloud(exported, address, tmp_path):
-    """A coordinator holding the fused LiteRT program, cut in 1 KiB chunks."""
-    source = ArtifactStore(exported["store"])
+def cloud(address, tmp_path):
+    """A coordinator holding a real LiteRT program, cut in 1 KiB chunks."""
     coordinator = FleetCoordinator(
         address, ArtifactStore(tmp_path / "cloud"), client_id="cloud-bcast", chunk_size=CHUNK
     ).start()
-    data = source.read(exported["refs"]["tflite"].sha256)
-    ref = coordinator.add_artifact("fused.tflite", data, "tflite")
+    ref = coordinator.add_artifact("mlp.tflite", mlp_program(), "tflite")
     yield coordinator, ref
     coordinator.stop()
 
@@ -99,10 +98,9 @@ def agent(device_id: str, address, tmp_path, **options) -> EdgeAgent:
 
 @pytest.mark.slow
 def test_late_and_cut_off_devices_repair_on_their_own_topic(
-    exported, address, mosquitto, collector_factory, tmp_path
+    address, mosquitto, collector_factory, tmp_path
 ):
     # A quiet wait long enough to cut one device off between its request and the broadcast.
-    source = ArtifactStore(exported["store"])
     coordinator = FleetCoordinator(
         address,
         ArtifactStore(tmp_path / "cloud"),
@@ -110,16 +108,14 @@ def test_late_and_cut_off_devices_repair_on_their_own_topic(
         chunk_size=CHUNK,
         broadcast=BroadcastPolicy(gather=1.5, gather_max=5.0),
     ).start()
-    ref = coordinator.add_artifact(
-        "fused.tflite", source.read(exported["refs"]["tflite"].sha256), "tflite"
-    )
+    ref = coordinator.add_artifact("mlp.tflite", mlp_program(), "tflite")
     watcher = collector_factory(f"{wire.TOPIC_ROOT}/artifacts/#", client_id="watch-repair")
     proxy = ChaosProxy(mosquitto.port)
     early = [agent(f"early-{i}", address, tmp_path) for i in range(2)]
     cut = agent("cut-0", BrokerAddress("127.0.0.1", proxy.port), tmp_path, broadcast_wait=1.0)
     agents = [*early, cut]
     try:
-        wait(lambda: proxy.connections() >= 1, 10, "the cut device's connection")
+        wait(lambda: proxy.connections >= 1, 10, "the cut device's connection")
         serials = {
             a.config.device_id: coordinator.assign(a.config.device_id, [ref]).serial for a in agents
         }
@@ -134,7 +130,11 @@ def test_late_and_cut_off_devices_repair_on_their_own_topic(
         assert all(a.stats.asked_chunks == 0 for a in early)
 
         # A device that asks after the wave is alone in its gathering: it gets the
-        # artifact on its own topic, and nothing more is broadcast.
+        # artifact on its own topic, and nothing more is broadcast. (The cut device's
+        # shared request, sent again when it reconnected, is answered first.)
+        time.sleep(0.5)
+        wait(lambda: coordinator.broadcaster.idle, 20, "the cut device's repeated request")
+        time.sleep(0.5)  # what the sender thread queued for it has gone out
         before = own_chunks(coordinator)
         late = agent("late-0", address, tmp_path)
         agents.append(late)

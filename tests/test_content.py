@@ -10,6 +10,7 @@ import time
 import pytest
 from cloudproc import wait
 from netproxy import ChaosProxy
+from small_program import mlp_program
 
 import eclm_wire as wire
 from broker import Access
@@ -78,14 +79,14 @@ def test_without_a_token_of_ours_the_server_refuses(server, tmp_path):
 
 @pytest.mark.slow
 def test_an_agent_takes_its_program_from_the_content_server_its_state_names(
-    server, exported, address, tmp_path
+    server, address, tmp_path
 ):
     store, port, secret, cafile = server
-    data = ArtifactStore(exported["store"]).read(exported["refs"]["tflite"].sha256)
+    data = mlp_program()
     coordinator = FleetCoordinator(
         address, store, client_id="cloud-content", source=f"https://127.0.0.1:{port}"
     ).start()
-    ref = coordinator.add_artifact("fused.tflite", data, "tflite")
+    ref = coordinator.add_artifact("mlp.tflite", data, "tflite")
     config = AgentConfig(
         "content-1",
         load_profile("rpi4"),

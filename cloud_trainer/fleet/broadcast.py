@@ -90,6 +90,12 @@ class Broadcaster:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
+    @property
+    def idle(self) -> bool:
+        """Whether no gathering waits and nothing is being sent."""
+        with self._cond:
+            return not self._gathering and not self._sending
+
     def expect(self, wanted: dict[str, Iterable[str]]) -> None:
         """A wave starts: ``wanted[sha256]`` are the devices about to ask for it. A
         gathering that every one of them joined is sent without waiting for quiet."""
