@@ -343,6 +343,7 @@ class BroadcastDone(Message):
     sha256: str
     chunks: int
     devices: int = 0  # how many devices had asked for this broadcast
+    again: bool = False  # others asked meanwhile: another broadcast follows for them
 
     def check(self) -> None:
         _check_sha(self.sha256, "sha256")

@@ -82,9 +82,11 @@ class Reception:
     def on_done(self, done: wire.BroadcastDone) -> None:
         """The cloud sent all of ``done.sha256`` once: what is missing now stays missing."""
         if done.sha256 in self.downloads and done.sha256 not in self.over:
-            self.over.add(done.sha256)
             self._last = self.clock()
             left = len(self.downloads[done.sha256].missing())
+            if done.again and left:
+                return  # another broadcast follows for those who asked meanwhile: wait
+            self.over.add(done.sha256)
             if left:
                 log.info("broadcast of %s over; %d chunks to fetch", done.sha256[:12], left)
 

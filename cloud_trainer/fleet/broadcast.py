@@ -11,7 +11,9 @@ link was cut) fetches just those on its own topic.
 
 The quiet wait is what lets a wave's subscribers be in place: each device subscribes
 before it asks, and the broker takes a client's packets in order. Bytes out of the cloud
-grow with the gatherings (about one per wave), not with the devices.
+grow with the gatherings (about one per wave), not with the devices. Devices that asked
+while a broadcast was under way get one more together (its done message says so, so
+that devices missing chunks keep listening instead of asking on their own topics).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class Broadcaster:
         self._gathering: dict[str, _Gathering] = {}
         self._sending: dict[str, set[str]] = {}  # sha -> devices that asked meanwhile
         self._expected: dict[str, tuple[set[str], float]] = {}  # sha -> (devices, until)
+        self._held: set[str] = set()  # a wave is being assigned: wait for all of it
+        self._released: dict[str, float] = {}  # sha -> when its wave was assigned
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="cloud-broadcast", daemon=True)
@@ -97,12 +101,23 @@ class Broadcaster:
             return not self._gathering and not self._sending
 
     def expect(self, wanted: dict[str, Iterable[str]]) -> None:
-        """A wave starts: ``wanted[sha256]`` are the devices about to ask for it. A
-        gathering that every one of them joined is sent without waiting for quiet."""
+        """A wave starts: ``wanted[sha256]`` are the devices about to ask for it. Their
+        gatherings wait until :meth:`release` (the wave is assigned), then for a quiet
+        ``gather``; one that every expected device joined is sent at once."""
         until = self.clock() + self.policy.expect_for
         with self._cond:
             for sha, devices in wanted.items():
                 self._expected[sha] = (set(devices), until)
+                self._held.add(sha)
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        """The wave :meth:`expect` announced is assigned: its gatherings may go."""
+        now = self.clock()
+        with self._cond:
+            for sha in self._held:
+                self._released[sha] = now
+            self._held.clear()
             self._cond.notify_all()
 
     def want(self, request: wire.FetchRequest) -> None:
@@ -121,8 +136,13 @@ class Broadcaster:
     def _due(self, sha: str, gathering: _Gathering, now: float) -> float:
         """When ``gathering`` is to be sent (now or earlier: at once)."""
         expected, until = self._expected.get(sha, (set(), 0.0))
-        if expected and until >= now and expected <= gathering.devices:
-            return now
+        if expected and until >= now:
+            if expected <= gathering.devices:
+                return now
+            if sha in self._held:  # the wave is still being assigned
+                return until
+            released = self._released.get(sha, gathering.last)
+            return max(gathering.last, released) + self.policy.gather
         return min(gathering.last + self.policy.gather, gathering.first + self.policy.gather_max)
 
     def _loop(self) -> None:
@@ -150,6 +170,10 @@ class Broadcaster:
             finally:
                 with self._cond:
                     late = self._sending.pop(sha, set())
+                    if late:  # they listen on: one more broadcast (or send) for them all
+                        now = self.clock()
+                        again = self._gathering.setdefault(sha, _Gathering(now, now))
+                        again.devices |= late
             if late:
                 log.info("%d devices asked for %s during its broadcast", len(late), sha[:12])
 
@@ -163,7 +187,9 @@ class Broadcaster:
             chunk = wire.pack_chunk(self.store.read_chunk(sha, index, self.chunk_size))
             self.publish(wire.artifact_topic(sha, index), chunk, qos=1)
             self.bytes_sent += len(chunk)
-        done = wire.BroadcastDone(sha256=sha, chunks=total, devices=len(devices))
+        with self._cond:  # those who asked meanwhile get it again: others keep listening
+            again = bool(self._sending.get(sha))
+        done = wire.BroadcastDone(sha256=sha, chunks=total, devices=len(devices), again=again)
         self.publish(wire.artifact_done_topic(sha), done.encode(), qos=1)
         self.sent[sha] += 1
         log.info("broadcast %s (%d chunks) to %d devices", sha[:12], total, len(devices))

@@ -201,6 +201,11 @@ class FleetCoordinator:
                 wanted.setdefault(ref.sha256, set()).add(device_id)
         self.broadcaster.expect(wanted)
 
+    def release(self) -> None:
+        """The wave :meth:`expect` announced is assigned (see :meth:`Broadcaster.release`)."""
+        if self.broadcaster is not None:
+            self.broadcaster.release()
+
     def wait_until(self, predicate: Callable[[FleetCoordinator], bool], timeout: float) -> bool:
         """Block until ``predicate(self)`` holds after a report, or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
