@@ -103,8 +103,8 @@ def parse_artifact_topic(topic: str) -> tuple[str, int | None]:
         return sha, None
     if len(rest) == 2 and rest[0] == "chunks":
         index = rest[1]
-        if index.isascii() and index.isdigit() and len(index) <= 12:
-            return sha, int(index)
+        if index.isascii() and index.isdigit() and len(index) <= 12 and str(int(index)) == index:
+            return sha, int(index)  # one spelling per chunk: "7", never "007"
     raise ProtocolError(f"unexpected artifact topic {topic[:200]!r}", field="topic")
 
 
