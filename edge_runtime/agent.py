@@ -454,8 +454,10 @@ class EdgeAgent:
         elif topics:
             self.client.unsubscribe(topics)
 
-    def _ask_shared(self, sha: str) -> None:
-        request = wire.FetchRequest(device_id=self.config.device_id, sha256=sha, shared=True)
+    def _ask_shared(self, sha: str, first: int) -> None:
+        request = wire.FetchRequest(
+            device_id=self.config.device_id, sha256=sha, first_chunk=first, shared=True
+        )
         self.client.publish(self._topic("fetch"), request.encode(), qos=1)
 
     def _request_chunk(self, sha: str, index: int) -> None:

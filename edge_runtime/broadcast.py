@@ -33,12 +33,13 @@ class Reception:
         refs: list[wire.ArtifactRef],
         *,
         listen: Callable[[list[str], bool], None],
-        ask: Callable[[str], None],
+        ask: Callable[[str, int], None],
         clock: Callable[[], float],
         wait: float,
     ) -> None:
         """``listen(shas, on)`` subscribes to (or leaves) their shared topics; ``ask(sha)``
-        sends a shared fetch request for one artifact."""
+        sends a shared fetch request for one artifact from ``first_chunk`` on (what a
+        resumed download lacks starts there)."""
         self.store, self.listen, self.ask, self.clock, self.wait = store, listen, ask, clock, wait
         self.downloads: dict[str, Download] = {r.sha256: store.download(r) for r in refs}
         self.over: set[str] = set()  # whole, or its broadcast is done
@@ -53,7 +54,7 @@ class Reception:
         for sha in shas:
             self._check(sha)  # a resumed download may be whole already
             if sha not in self.over:
-                self.ask(sha)
+                self.ask(sha, min(self.downloads[sha].missing()))
         self._last = self.clock()
 
     @property

@@ -58,7 +58,7 @@ class Keeper:
         scrub_interval: float = 3600.0,
         stats: AgentStats | None = None,
         listen: Callable[[list[str], bool], None] | None = None,
-        ask_shared: Callable[[str], None] | None = None,
+        ask_shared: Callable[[str, int], None] | None = None,
         broadcast_wait: float = 0.0,
         content: ContentAccess | None = None,
     ) -> None:

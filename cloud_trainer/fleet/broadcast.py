@@ -39,6 +39,7 @@ class BroadcastPolicy:
     gather: float = 0.2  # seconds without a new request before the broadcast starts ...
     gather_max: float = 2.0  # ... but at most this long after the first request
     expect_for: float = 60.0  # how long a wave's expected devices are remembered
+    expect_wait: float = 3.0  # after a wave is assigned, wait this long for all of it
 
     def __post_init__(self) -> None:
         if not 0 <= self.gather <= self.gather_max or not self.expect_for > 0:
@@ -52,6 +53,7 @@ class _Gathering:
     first: float
     last: float
     devices: set[str] = field(default_factory=set)
+    chunk: int = 1 << 40  # the first chunk any of them lacks (a resumed download has some)
 
 
 class Broadcaster:
@@ -67,8 +69,8 @@ class Broadcaster:
         alone: Callable[[str, str], None] | None = None,
     ) -> None:
         """``publish(topic, payload, qos=1)`` sends one message (a paho client's);
-        ``alone(device_id, sha256)`` sends a whole artifact to the one device of a
-        gathering on its own topic (None: broadcast it all the same)."""
+        ``alone(device_id, sha256, first_chunk)`` sends an artifact from ``first_chunk``
+        on to the one device of a gathering on its own topic (None: broadcast it all the same)."""
         self.publish, self.store, self.chunk_size, self.alone = publish, store, chunk_size, alone
         self.policy, self.clock = policy, clock
         self.sent: Counter[str] = Counter()  # broadcasts per sha256
@@ -131,6 +133,7 @@ class Broadcaster:
             gathering = self._gathering.setdefault(request.sha256, _Gathering(now, now))
             gathering.last = now
             gathering.devices.add(request.device_id)
+            gathering.chunk = min(gathering.chunk, request.first_chunk)
             self._cond.notify_all()
 
     def _due(self, sha: str, gathering: _Gathering, now: float) -> float:
@@ -141,8 +144,9 @@ class Broadcaster:
                 return now
             if sha in self._held:  # the wave is still being assigned
                 return until
+            # assigned: wait for the expected devices (slow ones join the next broadcast)
             released = self._released.get(sha, gathering.last)
-            return max(gathering.last, released) + self.policy.gather
+            return max(released + self.policy.expect_wait, gathering.last + self.policy.gather)
         return min(gathering.last + self.policy.gather, gathering.first + self.policy.gather_max)
 
     def _loop(self) -> None:
@@ -162,9 +166,10 @@ class Broadcaster:
                     self._cond.wait(min(due.values()) - now if due else None)
             try:
                 if len(gathering.devices) == 1 and self.alone is not None:
-                    self.alone(next(iter(gathering.devices)), sha)  # no one to share with
+                    # no one to share with
+                    self.alone(next(iter(gathering.devices)), sha, gathering.chunk)
                 else:
-                    self._send(sha, gathering.devices)
+                    self._send(sha, gathering.devices, gathering.chunk)
             except Exception:  # one place where sender bugs are caught and logged
                 log.exception("broadcasting %s failed", sha[:12])
             finally:
@@ -174,16 +179,17 @@ class Broadcaster:
                         now = self.clock()
                         again = self._gathering.setdefault(sha, _Gathering(now, now))
                         again.devices |= late
+                        again.chunk = 0
             if late:
                 log.info("%d devices asked for %s during its broadcast", len(late), sha[:12])
 
-    def _send(self, sha: str, devices: set[str]) -> None:
+    def _send(self, sha: str, devices: set[str], first: int = 0) -> None:
         if not self.store.has(sha):
             log.warning("%d devices asked for unknown artifact %s", len(devices), sha[:12])
             return
         size = self.store.path(sha).stat().st_size
         total = -(-size // self.chunk_size)
-        for index in range(total):
+        for index in range(min(first, total), total):
             chunk = wire.pack_chunk(self.store.read_chunk(sha, index, self.chunk_size))
             self.publish(wire.artifact_topic(sha, index), chunk, qos=1)
             self.bytes_sent += len(chunk)

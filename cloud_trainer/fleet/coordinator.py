@@ -29,6 +29,7 @@ from edge_runtime.artifacts import ArtifactStore
 log = logging.getLogger(__name__)
 EVENTS_KEPT = 1000  # device events kept in memory (a long-running cloud would pile them up)
 DEFAULT_BROADCAST = BroadcastPolicy()
+_FORMATS = {"litert": "tflite", "executorch": "pte"}  # what a backend asks for
 FETCHES_QUEUED = 10_000  # chunk requests waiting for the sender; more are dropped, counted
 
 
@@ -191,13 +192,19 @@ class FleetCoordinator:
         return desired
 
     def expect(self, devices: dict[str, list[wire.ArtifactRef]]) -> None:
-        """A wave is about to give ``devices`` these artifacts: a broadcast each of them
-        asks for together starts as soon as all have asked (see :meth:`Broadcaster.expect`)."""
+        """A wave is about to give ``devices`` these artifacts: a broadcast starts as soon
+        as every device expected to ask for it has (see :meth:`Broadcaster.expect`). A
+        device is expected to ask for what it lacks in the format its backend runs, as
+        its last report says (every artifact if it never reported)."""
         if self.broadcaster is None:
             return
         wanted: dict[str, set[str]] = {}
         for device_id, refs in devices.items():
+            report = self.reported.get(device_id)
+            fmt = _FORMATS.get(report.backend or "") if report else None
             for ref in refs:
+                if report and (ref.sha256 in report.active or fmt and ref.format != fmt):
+                    continue
                 wanted.setdefault(ref.sha256, set()).add(device_id)
         self.broadcaster.expect(wanted)
 
@@ -272,7 +279,7 @@ class FleetCoordinator:
                     self.broadcaster.want(request)
                     return
                 if request.shared:  # no broadcasts here: the whole artifact, on its own topic
-                    request = replace(request, shared=False, first_chunk=0, count=0)
+                    request = replace(request, shared=False, count=0)
                 try:
                     self._fetches.put_nowait(request)
                 except queue.Full:
@@ -389,10 +396,11 @@ class FleetCoordinator:
             with self._changed:
                 self.store_error = ""
 
-    def _send_whole(self, device_id: str, sha: str) -> None:
-        """Queue all of ``sha`` for one device, on its own topic."""
+    def _send_whole(self, device_id: str, sha: str, first: int) -> None:
+        """Queue ``sha`` from chunk ``first`` on for one device, on its own topic."""
+        request = wire.FetchRequest(device_id=device_id, sha256=sha, first_chunk=first)
         try:
-            self._fetches.put_nowait(wire.FetchRequest(device_id=device_id, sha256=sha))
+            self._fetches.put_nowait(request)
         except queue.Full:
             self.limiter.count_drop("fetch", DropReason.QUEUE_FULL)
 
