@@ -163,6 +163,10 @@ port = {self.port}
         for line in text.splitlines():
             if line.startswith("eclm_devices_online "):
                 found["online"] = float(line.split()[1])
+            sent = re.match(r'eclm_artifact_bytes_sent_total\{topic="(\w+)"\} (\S+)', line)
+            if sent:
+                found["bytes_out"] += float(sent[2])
+                found[f"bytes_{sent[1]}"] = float(sent[2])
             match = re.match(r'eclm_fleet_devices\{phase="([^"]+)",version="[^"]*"\} (\S+)', line)
             if match:
                 found[match[1]] += float(match[2])
@@ -253,8 +257,11 @@ def fleet_phases(sim, service: Service, args) -> dict:
         m = service.metrics()
         return m["active"] + m["failed"] >= n
 
+    bytes0 = service.metrics()["bytes_out"]
     wait(converged, timeout, "convergence", 1.0, status)
     figures["converge_s"] = time.perf_counter() - online
+    bytes1 = service.metrics()["bytes_out"]
+    figures["converge_cloud_mb"] = (bytes1 - bytes0) / 1e6
     cpu2, figures["service_converged_rss_mb"] = service.cpu(), service.rss() / 2**20
     print(f"every device active on its sub-model: {figures['converge_s']:.1f} s", flush=True)
     wait(lambda: sim.phases()["active"] + sim.phases()["failed"] == n, 60, "every agent")
@@ -299,6 +306,8 @@ def fleet_phases(sim, service: Service, args) -> dict:
     figures["integrate_s"] = started - trigger  # round closes, new head exported
     figures["rollout_s"] = done - started
     cpu3 = service.cpu()
+    figures["rollout_cloud_mb"] = (service.metrics()["bytes_out"] - bytes1) / 1e6
+    figures["rollout_waves"] = final.wave + 1
     print(
         f"rollout of the new head to {n}: {figures['rollout_s']:.1f} s "
         f"({figures['integrate_s']:.1f} s from the quorum's uploads to its start)",
@@ -418,6 +427,19 @@ def report(args, f: dict) -> None:
             f"{f['rollout_s'] / f['rollout_fanout_s']:.0f}x",
         ),
         (
+            "bytes out of the cloud, rollout",
+            f"{f['rollout_cloud_mb']:.2f} MB",
+            f"(waves + 5%) x sub-model = ({f['rollout_waves']} + 0.05) x "
+            f"{f['rollout_unique_mb']:.3f} MB = "
+            f"{(f['rollout_waves'] + 0.05) * f['rollout_unique_mb']:.2f} MB; "
+            f"{f['rollout_mb']:.2f} MB if each device got its own",
+        ),
+        (
+            "bytes out of the cloud, convergence",
+            f"{f['converge_cloud_mb']:.1f} MB",
+            f"{f['converge_mb']:.1f} MB if each device got its own",
+        ),
+        (
             "service CPU per 100 devices",
             f"{(sum(cpu.values()) - cpu['integrate']) * per100:.1f} s",
             f"connect {cpu['connect'] * per100:.1f}, converge {cpu['converge'] * per100:.1f}, "
@@ -508,6 +530,8 @@ def main() -> None:
             service.stop()
         f["converge_mb"] = sum(n * sum(map(len, c)) for n, c in converge) / 1e6
         f["rollout_mb"] = sum(n * sum(map(len, c)) for n, c in rollout) / 1e6
+        # what every device's copy would be without broadcasts, once per distinct artifact
+        f["rollout_unique_mb"] = sum(sum(map(len, c)) for _, c in rollout) / 1e6
         print("raw fan-out of the same chunks to N mosquitto_sub ...", flush=True)
         f["converge_fanout_s"] = fan_out(broker, converge)
         f["rollout_fanout_s"] = fan_out(broker, rollout)

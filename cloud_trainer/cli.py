@@ -167,6 +167,16 @@ def _service_commands(cmds: argparse._SubParsersAction) -> None:
     init.add_argument("--dir", type=Path, default=KEYS, help="where (default: %(default)s)")
     init.add_argument("--force", action="store_true", help="replace an existing key pair")
     init.set_defaults(func=_keys_init)
+    token = keys_cmds.add_parser(
+        "content-token",
+        help="a device's bearer token for the content server (give it to the board as "
+        "$ECLM_CONTENT_TOKEN)",
+    )
+    token.add_argument("device_id")
+    token.add_argument(
+        "--secret", type=Path, default=KEYS / "content.secret", help="(default: %(default)s)"
+    )
+    token.set_defaults(func=_content_token)
 
 
 def _broker_args(parser: argparse.ArgumentParser) -> None:
@@ -449,6 +459,14 @@ def _keys_init(args: argparse.Namespace) -> int:
     private, public = init_keys(args.dir, force=args.force)
     print(f"signing key: {private} (mode 600; keep it on the cloud)")
     print(f"public key:  {public} (provision onto devices: eclm edge run --trust-key)")
+    return ExitCode.OK
+
+
+def _content_token(args: argparse.Namespace) -> int:
+    from cloud_trainer.fleet.content import device_token, load_secret
+    from eclm_wire import check_device_id
+
+    print(device_token(load_secret(args.secret), check_device_id(args.device_id)))
     return ExitCode.OK
 
 

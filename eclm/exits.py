@@ -22,7 +22,7 @@ from eclm_common.errors import UsageError
 from eclm_common.exit_codes import ExitCode
 from eclm_lab.errors import SettingsError
 from eclm_wire.errors import AddressError, BrokerUnreachable, ProtocolError
-from edge_runtime.errors import ArtifactError, BackendError, NotServing
+from edge_runtime.errors import ArtifactError, BackendError, ContentError, NotServing
 from edge_runtime.errors import ConfigError as EdgeConfigError
 
 EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
@@ -46,6 +46,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (SettingsError, ExitCode.CONFIG),
     (ArtifactError, ExitCode.CONFIG),
     (BackendError, ExitCode.CONFIG),  # BackendUnavailable says what to install
+    (ContentError, ExitCode.BROKER_UNREACHABLE),  # a content server that cannot serve
     (NotServing, ExitCode.ERROR),  # predicting before installing: the caller's bug
 )
 

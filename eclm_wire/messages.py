@@ -31,6 +31,7 @@ FORMATS = ("pte", "tflite", "safetensors")
 PHASES = tuple(p.value for p in Phase)
 
 _SIGNATURE = re.compile(r"^[0-9a-f]{128}$")
+_SOURCE = re.compile(r"^https://[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]{1,504}$")
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
 _PART = re.compile(
     r"^(stem|head|adapter|layer\d{1,3}\.(router|shortcut|block\d{1,3})|trunk\.[0-9_-]{1,400})$"
@@ -133,6 +134,9 @@ class DesiredState(Message):
     options: tuple[ModuleSet, ...] = ()
     target: str = ""  # the device profile it is meant for ("" = any, unsigned only)
     expires: float = 0.0  # unix time after which the device refuses it (0 = never)
+    # a content server holding the artifacts at <source>/<sha256> (HTTPS GET with Range);
+    # the device still checks every hash, so naming it here adds no trust ("" = MQTT only)
+    source: str = ""
     signature: str = ""  # ed25519 over the state with this field empty, hex
 
     def check(self) -> None:
@@ -150,6 +154,8 @@ class DesiredState(Message):
             raise ProtocolError("must be >= 0", field="expires")
         if self.signature and not _SIGNATURE.fullmatch(self.signature):
             raise ProtocolError("must be 128 hex digits", field="signature")
+        if self.source and not _SOURCE.fullmatch(self.source):
+            raise ProtocolError("must be an https:// URL of at most 512 characters", field="source")
         if self.options and not all(a.part for a in self.artifacts):
             raise ProtocolError(
                 "every artifact of a modular sub-model needs its part", field="artifacts"
@@ -227,13 +233,16 @@ class Status(Message):
 @dataclass(frozen=True)
 class FetchRequest(Message):
     """A device asks for ``count`` chunks of one artifact from ``first_chunk`` on (0: all
-    the rest). Devices ask for a few at a time, so a cut connection costs a few chunks."""
+    the rest). Devices ask for a few at a time, so a cut connection costs a few chunks.
+    With ``shared`` the device listens on the artifact's shared topic: the cloud sends the
+    whole artifact there once for every device that asked within a short while."""
 
     type: ClassVar[str] = "fetch"
     device_id: str
     sha256: str
     first_chunk: int = 0
     count: int = 0
+    shared: bool = False
 
     def check(self) -> None:
         check_device_id(self.device_id)
@@ -360,6 +369,23 @@ class RolloutState(Message):
         if len(self.reason) > 2000:
             raise ProtocolError("too long", field="reason")
         _check_ts(self.ts)
+
+
+@dataclass(frozen=True)
+class BroadcastDone(Message):
+    """The cloud sent every chunk of ``sha256`` once on its shared topic (not retained):
+    a listening device fetches what it still lacks on its own topic."""
+
+    type: ClassVar[str] = "broadcast-done"
+    sha256: str
+    chunks: int
+    devices: int = 0  # how many devices had asked for this broadcast
+    again: bool = False  # others asked meanwhile: another broadcast follows for them
+
+    def check(self) -> None:
+        _check_sha(self.sha256, "sha256")
+        if self.chunks < 0 or self.devices < 0:
+            raise ProtocolError("must be >= 0", field="chunks")
 
 
 def signed_bytes(message: DesiredState | AdapterOffer) -> bytes:

@@ -1,7 +1,9 @@
 """Topic names and size limits of the wire contract, and the chunk framing.
 
 Every topic sits under ``eclm/v1``; a device's topics are ``eclm/v1/devices/{id}/{kind}``.
-Artifact chunks travel as their sha256 followed by their bytes.
+An artifact broadcast to many devices at once travels on ``eclm/v1/artifacts/{sha256}/
+chunks/{index}`` and ends with ``.../done`` (shared and content-addressed: devices read it,
+only the cloud writes it). Artifact chunks travel as their sha256 followed by their bytes.
 """
 
 from __future__ import annotations
@@ -65,6 +67,45 @@ def device_topic(device_id: str, kind: str) -> str:
 def chunk_topic(device_id: str, sha256: str, index: int | str = "+") -> str:
     """Where chunk ``index`` of artifact ``sha256`` travels to ``device_id``."""
     return f"{TOPIC_ROOT}/devices/{check_device_id(device_id)}/chunks/{sha256}/{index}"
+
+
+def _check_sha(sha256: str) -> str:
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise ProtocolError("must be 64 lowercase hex digits (sha256)", field="sha256")
+    return sha256
+
+
+def artifact_topic(sha256: str, index: int | str = "+") -> str:
+    """Where chunk ``index`` of artifact ``sha256`` travels once to every device that
+    asked for it together (``eclm/v1/artifacts/{sha256}/chunks/{index}``)."""
+    return f"{TOPIC_ROOT}/artifacts/{_check_sha(sha256)}/chunks/{index}"
+
+
+def artifact_done_topic(sha256: str) -> str:
+    """Where the cloud says it sent every chunk of ``sha256`` on :func:`artifact_topic`."""
+    return f"{TOPIC_ROOT}/artifacts/{_check_sha(sha256)}/done"
+
+
+def artifact_subscription(sha256: str) -> str:
+    """What a device listening for a broadcast of ``sha256`` subscribes to."""
+    return f"{TOPIC_ROOT}/artifacts/{_check_sha(sha256)}/#"
+
+
+def parse_artifact_topic(topic: str) -> tuple[str, int | None]:
+    """``(sha256, chunk index)`` of a broadcast chunk, ``(sha256, None)`` of its done
+    message; ProtocolError for anything else."""
+    parts = topic.split("/")
+    if len(parts) < 4 or "/".join(parts[:3]) != f"{TOPIC_ROOT}/artifacts":
+        raise ProtocolError(f"not an artifact topic: {topic[:200]!r}", field="topic")
+    sha = _check_sha(parts[3])
+    rest = parts[4:]
+    if rest == ["done"]:
+        return sha, None
+    if len(rest) == 2 and rest[0] == "chunks":
+        index = rest[1]
+        if index.isascii() and index.isdigit() and len(index) <= 12 and str(int(index)) == index:
+            return sha, int(index)  # one spelling per chunk: "7", never "007"
+    raise ProtocolError(f"unexpected artifact topic {topic[:200]!r}", field="topic")
 
 
 def pack_chunk(data: bytes) -> bytes:

@@ -48,6 +48,7 @@ from edge_runtime.trust import Gate, load_public_key
 from edge_runtime.watchdog import Notifier
 
 log = logging.getLogger(__name__)
+_ARTIFACTS = f"{wire.TOPIC_ROOT}/artifacts/"
 
 
 class Network(Protocol):
@@ -135,6 +136,10 @@ class EdgeAgent:
             retry=config.retry,
             scrub_interval=config.scrub_interval,
             stats=self.stats,
+            listen=self._listen,
+            ask_shared=self._ask_shared,
+            broadcast_wait=config.broadcast_wait,
+            content=config.content,
         )
         self._applied_serial = -1
         self.learner: Learner | None = None  # with a modular sub-model that brings a head
@@ -350,6 +355,13 @@ class EdgeAgent:
         )
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        if topic.startswith(_ARTIFACTS):  # a broadcast: chunks checked like our own
+            sha, index = wire.parse_artifact_topic(topic)
+            if index is None:
+                self.keeper.on_done(wire.decode(wire.BroadcastDone, payload))
+            else:
+                self.keeper.on_chunk(sha, index, wire.unpack_chunk(payload))
+            return
         device_id, kind, rest = wire.parse_device_topic(topic)
         if device_id != self.config.device_id:
             raise ProtocolError(f"message for device {device_id}", field="topic")
@@ -453,6 +465,19 @@ class EdgeAgent:
         if fetch is not None:
             log.warning("serial %d is damaged: fetching it again", fetch.desired.serial)
             self.keeper.want(fetch)
+
+    def _listen(self, shas: list[str], on: bool) -> None:
+        topics = [wire.artifact_subscription(sha) for sha in shas]
+        if on:
+            self.client.subscribe([(t, 1) for t in topics])
+        elif topics:
+            self.client.unsubscribe(topics)
+
+    def _ask_shared(self, sha: str, first: int) -> None:
+        request = wire.FetchRequest(
+            device_id=self.config.device_id, sha256=sha, first_chunk=first, shared=True
+        )
+        self.client.publish(self._topic("fetch"), request.encode(), qos=1)
 
     def _request_chunk(self, sha: str, index: int) -> None:
         request = wire.FetchRequest(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import replace
@@ -27,6 +28,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     )
     run.add_argument("--device-id", required=True, help="this device's id (its MQTT identity)")
     run.add_argument("--cafile", help="CA certificate for mqtts://")
+    run.add_argument(
+        "--content-cafile",
+        help="CA certificate of the content server a desired state may name (default: "
+        "--cafile, else the system's)",
+    )
+    run.add_argument(
+        "--broadcast-wait",
+        type=float,
+        default=5.0,
+        help="seconds of silence before a broadcast counts as over and the device fetches "
+        "what it lacks on its own topic (0: never listen; default: %(default)s)",
+    )
     run.add_argument(
         "--store",
         type=Path,
@@ -131,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     from device_profiles import load_profile
     from eclm_wire.mqtt import BrokerAddress
     from edge_runtime.agent import AgentConfig, EdgeAgent
+    from edge_runtime.content import ContentAccess
     from edge_runtime.errors import ConfigError
     from edge_runtime.learning import LearnerConfig
 
@@ -150,6 +164,12 @@ def _run(args: argparse.Namespace) -> int:
         labels=tuple(args.labels),
         learning=LearnerConfig(dp_clip=args.dp_clip, dp_noise=args.dp_noise),
         litert_delegates=args.litert_delegates,
+        broadcast_wait=args.broadcast_wait,
+        # the token is a secret: from the environment, never the command line
+        content=ContentAccess(
+            token=os.environ.get("ECLM_CONTENT_TOKEN", ""),
+            cafile=Path(cafile) if (cafile := args.content_cafile or args.cafile) else None,
+        ),
     )
     agent = EdgeAgent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())

@@ -9,6 +9,7 @@ from pathlib import Path
 import eclm_wire as wire
 from device_profiles import DeviceProfile
 from eclm_wire.mqtt import BrokerAddress
+from edge_runtime.content import ContentAccess
 from edge_runtime.download import RetryPolicy
 from edge_runtime.errors import ConfigError
 from edge_runtime.events import EventLimits
@@ -27,6 +28,9 @@ class AgentConfig:
     backend: str | None = None
     fetch_timeout: float = 10.0
     fetch_window: int = 2  # chunks asked for and not yet arrived: what a cut can cost
+    # listen for a broadcast of what a desired state needs, until this many seconds pass
+    # without a chunk, then fetch what is missing on the device's own topic (0: never listen)
+    broadcast_wait: float = 5.0
     policy_interval: float = 5.0  # seconds between resource readings
     # seconds between reports of the latest reading: the cloud's view of an idle device
     health_interval: float = 10.0
@@ -41,6 +45,7 @@ class AgentConfig:
     # and dropped if they crash or disagree; "none": builtin kernels only (qemu, boards
     # whose XNNPACK build misbehaves). See edge_runtime/backends/delegates.py.
     litert_delegates: str = "default"
+    content: ContentAccess = ContentAccess()  # token and CA for a content server (HTTPS)
 
     def __post_init__(self) -> None:
         wire.check_device_id(self.device_id)
@@ -51,6 +56,8 @@ class AgentConfig:
             )
         if self.fetch_window < 1:
             raise ConfigError(f"fetch_window: must be >= 1, got {self.fetch_window}")
+        if not 0 <= self.broadcast_wait <= 3600:  # not: nan too
+            raise ConfigError(f"broadcast_wait: must be 0..3600 s, got {self.broadcast_wait}")
         if self.trust_key is None and not self.insecure:
             raise ConfigError(
                 "no trust key: give the cloud's public key (--trust-key signing.pub), or "

@@ -7,6 +7,7 @@ EdgeError
 ├── BackendError         a program that cannot be loaded or run
 │   └── BackendUnavailable   the backend's package is not installed
 ├── ConfigError          a key, data file or setting the agent cannot use (names it)
+├── ContentError         a content server that cannot serve an artifact (MQTT takes over)
 └── NotServing           asked to predict before any sub-model is active
 
 The wire contract's errors (``ProtocolError``, ``BrokerUnreachable``) live in
@@ -23,6 +24,7 @@ __all__ = [
     "BackendUnavailable",
     "BrokerUnreachable",
     "ConfigError",
+    "ContentError",
     "DamagedArtifact",
     "EdgeError",
     "HashMismatch",
@@ -61,6 +63,11 @@ class BackendUnavailable(BackendError):
 
 class ConfigError(EdgeError, ValueError):
     """A key, data file or setting the agent cannot use; the message names it."""
+
+
+class ContentError(EdgeError):
+    """A content server that refuses, lacks or keeps cutting an artifact; the message says
+    which and why. The agent then fetches it over MQTT."""
 
 
 class NotServing(EdgeError):

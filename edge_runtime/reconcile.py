@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import eclm_wire as wire
 from eclm_wire import EventCode, Phase
 from edge_runtime.artifacts import ArtifactStore, Check
+from edge_runtime.broadcast import Reception
+from edge_runtime.content import ContentAccess, HttpFetch
 from edge_runtime.download import RetryPolicy, Transfer
+from edge_runtime.errors import ContentError
 from edge_runtime.reporting import Reporter
 from edge_runtime.stats import AgentStats
 
@@ -54,8 +57,21 @@ class Keeper:
         retry: RetryPolicy | None = None,
         scrub_interval: float = 3600.0,
         stats: AgentStats | None = None,
+        listen: Callable[[list[str], bool], None] | None = None,
+        ask_shared: Callable[[str, int], None] | None = None,
+        broadcast_wait: float = 0.0,
+        content: ContentAccess | None = None,
     ) -> None:
+        """With ``listen``, ``ask_shared`` and ``broadcast_wait`` > 0 a goal to install
+        first listens for broadcasts (:mod:`~edge_runtime.broadcast`), then fetches what
+        is missing with ``request``; repairs of the serving set always use ``request``.
+        With ``content``, a goal whose desired state names a content server is fetched
+        from it over HTTPS first (:mod:`~edge_runtime.content`), over MQTT if it fails."""
         self.store, self.voice, self.install, self.request = store, voice, install, request
+        self.listen, self.ask_shared, self.broadcast_wait = listen, ask_shared, broadcast_wait
+        self.reception: Reception | None = None
+        self.content, self.http = content, None
+        self._gave_up = -1  # the serial whose content server failed: MQTT only for it
         self.clock, self.window, self.timeout = clock, window, timeout
         self.retry, self.scrub_interval = retry or RetryPolicy(), scrub_interval
         self.goal: Goal | None = None
@@ -66,7 +82,11 @@ class Keeper:
 
     def drop(self) -> None:
         """Forget the goal on its way (what serves keeps serving)."""
-        self.goal = self.transfer = None
+        if self.reception is not None:
+            self.reception.close()
+        if self.http is not None:
+            self.http.cancel()
+        self.goal = self.transfer = self.reception = self.http = None
 
     def served(self, goal: Goal) -> None:
         """``goal`` was installed and serves now."""
@@ -83,24 +103,68 @@ class Keeper:
                 self.install(goal)
             return
         refs = list(missing.values())
+        self.drop()
         self.goal = goal
+        detail = f"fetching {len(refs)} artifacts ({sum(r.size for r in refs)} bytes)"
+        if goal.install:
+            self.voice.set(phase=Phase.DOWNLOADING, serial=goal.desired.serial, detail=detail)
+        else:
+            self.voice.set(detail=f"repairing the serving set: {detail}")
+        if self._by_http(goal, refs):
+            return
+        self._by_mqtt(goal, refs)
+        self._after()
+
+    def _by_http(self, goal: Goal, refs: list[wire.ArtifactRef]) -> bool:
+        """Start fetching ``refs`` from the content server ``goal`` names, if any."""
+        source, serial = goal.desired.source, goal.desired.serial
+        if not (goal.install and source and self.content) or self._gave_up == serial:
+            return False
+        try:
+            self.http = HttpFetch(self.store, refs, source, self.content).start()
+        except ContentError as exc:
+            log.warning("%s; fetching over MQTT", exc)
+            self._gave_up = serial
+            return False
+        return True
+
+    def _by_mqtt(self, goal: Goal, refs: list[wire.ArtifactRef]) -> None:
+        if goal.install and self.listen and self.ask_shared and self.broadcast_wait > 0:
+            self.reception = Reception(
+                self.store,
+                refs,
+                listen=self.listen,
+                ask=self.ask_shared,
+                clock=self.clock,
+                wait=self.broadcast_wait,
+            )
+            self.reception.start()
+        else:
+            self._fetch(refs)
+
+    def _fetch(self, refs: list[wire.ArtifactRef]) -> None:
+        """Fetch ``refs`` chunk by chunk on the device's own topic (resuming what is held)."""
         self.transfer = Transfer(
             self.store,
             refs,
-            request=self.request,
+            request=self._ask,
             event=self._event,
             clock=self.clock,
             window=self.window,
             timeout=self.timeout,
             retry=self.retry,
         )
-        detail = f"fetching {len(refs)} artifacts ({sum(r.size for r in refs)} bytes)"
-        if goal.install:
-            self.voice.set(phase=Phase.DOWNLOADING, serial=goal.desired.serial, detail=detail)
-        else:
-            self.voice.set(detail=f"repairing the serving set: {detail}")
         self.transfer.start()
-        self._after()
+
+    def _ask(self, sha: str, index: int) -> None:
+        self.stats.asked_chunks += 1
+        self.request(sha, index)
+
+    def on_done(self, done: wire.BroadcastDone) -> None:
+        """A broadcast ended: fetch at once what it did not bring."""
+        if self.reception is not None:
+            self.reception.on_done(done)
+            self._after()
 
     def check(self, ref: wire.ArtifactRef) -> Check:
         """Re-hash one stored object; a damaged one is moved aside and reported."""
@@ -118,6 +182,14 @@ class Keeper:
         )
 
     def on_chunk(self, sha: str, index: int, data: bytes) -> None:
+        reception = self.reception
+        if reception is not None:
+            taken, duplicates = reception.received, reception.duplicates
+            if reception.on_chunk(sha, index, data):
+                self.stats.broadcast_chunks += reception.received - taken
+                self.stats.duplicate_chunks += reception.duplicates - duplicates
+                self._after()
+                return
         transfer = self.transfer
         if transfer is None:
             log.debug("chunk %d of %s arrived with no download for it", index, sha[:12])
@@ -140,8 +212,10 @@ class Keeper:
             else:
                 transfer.poll()
                 self._after()
+        elif self.reception is not None or self.http is not None:
+            self._after()
         active = self.active
-        if active is None or self.transfer is not None:
+        if active is None or self.goal is not None:
             return
         if self.clock() - self._last_scrub >= self.scrub_interval:
             self._last_scrub = self.clock()
@@ -151,8 +225,29 @@ class Keeper:
             self.want(active)
 
     def _after(self) -> None:
-        """Install (or only note the repair) once the transfer holds every artifact."""
-        transfer, goal = self.transfer, self.goal
+        """Install (or only note the repair) once the transfer holds every artifact;
+        after a broadcast, fetch what it did not bring."""
+        reception, goal, http = self.reception, self.goal, self.http
+        if http is not None and goal is not None and http.finished.is_set():
+            self.http = None
+            self.stats.http_bytes += http.received
+            if not http.ok:
+                self._gave_up = goal.desired.serial
+                self.voice.event(EventCode.TRANSFER_RETRY, f"content server: {http.error}"[:1000])
+            self.want(goal)  # installs what the server brought; MQTT fetches the rest
+            return
+        if reception is not None and goal is not None and reception.done:
+            reception.close()
+            self.reception = None
+            left = [r for r in goal.refs if not self.store.has(r.sha256)]
+            if left:
+                log.info("%d chunks missing after the broadcast", reception.missing())
+                self._fetch(left)
+            else:
+                self.drop()
+                self.want(goal)  # re-checks each file, then installs
+                return
+        transfer = self.transfer
         if transfer is None or goal is None or not transfer.done:
             return
         self.drop()

@@ -21,6 +21,9 @@ class AgentStats:
     repairs: int = 0  # stored objects found damaged and moved aside
     duplicate_chunks: int = 0  # chunks that arrived again (after a cut, say)
     transfer_retries: int = 0  # files that failed their whole-file check, fetched again
+    broadcast_chunks: int = 0  # chunks taken from an artifact's shared (broadcast) topic
+    asked_chunks: int = 0  # chunks asked for on the device's own topic (repair, single)
+    http_bytes: int = 0  # bytes fetched from a content server (HTTPS)
 
     def snapshot(self) -> dict[str, int]:
         """Every counter by name."""

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -15,6 +16,7 @@ import paho.mqtt.client as paho
 
 import eclm_wire as wire
 from cloud_trainer.errors import StateError
+from cloud_trainer.fleet.broadcast import Broadcaster, BroadcastPolicy
 from cloud_trainer.fleet.keys import sign
 from cloud_trainer.fleet.ratelimit import DropReason, RateLimiter
 from eclm_wire import signed_bytes
@@ -26,6 +28,8 @@ from edge_runtime.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 EVENTS_KEPT = 1000  # device events kept in memory (a long-running cloud would pile them up)
+DEFAULT_BROADCAST = BroadcastPolicy()
+_FORMATS = {"litert": "tflite", "executorch": "pte"}  # what a backend asks for
 FETCHES_QUEUED = 10_000  # chunk requests waiting for the sender; more are dropped, counted
 
 
@@ -58,6 +62,8 @@ class FleetCoordinator:
         shared_group: str = "",
         is_leader: Callable[[], bool] = lambda: True,
         limiter: RateLimiter | None = None,
+        broadcast: BroadcastPolicy | None = DEFAULT_BROADCAST,
+        source: str = "",
     ) -> None:
         """``signing_key`` (see :mod:`cloud_trainer.fleet.keys`) signs every desired state, which
         devices then refuse after ``ttl`` seconds; ``aggregator`` takes the devices' adapter
@@ -68,7 +74,12 @@ class FleetCoordinator:
         each update, fetch and event goes to one of them (a shared subscription), while
         every one sees all desired, reported and status messages; only the one for which
         ``is_leader()`` holds sends warm starts. ``limiter`` drops what a device sends over
-        its limits before it is decoded (default: no limits); drops are in ``dropped``."""
+        its limits before it is decoded (default: no limits); drops are in ``dropped``.
+
+        Shared fetch requests are gathered and sent once per artifact on its shared topic
+        (:mod:`~cloud_trainer.fleet.broadcast`; ``broadcast=None``: on each device's own
+        topic, as plain requests are). ``source`` names a content server holding the
+        artifacts at ``<source>/<sha256>`` in every desired state ("" = MQTT only)."""
         self.address = address
         self.signing_key = signing_key
         self.aggregator = aggregator
@@ -99,6 +110,14 @@ class FleetCoordinator:
         self._unstored: list[paho.MQTTMessage] = []  # not acknowledged: the store failed
         self.store_error = ""  # why the last store write failed ("" once it works again)
         self.client = make_client(client_id, address, manual_ack=True)
+        self.source = source
+        self.broadcaster = (
+            None
+            if broadcast is None
+            else Broadcaster(
+                self.client.publish, store, chunk_size, broadcast, alone=self._send_whole
+            )
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
@@ -106,11 +125,15 @@ class FleetCoordinator:
         connect(self.client, self.address)
         self.client.loop_start()
         self._sender.start()
+        if self.broadcaster is not None:
+            self.broadcaster.start()
         return self
 
     def stop(self) -> None:
         self._fetches.put(None)
         self._sender.join(timeout=10)
+        if self.broadcaster is not None:
+            self.broadcaster.stop()
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -155,6 +178,7 @@ class FleetCoordinator:
             options=tuple(options),
             target=target,
             expires=time.time() + self.ttl,
+            source=self.source,
         )
         if self.signing_key is not None:
             desired = sign(desired, self.signing_key)
@@ -166,6 +190,28 @@ class FleetCoordinator:
         else:  # a broker restart, say: paho sends it once connected again
             log.warning("desired state %d for %s queued (broker away)", desired.serial, device_id)
         return desired
+
+    def expect(self, devices: dict[str, list[wire.ArtifactRef]]) -> None:
+        """A wave is about to give ``devices`` these artifacts: a broadcast starts as soon
+        as every device expected to ask for it has (see :meth:`Broadcaster.expect`). A
+        device is expected to ask for what it lacks in the format its backend runs, as
+        its last report says (every artifact if it never reported)."""
+        if self.broadcaster is None:
+            return
+        wanted: dict[str, set[str]] = {}
+        for device_id, refs in devices.items():
+            report = self.reported.get(device_id)
+            fmt = _FORMATS.get(report.backend or "") if report else None
+            for ref in refs:
+                if report and (ref.sha256 in report.active or fmt and ref.format != fmt):
+                    continue
+                wanted.setdefault(ref.sha256, set()).add(device_id)
+        self.broadcaster.expect(wanted)
+
+    def release(self) -> None:
+        """The wave :meth:`expect` announced is assigned (see :meth:`Broadcaster.release`)."""
+        if self.broadcaster is not None:
+            self.broadcaster.release()
 
     def wait_until(self, predicate: Callable[[FleetCoordinator], bool], timeout: float) -> bool:
         """Block until ``predicate(self)`` holds after a report, or ``timeout`` passes."""
@@ -229,6 +275,11 @@ class FleetCoordinator:
             if kind == "fetch":
                 request = wire.decode(wire.FetchRequest, msg.payload)
                 self._check_sender(request.device_id, device_id)
+                if request.shared and self.broadcaster is not None:
+                    self.broadcaster.want(request)
+                    return
+                if request.shared:  # no broadcasts here: the whole artifact, on its own topic
+                    request = replace(request, shared=False, count=0)
                 try:
                     self._fetches.put_nowait(request)
                 except queue.Full:
@@ -344,6 +395,14 @@ class FleetCoordinator:
             log.warning("stored %d messages held back by a store failure", len(waiting))
             with self._changed:
                 self.store_error = ""
+
+    def _send_whole(self, device_id: str, sha: str, first: int) -> None:
+        """Queue ``sha`` from chunk ``first`` on for one device, on its own topic."""
+        request = wire.FetchRequest(device_id=device_id, sha256=sha, first_chunk=first)
+        try:
+            self._fetches.put_nowait(request)
+        except queue.Full:
+            self.limiter.count_drop("fetch", DropReason.QUEUE_FULL)
 
     def _send_chunks(self, request: wire.FetchRequest) -> None:
         if not self.store.has(request.sha256):

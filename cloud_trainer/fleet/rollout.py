@@ -125,7 +125,11 @@ class Rollout:
                 continue  # done before a restart
             self.state = replace(self.state, wave=wave)
             fresh = tuple(d for d in batch if d not in self.state.updated)
-            self.serials.update({d: self._assign(d, self.targets[d]) for d in fresh})
+            self.fc.expect({d: list(self.targets[d].artifacts) for d in fresh})
+            try:
+                self.serials.update({d: self._assign(d, self.targets[d]) for d in fresh})
+            finally:
+                self.fc.release()
             self.state = replace(self.state, updated=self.state.updated + fresh)
             self._publish()
             answered = set(self.state.succeeded + self.state.failed)

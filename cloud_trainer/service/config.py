@@ -150,6 +150,38 @@ class DashboardSection:
 
 
 @dataclass(frozen=True)
+class ContentSection:
+    """An HTTPS content server for artifacts, named in every desired state (off: MQTT only)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9443  # 0 picks a free port
+    url: str = ""  # the base URL devices reach it by ("" = https://host:port)
+    cert: str = ""  # PEM certificate and key, e.g. the broker access dir's server.pem/.key
+    key: str = ""
+    secret_file: str = "runs/keys/content.secret"  # device tokens are HMACs with it ("" = none)
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        if not self.cert or not self.key:
+            raise ConfigError("content: cert and key are required when enabled")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"content.port: must be 0..65535, got {self.port}")
+        if self.url and (not self.url.startswith("https://") or len(self.url) > 512):
+            raise ConfigError(f"content.url: must be an https:// URL, got {self.url[:80]!r}")
+
+
+@dataclass(frozen=True)
+class BroadcastSection:
+    """When shared fetch requests for one artifact are sent as one broadcast."""
+
+    gather: float = 0.2  # seconds without a new request before the broadcast starts
+    gather_max: float = 2.0  # at most this long after the first request
+    enabled: bool = True  # false: every device gets its own copy on its own topic
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     worker: str = "cloud-1"  # this worker's name: its MQTT client id and its rows' owner
     log_format: str = "json"  # json or text
@@ -163,6 +195,8 @@ class ServiceConfig:
     limits: LimitsSection = LimitsSection()
     http: HttpSection = HttpSection()
     dashboard: DashboardSection = DashboardSection()
+    content: ContentSection = ContentSection()
+    broadcast: BroadcastSection = BroadcastSection()
 
     def __post_init__(self) -> None:
         if self.log_format not in ("json", "text"):
@@ -190,6 +224,8 @@ class ServiceConfig:
         except ValueError as exc:
             raise ConfigError(f"limits: {exc}") from None
         self._check_dashboard()
+        self.content.check()
+        self.broadcast_policy()
 
     def _check_dashboard(self) -> None:
         d = self.dashboard
@@ -209,6 +245,13 @@ class ServiceConfig:
             raise ConfigError("dashboard: a token or a token_file is required")
         if d.enabled and not (d.operator_token or d.operator_token_file):
             raise ConfigError("dashboard: an operator_token or an operator_token_file is required")
+
+    def broadcast_policy(self):
+        """The broadcast section as a policy (None: off); ConfigError if out of range."""
+        from cloud_trainer.fleet.broadcast import BroadcastPolicy
+
+        b = self.broadcast
+        return BroadcastPolicy(b.gather, b.gather_max) if b.enabled else None
 
 
 def load_config(path: str | Path) -> ServiceConfig:

@@ -84,6 +84,7 @@ class FleetCollector:
         for kind, n in sorted(fc.handled.items()):
             handled.add_metric([kind], n)
         yield handled
+        yield from _delivery(fc)
         yield CounterMetricFamily(
             "eclm_offers_sent", "Warm starts this worker sent to devices.", value=fc.offers
         )
@@ -96,6 +97,24 @@ class FleetCollector:
         for name in RoundState:
             rounds.add_metric([str(name)], len(state.rounds(name)))
         yield rounds
+
+
+def _delivery(fc):
+    """Artifact bytes out of this worker by topic, and its broadcasts."""
+    artifacts = CounterMetricFamily(
+        "eclm_artifact_bytes_sent",
+        "Artifact chunk bytes this worker published: on devices' own topics (device) or "
+        "once per broadcast on shared topics (shared).",
+        labels=["topic"],
+    )
+    artifacts.add_metric(["device"], fc.client.traffic.total("sent", "chunks"))
+    artifacts.add_metric(["shared"], fc.client.traffic.total("sent", "artifacts"))
+    yield artifacts
+    yield CounterMetricFamily(
+        "eclm_broadcasts",
+        "Artifacts this worker sent once to a gathering of devices.",
+        value=sum(fc.broadcaster.sent.values()) if fc.broadcaster else 0,
+    )
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:

@@ -112,6 +112,7 @@ class Service:
             shared_group=c.broker.shared_group,
             is_leader=lambda: self.leader,
             limiter=c.limits.limiter(),
+            broadcast=c.broadcast_policy(),
         )
         self.metrics = Metrics(self)
         self.observer = FleetObserver(c.dashboard.history)
@@ -121,6 +122,7 @@ class Service:
         self.exporter = Exporter(self.model_dir, self.store_dir)
         self.reselector = Reselector(self)
         self.http: ThreadingHTTPServer | None = None
+        self.content: ThreadingHTTPServer | None = None  # the HTTPS content server, if on
         self.started = time.time()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class Service:
         if ready and self.api:
             url = f"http://{self.config.http.host}:{self.http.server_port}/"
             ready(f"dashboard: {url} (open {url}#token=TOKEN; {self.api.access.where()})")
+        self._serve_content()
         lease = threading.Thread(target=self._hold_lease, name="lease", daemon=True)
         lease.start()
         log.info(
@@ -159,6 +162,20 @@ class Service:
             lease.join(timeout=self.lease_ttl)
             self._shutdown()
 
+    def _serve_content(self) -> None:
+        """Start the HTTPS content server if configured, and name it in desired states."""
+        from cloud_trainer.fleet.content import load_secret, serve_content
+
+        c = self.config.content
+        if not c.enabled:
+            return
+        secret = load_secret(Path(c.secret_file)) if c.secret_file else None
+        self.content = serve_content(
+            self.fc.store, c.host, c.port, cert=Path(c.cert), key=Path(c.key), secret=secret
+        )
+        self.fc.source = c.url or f"https://{c.host}:{self.content.server_port}"
+        log.info("content server: %s (tokens: %s)", self.fc.source, "on" if secret else "off")
+
     def stop(self) -> None:
         """Finish the wave or round in flight, then return from :meth:`run` (signal-safe)."""
         self.stop_event.set()
@@ -166,8 +183,9 @@ class Service:
     def _shutdown(self) -> None:
         self.fc.stop()
         self.exporter.close()
-        if self.http:
-            self.http.shutdown()
+        for server in (self.http, self.content):
+            if server:
+                server.shutdown()
         try:
             self.state.release(LEASE, self.config.worker)
         except StateError as exc:

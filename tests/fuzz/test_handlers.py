@@ -121,6 +121,7 @@ class Device:
             backend="litert",
             trust_key=public,
             fetch_timeout=1e9,  # no re-requests in the middle of a case
+            broadcast_wait=0,  # fetch on its own topic at once (the transfer under test)
             events=EventLimits(rate=1e6, burst=10**6),  # one event per refusal, unbounded
         )
         self.agent = EdgeAgent(config)

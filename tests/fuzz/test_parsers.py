@@ -184,6 +184,43 @@ def test_parse_device_topic_splits_what_it_accepts_exactly(fuzz):
     rec.assert_both_outcomes()
 
 
+@st.composite
+def artifact_topics(draw) -> str:
+    """Shared artifact topics, as they are or with a level replaced, dropped or added."""
+    sha = draw(st.sampled_from(["ab" * 32, "AB" * 32, "ab" * 31, "g" * 64]))
+    topic = draw(
+        st.sampled_from([wire.artifact_topic("ab" * 32, 0), wire.artifact_done_topic("ab" * 32)])
+    ).replace("ab" * 32, sha)
+    parts = topic.split("/")
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, len(parts)))
+        if at < len(parts) and draw(st.booleans()):
+            parts[at] = draw(EDGE_STRINGS | st.sampled_from(["+", "#", "", "done", "chunks", "7"]))
+        else:
+            parts.insert(at, draw(EDGE_STRINGS))
+    return "/".join(parts)
+
+
+def test_parse_artifact_topic_takes_only_chunks_and_done_of_a_sha256(fuzz):
+    rec = fuzz("parse_artifact_topic", ProtocolError)
+
+    @FUZZ
+    @given(topic=st.text(max_size=200) | artifact_topics())
+    def case(topic):
+        outcome = rec.call(wire.parse_artifact_topic, topic)
+        if not outcome.accepted:
+            assert outcome.error.field in ("topic", "sha256")
+            return
+        sha, index = outcome.value
+        if index is None:
+            assert topic == wire.artifact_done_topic(sha)
+        else:
+            assert topic == wire.artifact_topic(sha, index) and index >= 0
+
+    case()
+    rec.assert_both_outcomes()
+
+
 # --- safetensors updates ----------------------------------------------------------------------
 
 DTYPES = ["F16", "F32", "F64", "BF16", "F8_E4M3", "F8_E5M2", "I8", "U8", "I32", "I64", "U64"]
