@@ -22,7 +22,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -66,20 +65,6 @@ def _chunk_index(name: str) -> bool:
     return name.isascii() and name.isdigit() and len(name) <= 12
 
 
-def _reporter(config: AgentConfig, client, saved: Path, clock) -> Reporter:
-    """The device's voice, idle until a desired state arrives."""
-    initial = wire.ReportedState(
-        device_id=config.device_id,
-        profile=config.profile.name,
-        backends=config.profile.backends,
-        labels=config.labels,
-        serial=0,
-        phase=Phase.IDLE,
-        insecure=config.insecure,
-    )
-    return Reporter(client, initial, saved, limits=config.events, clock=clock)
-
-
 class AgentState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -111,7 +96,7 @@ class EdgeAgent:
             self.store,
             config.profile,
             self.resources,
-            backends or (lambda name: get_backend(name, **_backend_options(name, config))),
+            backends or (lambda name: get_backend(name, **config.backend_options(name))),
             backend=config.backend,
             eval_set=self.eval_set,
         )
@@ -124,7 +109,7 @@ class EdgeAgent:
         )
         self.stats = AgentStats()
         self.client = make_client(config.device_id, config.broker)
-        self.voice = _reporter(config, self.client, self.store.root / "reported.json", clock)
+        self.voice = Reporter.idle(config, self.client, self.store.root / "reported.json", clock)
         self.keeper = Keeper(
             self.store,
             self.voice,
@@ -494,10 +479,3 @@ class EdgeAgent:
     def report(self) -> wire.ReportedState:
         """The state last reported."""
         return self.voice.report
-
-
-def _backend_options(name: str, config: AgentConfig) -> dict:
-    """One thread (the agent shares the board); LiteRT's delegates as configured."""
-    if name == "litert":
-        return {"threads": 1, "delegates": config.litert_delegates}
-    return {"threads": 1}

@@ -65,3 +65,9 @@ class AgentConfig:
             )
         if self.trust_key is not None and self.insecure:
             raise ConfigError("--insecure and --trust-key contradict each other: choose one")
+
+    def backend_options(self, name: str) -> dict:
+        """One thread (the agent shares the board); LiteRT's delegates as configured."""
+        if name == "litert":
+            return {"threads": 1, "delegates": self.litert_delegates}
+        return {"threads": 1}

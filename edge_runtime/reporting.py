@@ -13,7 +13,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 import eclm_wire as wire
-from eclm_wire import EventCode
+from eclm_wire import EventCode, Phase
 from edge_runtime.artifacts import atomic_write
 from edge_runtime.events import EventLimiter, EventLimits
 
@@ -38,6 +38,21 @@ class Reporter:
         self._report = initial
         self._lock = threading.Lock()
         self.limiter = EventLimiter(limits or EventLimits(), clock=clock)
+
+    @classmethod
+    def idle(cls, config, client: paho.Client, saved: Path, clock) -> Reporter:
+        """A device's voice (``config``: its AgentConfig), idle until a desired state
+        arrives."""
+        initial = wire.ReportedState(
+            device_id=config.device_id,
+            profile=config.profile.name,
+            backends=config.profile.backends,
+            labels=config.labels,
+            serial=0,
+            phase=Phase.IDLE,
+            insecure=config.insecure,
+        )
+        return cls(client, initial, saved, limits=config.events, clock=clock)
 
     @property
     def report(self) -> wire.ReportedState:
