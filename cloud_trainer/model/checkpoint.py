@@ -22,23 +22,34 @@ class TrainResult:
 
 
 def train_model(
-    out: Path, *, epochs: int = 25, seed: int = 0, progress: bool = False, spec=None
+    out: Path,
+    *,
+    epochs: int = 25,
+    seed: int = 0,
+    progress: bool = False,
+    spec=None,
+    data: str | Path | None = None,
 ) -> TrainResult:
-    """Train the modular model on digits and record module importance.
+    """Train the modular model on ``data`` (a built-in name or a user's files, see
+    :func:`~cloud_trainer.model.datasets.load_split`; default digits) and record module
+    importance.
 
-    Writes ``model.pt``, ``metrics.json`` (with the spec), ``importance.npz`` (per class,
-    and per domain) and ``test.npz`` (the held-out split, for devices to evaluate on).
+    Writes ``model.pt``, ``metrics.json`` (with the spec and the data record),
+    ``importance.npz`` (per class, and per domain) and ``test.npz`` (the held-out split,
+    for devices to evaluate on).
     """
     import torch
 
-    from cloud_trainer.model.data import load_digits_split
+    from cloud_trainer.model.datasets import describe, load_split
     from cloud_trainer.model.domains import DOMAINS, apply
     from cloud_trainer.model.modular import ModularNet, ModularSpec
     from cloud_trainer.model.train import accuracy, module_importance, train_modular
 
     start = time.perf_counter()
-    split = load_digits_split(seed=seed)
-    spec = spec or ModularSpec(num_classes=split.num_classes)
+    split = load_split(data, seed=seed)
+    spec = spec or ModularSpec(
+        in_channels=split.channels, image_size=split.image_size, num_classes=split.num_classes
+    )
     net = train_modular(
         ModularNet(spec), split.x_train, split.y_train, epochs=epochs, seed=seed, progress=progress
     )
@@ -62,6 +73,7 @@ def train_model(
         "epochs": epochs,
         "seed": seed,
         "spec": asdict(spec),
+        "data": describe(split, seed=seed),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(out, acc, half_acc, seconds)
