@@ -9,7 +9,9 @@ unpickler below resolves only the few numpy names an array needs, nothing else.
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 import re
 from pathlib import Path
 
@@ -19,6 +21,16 @@ from edge_runtime.datasets import Samples
 from edge_runtime.errors import DataError
 
 _BATCH = re.compile(r"data_batch_(\d+)$")
+# The C unpickler sizes its memo to the largest index a PUT names: 4 bytes of a damaged
+# file could ask for gigabytes. A CIFAR batch memoizes ~20,000 objects (its file names).
+MAX_MEMO_INDEX = 1 << 22
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes with, and no other codec."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with {encoding!r}")
+    return text.encode("latin1")
 
 
 def _numpy_names() -> dict[tuple[str, str], object]:
@@ -26,12 +38,10 @@ def _numpy_names() -> dict[tuple[str, str], object]:
         from numpy._core import multiarray
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core import multiarray  # type: ignore[no-redef]
-    import codecs
-
     names: dict[tuple[str, str], object] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,  # bytes pickled by Python 3 at protocol <= 2
+        ("_codecs", "encode"): _latin1,  # bytes pickled by Python 3 at protocol <= 2
     }
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         names[(module, "_reconstruct")] = multiarray._reconstruct
@@ -80,16 +90,30 @@ def read_cifar(folder: Path) -> tuple[Samples, Samples | None]:
 
 def _unpickle(path: Path) -> dict:
     try:
-        with path.open("rb") as f:
-            # encoding="bytes": the batches were pickled by Python 2; their keys are bytes
-            record = _SafeUnpickler(f, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
-        raise DataError(f"{path}: not a readable CIFAR pickle: {exc}") from exc
-    except (AttributeError, ImportError, IndexError, KeyError) as exc:
+        data = path.read_bytes()
+        _check_memo(data)
+        # encoding="bytes": the batches were pickled by Python 2; their keys are bytes
+        record = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file: {exc}") from exc
+    except Exception as exc:
+        # Broad on purpose: only the few callables above run, so whatever a damaged pickle
+        # raises (UnpicklingError, EOFError, OverflowError, MemoryError from a huge empty
+        # array numpy is asked for...) is the file's fault, not a bug of ours.
         raise DataError(f"{path}: not a readable CIFAR pickle: {exc!r}") from exc
     if not isinstance(record, dict):
         raise DataError(f"{path}: a CIFAR pickle holds a dict, this one a {type(record).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in record.items()}
+
+
+def _check_memo(data: bytes) -> None:
+    """Refuse a pickle whose memo indices would make the unpickler allocate gigabytes
+    (read by pickletools, which parses opcodes without building anything)."""
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > MAX_MEMO_INDEX:
+            raise pickle.UnpicklingError(f"memo index {arg} is out of any CIFAR batch's range")
+        if op.name == "STOP":
+            return
 
 
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:

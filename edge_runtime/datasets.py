@@ -10,6 +10,7 @@ reads its training data through the same code (``cloud_trainer.model.datasets``)
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def read_npz(path: Path) -> Samples:
                 raise DataError(f"{path}: needs arrays 'x' and 'y', has {sorted(archive.files)}")
             x, y = archive["x"], archive["y"]
             names = archive["classes"] if "classes" in archive.files else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{path}: not a readable .npz file: {exc}") from exc
+    except (NotImplementedError, RuntimeError) as exc:  # zipfile: a feature it lacks
         raise DataError(f"{path}: not a readable .npz file: {exc}") from exc
     if x.ndim != 4:
         raise DataError(f"{path}: x must be (N, C, H, W), got shape {x.shape}")
