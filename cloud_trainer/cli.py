@@ -323,6 +323,8 @@ def _histogram(text: str | None):
 
 
 def _train(args: argparse.Namespace) -> int:
+    import json
+
     from cloud_trainer.model.checkpoint import train_model
 
     result = train_model(
@@ -331,6 +333,12 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"trained in {result.seconds:.1f}s: held-out accuracy {result.accuracy:.4f} "
         f"(every other module: {result.half_accuracy:.4f})"
+    )
+    data = json.loads((args.out / "metrics.json").read_text())["data"]
+    print(
+        f"data: {data['source']}, {data['channels']}x{data['image_size']}x{data['image_size']}, "
+        f"{len(data['classes'])} classes, {data['train_samples']} train / "
+        f"{data['test_samples']} held out"
     )
     print(f"wrote {args.out}/model.pt, metrics.json, importance.npz, test.npz")
     return ExitCode.OK

@@ -121,7 +121,9 @@ def test_cloud_train_with_data_trains_on_a_folder_and_stores_its_description(tmp
 
     code = main(["cloud", "train", "--data", str(root), "--epochs", "1", "--out", str(out)])
 
-    assert code == ExitCode.OK, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == ExitCode.OK, printed.err
+    assert f"data: {root}, 3x16x16, 3 classes" in printed.out
     metrics = json.loads((out / "metrics.json").read_text())
     data = metrics["data"]
     assert data["classes"] == ["blue", "green", "red"] and data["channels"] == 3
