@@ -13,17 +13,34 @@ import numpy as np
 FORMATS = {"executorch": "pte", "litert": "tflite"}
 
 
-def load_or_init(model_dir: Path | None):
-    """The trained model in ``model_dir``, or a fresh seeded one (timing ignores weights)."""
+def load_or_init(model_dir: Path | None, preset: str = "digits"):
+    """The trained (or decomposed) model in ``model_dir``, or a fresh seeded ``preset``
+    network (timing ignores weights)."""
     import torch
 
     from cloud_trainer.model.checkpoint import load_model
     from cloud_trainer.model.modular import ModularNet
+    from cloud_trainer.model.modular import preset as preset_spec
 
     if model_dir:
         return load_model(model_dir)
     torch.manual_seed(0)
-    return ModularNet().eval()
+    return ModularNet(preset_spec(preset)).eval()
+
+
+def model_args(parser) -> None:
+    """``--model DIR`` and ``--preset NAME``: what a benchmark measures."""
+    parser.add_argument("--model", type=Path, help="trained or decomposed model dir")
+    parser.add_argument(
+        "--preset", default="digits", help="without --model: a fresh network of this preset"
+    )
+
+
+def inputs_for(net, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random samples shaped like the network's input (N, C, H, W)."""
+    spec = net.spec
+    shape = (n, spec.in_channels, spec.image_size, spec.image_size)
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
 
 
 def export_parts(net, store, backend: str) -> dict[str, str]:
@@ -31,7 +48,7 @@ def export_parts(net, store, backend: str) -> dict[str, str]:
     from cloud_trainer.export.modular import export_modular
 
     fmt = FORMATS[backend]
-    calib = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    calib = inputs_for(net, 64)
     records = export_modular(net, calib, store, variants=[(fmt, "fp32")])
     return {r.part: r.ref.sha256 for r in records if r.variant == f"{fmt}-fp32"}
 

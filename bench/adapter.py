@@ -2,8 +2,8 @@
 
     python bench/adapter.py [--rounds 15]
 
-All three run plain SGD on the same 512->10 head and the same batches of 32, measured
-round-robin in one process. Ends with one line of JSON.
+All three run plain SGD on the model's head (512->10 for digits) and the same batches of 32,
+measured round-robin in one process. Ends with one line of JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._common import load_or_init, print_json, time_interleaved  # noqa: E402
+from bench._common import load_or_init, model_args, print_json, time_interleaved  # noqa: E402
 
 BATCH = 32
 
@@ -25,6 +25,7 @@ BATCH = 32
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    model_args(parser)
     args = parser.parse_args(argv)
 
     from cloud_trainer.export.adapter import export_adapter_training
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     from edge_runtime.backends.executorch import ExecuTorchTrainer
 
     torch.set_num_threads(1)
-    fc = load_or_init(None).head.fc
+    fc = load_or_init(args.model, args.preset).head.fc
     weight, bias = fc.weight.detach().numpy(), fc.bias.detach().numpy()
     rng = np.random.default_rng(0)
     x = rng.random((BATCH, weight.shape[1]), dtype=np.float32)

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import FORMATS, export_parts, load_or_init, print_json  # noqa: E402
+from bench._common import FORMATS, export_parts, load_or_init, model_args, print_json  # noqa: E402
 
 SERVE = """
 import json, sys
@@ -26,11 +26,15 @@ import numpy as np
 if sys.argv[1] != "bare":
     from edge_runtime.artifacts import ArtifactStore
     from edge_runtime.backends import get_backend
+    from edge_runtime.composer import Layout
     from edge_runtime.hotswap import SubModelServer
     parts = json.loads(sys.argv[3])
     store = ArtifactStore(sys.argv[2])
-    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
-    server = SubModelServer(get_backend(sys.argv[1], threads=1), store.read, smoke_input=x)
+    shape, layout = json.loads(sys.argv[5]), json.loads(sys.argv[6])
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    layout = Layout(tuple(layout["posts"]), layout["pool"], tuple(layout["shortcuts"]))
+    backend = get_backend(sys.argv[1], threads=1)
+    server = SubModelServer(backend, store.read, smoke_input=x, layout=layout)
     server.swap(parts, json.loads(sys.argv[4]))
     for _ in range(2000):
         server.predict(x)
@@ -50,19 +54,31 @@ def measure(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+    from dataclasses import asdict
+
     from edge_runtime.artifacts import ArtifactStore
     from edge_runtime.composer import part_names
 
-    selection = ((0, 2), (1, 3))
-    net = load_or_init(None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_args(parser)
+    args = parser.parse_args(argv)
+    net = load_or_init(args.model, args.preset)
+    m = net.spec.modules_per_layer
+    selection = tuple(tuple(range(0, m, 2)) for _ in range(net.spec.layers))  # half the modules
+    spec = net.spec
+    shape = json.dumps([1, spec.in_channels, spec.image_size, spec.image_size])
+    layout = json.dumps(asdict(net.layout()))
     figures = {"bare_python": measure("bare")}
     with tempfile.TemporaryDirectory() as tmp:
         store = ArtifactStore(tmp)
         for backend in FORMATS:
             parts = export_parts(net, store, backend)
-            chosen = {p: parts[p] for p in part_names(selection)}
-            figures[backend] = measure(backend, tmp, json.dumps(chosen), json.dumps(selection))
+            chosen = {p: parts[p] for p in part_names(selection, net.layout())}
+            figures[backend] = measure(
+                backend, tmp, json.dumps(chosen), json.dumps(selection), shape, layout
+            )
     print(f"{'process':<12} {'peak RSS MB':>12} {'torch loaded':>13}")
     for name, row in figures.items():
         print(f"{name:<12} {row['peak_rss_mb']:>12.1f} {str(row['torch_loaded']):>13}")

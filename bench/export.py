@@ -17,9 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 
-from bench._common import load_or_init, print_json  # noqa: E402
+from bench._common import inputs_for, load_or_init, model_args, print_json  # noqa: E402
 
 
 def kind_of(part: str) -> str:
@@ -28,14 +27,14 @@ def kind_of(part: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="trained model dir (default: fresh init)")
+    model_args(parser)
     args = parser.parse_args(argv)
 
     from cloud_trainer.export.modular import export_modular
     from edge_runtime.artifacts import ArtifactStore
 
-    net = load_or_init(args.model)
-    calib = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    net = load_or_init(args.model, args.preset)
+    calib = inputs_for(net, 64)
     groups: dict[tuple[str, str], list] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp:
         store = ArtifactStore(tmp)

@@ -19,16 +19,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 
-from bench._common import FORMATS, export_parts, load_or_init, percentile, print_json  # noqa: E402
+from bench._common import (  # noqa: E402
+    FORMATS,
+    export_parts,
+    inputs_for,
+    load_or_init,
+    model_args,
+    percentile,
+    print_json,
+)
 
-A = ((0, 1), (2, 3))
-B = ((2,), (0, 3))
+
+def swap_pair(net) -> tuple[tuple, tuple]:
+    """Two module sets the swapper alternates between: the first half of every layer's
+    modules, and the second half plus the first module."""
+    m = net.spec.modules_per_layer
+    a = tuple(tuple(range(max(1, m // 2))) for _ in range(net.spec.layers))
+    b = tuple(tuple(sorted({0, *range(m // 2, m)})) for _ in range(net.spec.layers))
+    return a, b
 
 
 def serve(
-    server, x, seconds: float, gap: float, swapping: bool, swap_every: float
+    server, x, seconds: float, gap: float, swapping: bool, swap_every: float, pair
 ) -> tuple[list[float], int]:
     """Latencies (us) of calls made for ``seconds``, and how many swaps happened meanwhile."""
     from edge_runtime.composer import part_names
@@ -39,8 +52,8 @@ def serve(
 
     def swapper():
         while not stop.is_set():
-            selection = A if swaps[0] % 2 else B
-            server.swap({p: parts[p] for p in part_names(selection)}, selection)
+            selection = pair[swaps[0] % 2]
+            server.swap({p: parts[p] for p in part_names(selection, server.layout)}, selection)
             swaps[0] += 1
             stop.wait(swap_every)
 
@@ -71,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=20.0,
         help="pause between swaps in the swapping phase (0: back to back)",
     )
+    model_args(parser)
     args = parser.parse_args(argv)
 
     from edge_runtime.artifacts import ArtifactStore
@@ -78,21 +92,33 @@ def main(argv: list[str] | None = None) -> dict:
     from edge_runtime.composer import part_names
     from edge_runtime.hotswap import SubModelServer
 
-    net = load_or_init(None)
-    x = np.random.default_rng(0).random((args.batch, 1, 8, 8), dtype=np.float32)
+    net = load_or_init(args.model, args.preset)
+    x = inputs_for(net, args.batch)
+    pair = swap_pair(net)
     figures: dict = {}
     print(f"{'backend':<11} {'phase':<10} {'calls':>6} {'swaps':>6} {'p50 us':>8} {'p99 us':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         store = ArtifactStore(tmp)
         for backend_name in FORMATS:
             parts = export_parts(net, store, backend_name)
-            server = SubModelServer(get_backend(backend_name, threads=1), store.read, smoke_input=x)
+            server = SubModelServer(
+                get_backend(backend_name, threads=1),
+                store.read,
+                smoke_input=x,
+                layout=net.layout(),
+            )
             server.bench_parts = parts
-            server.swap({p: parts[p] for p in part_names(A)}, A)
+            server.swap({p: parts[p] for p in part_names(pair[0], net.layout())}, pair[0])
             row = {}
             for phase, swapping in (("steady", False), ("swapping", True)):
                 lat, swaps = serve(
-                    server, x, args.seconds, args.gap_ms / 1e3, swapping, args.swap_every_ms / 1e3
+                    server,
+                    x,
+                    args.seconds,
+                    args.gap_ms / 1e3,
+                    swapping,
+                    args.swap_every_ms / 1e3,
+                    pair,
                 )
                 p50, p99 = percentile(lat, 50), percentile(lat, 99)
                 print(

@@ -14,13 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench._common import (  # noqa: E402
     FORMATS,
     export_parts,
+    inputs_for,
     load_or_init,
+    model_args,
     print_json,
     time_interleaved,
 )
@@ -28,7 +29,7 @@ from bench._common import (  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="trained model dir (default: fresh init)")
+    model_args(parser)
     parser.add_argument("--batches", default="1,64", help="comma list of batch sizes")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
@@ -40,13 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     from edge_runtime.composer import ComposedModel
 
     torch.set_num_threads(1)
-    net = load_or_init(args.model)
+    net = load_or_init(args.model, args.preset)
     selection = tuple(
         tuple(range(0, net.spec.modules_per_layer, 2)) for _ in range(net.spec.layers)
     )
     sub = SubModel(net, selection).eval()
-    rng = np.random.default_rng(0)
-    calib = rng.random((64, 1, 8, 8), dtype=np.float32)
+    calib = inputs_for(net, 64)
     figures: dict = {"selection": [list(s) for s in selection]}
     print(f"sub-model {selection}; times are median microseconds per call, 1 thread")
     print(
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
                 part: backend.load(store.path(sha))
                 for part, sha in export_parts(net, store, backend_name).items()
             }
-            composed = ComposedModel(programs, selection)
+            composed = ComposedModel(programs, selection, net.layout())
             fused = backend.load(
                 export_program(
                     sub,
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             )
             for batch in (int(b) for b in args.batches.split(",")):
-                x = rng.random((batch, 1, 8, 8), dtype=np.float32)
+                x = inputs_for(net, batch, seed=batch)
                 xt = torch.from_numpy(x)
                 inner = max(1, 200 // batch)
                 with torch.no_grad():

@@ -50,6 +50,12 @@ def _model_commands(cmds: argparse._SubParsersAction) -> None:
         default=MODEL,
         help="where model.pt, metrics.json, importance.npz and test.npz go (default: %(default)s)",
     )
+    train.add_argument(
+        "--preset",
+        default="digits",
+        help="the network: digits (8x8, 0.6 MB), cifar (32x32 RGB, 9.6 MB), mobile (96x96 RGB, "
+        "inverted-residual modules); channels and classes come from the data",
+    )
     train.add_argument("--epochs", type=int, default=25)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
@@ -328,7 +334,12 @@ def _train(args: argparse.Namespace) -> int:
     from cloud_trainer.model.checkpoint import train_model
 
     result = train_model(
-        args.out, epochs=args.epochs, seed=args.seed, progress=True, data=args.data
+        args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        progress=True,
+        preset_name=args.preset,
+        data=args.data,
     )
     print(
         f"trained in {result.seconds:.1f}s: held-out accuracy {result.accuracy:.4f} "

@@ -20,6 +20,7 @@ from eclm_wire.message import (
     decode,
 )
 from eclm_wire.messages import (
+    ACTIVATIONS,
     FORMATS,
     PHASES,
     ROLLOUT_STATES,
@@ -60,6 +61,7 @@ from eclm_wire.topics import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "AdapterOffer",
     "AdapterUpdate",
     "ArtifactRef",

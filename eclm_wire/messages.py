@@ -32,7 +32,9 @@ PHASES = tuple(p.value for p in Phase)
 
 _SIGNATURE = re.compile(r"^[0-9a-f]{128}$")
 _NONCE = re.compile(r"^[0-9a-f]{16,64}$")
-_PART = re.compile(r"^(stem|head|adapter|layer\d{1,3}\.(router|block\d{1,3}))$")
+_PART = re.compile(r"^(stem|head|adapter|layer\d{1,3}\.(router|shortcut|block\d{1,3}))$")
+# What a modular layer may apply to its sum (the layout of a decomposed network).
+ACTIVATIONS = ("none", "relu", "relu6")
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,26 @@ class ModuleSet(Message):
     type: ClassVar[str] = "module-set"
     layers: tuple[LayerModules, ...]
     memory_kb: float
+    # How a sub-model's parts chain beyond their names: each layer's activation
+    # after the sum, the pooling window from the last layer to the adapter's features, and
+    # the layers with a shortcut program (the defaults are the digits model's).
+    posts: tuple[str, ...] = ()
+    pool: int = 2
+    shortcuts: tuple[int, ...] = ()
 
     def check(self) -> None:
         if not 1 <= len(self.layers) <= 64:
             raise ProtocolError("must list 1-64 layers", field="layers")
         if self.memory_kb < 0:
             raise ProtocolError("must be >= 0", field="memory_kb")
+        if len(self.posts) > 64 or any(post not in ACTIVATIONS for post in self.posts):
+            raise ProtocolError(f"must list at most 64 of {ACTIVATIONS}", field="posts")
+        if not 1 <= self.pool <= 64:
+            raise ProtocolError("must be 1..64", field="pool")
+        if len(set(self.shortcuts)) != len(self.shortcuts) or not all(
+            0 <= layer < 64 for layer in self.shortcuts
+        ):
+            raise ProtocolError("must list distinct layers 0..63", field="shortcuts")
 
     @property
     def selection(self) -> tuple[tuple[int, ...], ...]:

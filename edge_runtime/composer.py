@@ -1,7 +1,10 @@
 """Chains per-module programs into a sub-model: stem, routed modular layers, head.
 
-Layer ``l`` computes ``h + sum_i w_i * block_i(h)`` with ``w`` the softmax of the router's
-logits over the modules present, exactly as the cloud's torch model does.
+Layer ``l`` computes ``post(base + sum_i w_i * block_i(h))`` with ``w`` the softmax of the
+router's logits over the modules present, exactly as the cloud's torch model does; ``base``
+is the layer's shortcut program where the layout names one, else ``h`` when the shapes match,
+else zero. The layout (signed, in each module set of the desired state) says each layer's
+``post`` activation and how the last layer's output is pooled into the adapter's features.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import eclm_wire as wire
 from edge_runtime.backends import Program
 from edge_runtime.errors import BackendError
+
+POSTS = wire.ACTIVATIONS
 
 
 def part_name(layer: int, module: int | None = None) -> str:
@@ -20,11 +26,43 @@ def part_name(layer: int, module: int | None = None) -> str:
     return f"layer{layer}.router" if module is None else f"layer{layer}.block{module}"
 
 
-def part_names(selection) -> list[str]:
+def pool_grid(size: int) -> int:
+    """The side of the grid a ``size``-wide map is pooled to for routers and the head: the
+    largest divisor of ``size`` up to 4 that still pools at least 2x2, else 1 (global)."""
+    return next((g for g in (4, 3, 2) if size % g == 0 and size // g >= 2), 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model's programs chain beyond the part names (the digits model's by default)."""
+
+    posts: tuple[str, ...] = ()  # per layer: "none", "relu" or "relu6"; () = none everywhere
+    pool: int = 2  # average-pooling window from the last layer's output to the features
+    shortcuts: tuple[int, ...] = ()  # layers with a ``layer{l}.shortcut`` program
+
+    def __post_init__(self) -> None:
+        if any(post not in POSTS for post in self.posts):
+            raise BackendError(f"layout: unknown activation in {self.posts}; known: {POSTS}")
+
+    @classmethod
+    def of(cls, option: wire.ModuleSet) -> Layout:
+        return cls(option.posts, option.pool, option.shortcuts)
+
+    def post(self, layer: int) -> str:
+        return self.posts[layer] if layer < len(self.posts) else "none"
+
+
+DEFAULT_LAYOUT = Layout()
+
+
+def part_names(selection, layout: Layout = DEFAULT_LAYOUT) -> list[str]:
     """Every part a sub-model calls, in call order."""
     names = ["stem"]
     for layer, present in enumerate(selection):
-        names += [part_name(layer)] + [part_name(layer, m) for m in present]
+        names.append(part_name(layer))
+        if layer in layout.shortcuts:
+            names.append(f"layer{layer}.shortcut")
+        names += [part_name(layer, m) for m in present]
     return names + ["head"]
 
 
@@ -34,10 +72,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def pooled_features(h: np.ndarray) -> np.ndarray:
-    """2x2 average pooling and flattening of the last layer's output: the adapter's input."""
+def activate(x: np.ndarray, post: str) -> np.ndarray:
+    if post == "relu":
+        return np.maximum(x, 0.0, out=x)
+    if post == "relu6":
+        return np.clip(x, 0.0, 6.0, out=x)
+    return x
+
+
+def pooled_features(h: np.ndarray, pool: int = 2) -> np.ndarray:
+    """Average pooling (window ``pool``) and flattening of the last layer's output: the
+    adapter's input."""
     n, c, height, width = h.shape
-    pooled = h.reshape(n, c, height // 2, 2, width // 2, 2).mean(axis=(3, 5))
+    p = pool
+    pooled = h.reshape(n, c, height // p, p, width // p, p).mean(axis=(3, 5))
     return pooled.reshape(n, -1)
 
 
@@ -47,6 +95,7 @@ class ComposedModel:
 
     programs: Mapping[str, Program]
     selection: tuple[tuple[int, ...], ...]
+    layout: Layout = DEFAULT_LAYOUT
 
     def __post_init__(self) -> None:
         needed = self.part_names()
@@ -57,7 +106,7 @@ class ComposedModel:
             raise BackendError("every layer needs at least one module")
 
     def part_names(self) -> list[str]:
-        return part_names(self.selection)
+        return part_names(self.selection, self.layout)
 
     def trunk(self, x: np.ndarray) -> np.ndarray:
         """The last modular layer's output."""
@@ -65,11 +114,16 @@ class ComposedModel:
         for layer, present in enumerate(self.selection):
             logits = self.programs[part_name(layer)].run(h)[0]
             weights = softmax(logits[:, list(present)])
-            mixed = h.copy()
-            for i, m in enumerate(present):
-                out = self.programs[part_name(layer, m)].run(h)[0]
+            outputs = [self.programs[part_name(layer, m)].run(h)[0] for m in present]
+            if layer in self.layout.shortcuts:
+                mixed = self.programs[f"layer{layer}.shortcut"].run(h)[0].copy()
+            elif h.shape == outputs[0].shape:
+                mixed = h.copy()
+            else:
+                mixed = np.zeros_like(outputs[0])
+            for i, out in enumerate(outputs):
                 mixed += weights[:, i, None, None, None] * out
-            h = mixed
+            h = activate(mixed, self.layout.post(layer))
         return h
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -78,4 +132,4 @@ class ComposedModel:
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """The head's input features for a batch (what an adapter head trains on)."""
-        return pooled_features(self.trunk(x))
+        return pooled_features(self.trunk(x), self.layout.pool)

@@ -21,7 +21,7 @@ import numpy as np
 from edge_runtime.adapter import Adapter
 from edge_runtime.artifacts import sha256_bytes
 from edge_runtime.backends import Backend, Program
-from edge_runtime.composer import ComposedModel
+from edge_runtime.composer import DEFAULT_LAYOUT, ComposedModel, Layout
 from edge_runtime.errors import ArtifactError, BackendError, NotServing
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,10 @@ class SubModelServer:
         read: Callable[[str], bytes],
         *,
         smoke_input: np.ndarray | None = None,
+        layout: Layout = DEFAULT_LAYOUT,
     ) -> None:
         self.backend = backend
+        self.layout = layout
         self.read = read
         self.smoke_input = smoke_input
         self._programs: dict[str, Program] = {}
@@ -132,7 +134,7 @@ class SubModelServer:
                 program = self.backend.load(data)
                 time.sleep(0)  # a backend that holds the GIL while loading: let serving in
             programs[name] = program
-        slot.model = ComposedModel(programs, slot.selection)
+        slot.model = ComposedModel(programs, slot.selection, self.layout)
         slot.load_ms = (time.perf_counter() - start) * 1e3
 
     def _verify(self, slot: Slot) -> None:

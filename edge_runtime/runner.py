@@ -13,7 +13,7 @@ from device_profiles import Budget
 from eclm_wire.errors import ProtocolError
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import Backend, TensorSpec
-from edge_runtime.composer import part_names
+from edge_runtime.composer import Layout, part_names
 from edge_runtime.errors import BackendError, NotServing
 from edge_runtime.hotswap import SubModelServer
 from edge_runtime.monitor import Reading
@@ -117,22 +117,25 @@ class ModularRunner(Runner):
         reading: Reading,
     ) -> None:
         self.backend = backend_name
+        self.layout = layout = Layout.of(options[0])
+        if any(Layout.of(o) != layout for o in options):
+            raise ProtocolError("module sets of one model must chain alike", field="options")
         self.parts = {r.part: r.sha256 for r in refs if r.format != "safetensors"}
         for i, option in enumerate(options):
-            missing = [p for p in part_names(option.selection) if p not in self.parts]
+            missing = [p for p in part_names(option.selection, layout) if p not in self.parts]
             if missing:
                 raise ProtocolError(
                     f"module set {i} needs parts {missing} that are not offered", field="options"
                 )
         self.policy = Policy([Option(o.selection, o.memory_kb) for o in options], budget)
-        self.server = SubModelServer(backend, store.read)
+        self.server = SubModelServer(backend, store.read, layout=layout)
         option = self.policy.decide(reading)
         assert option is not None  # the first decision always picks one
         self._swap(option)
         self.input_spec = self.server.active.model.programs["stem"].inputs[0]
 
     def _swap(self, option: Option) -> None:
-        needed = part_names(option.selection)
+        needed = part_names(option.selection, self.layout)
         self.server.swap({p: self.parts[p] for p in needed}, option.selection)
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from cloud_trainer.export.programs import (
     export_litert,
     quiet_native_output,
 )
-from cloud_trainer.model.modular import ModularNet, part_name, parts
+from cloud_trainer.model.modular import ModularNet, parts
 from edge_runtime.artifacts import ArtifactStore, atomic_write, sha256_bytes
 
 EXPORTER_VERSION = "1"
@@ -156,10 +156,9 @@ def part_inputs(net: ModularNet, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input each part sees for samples ``x`` in the full model."""
     layer_inputs: list[torch.Tensor] = []
     inputs = {"stem": x, "head": net.trunk(x, None, layer_inputs=layer_inputs)}
-    for layer, h in enumerate(layer_inputs):
-        inputs[part_name(layer)] = h
-        for m in range(net.spec.modules_per_layer):
-            inputs[part_name(layer, m)] = h
+    for name in parts(net):
+        if name.startswith("layer"):
+            inputs[name] = layer_inputs[int(name.removeprefix("layer").split(".")[0])]
     return inputs
 
 

@@ -53,6 +53,7 @@ def select_for(
 def export_model(model_dir: Path, store_dir: Path, *, variants=None, progress: bool = False):
     """Export every part of the trained model into a content-addressed store."""
     from cloud_trainer.export.modular import VARIANTS, export_modular
+    from cloud_trainer.model.modular import parts
 
     net = load_model(model_dir)
     calib = np.load(model_dir / "test.npz")["x"]
@@ -61,7 +62,7 @@ def export_model(model_dir: Path, store_dir: Path, *, variants=None, progress: b
     if progress:
         from tqdm import tqdm
 
-        total = len(variants) * (2 + net.spec.layers * (1 + net.spec.modules_per_layer))
+        total = len(variants) * len(parts(net))
         bar = tqdm(total=total, desc="export", unit="program", leave=False)
     try:
         return export_modular(
@@ -158,16 +159,21 @@ def plan_device_modular(
         budget = replace(profile.budget, model_memory_kb=smallest)
         chosen = select_for(model_dir, replace(profile, budget=budget), histogram, domain=domain)
         selections.setdefault(chosen.modules, chosen.cost.memory_kb)
+    net = load_model(model_dir)
+    layout = net.layout()
     options = tuple(
         wire.ModuleSet(
-            layers=tuple(wire.LayerModules(modules=m) for m in modules), memory_kb=round(kb, 1)
+            layers=tuple(wire.LayerModules(modules=m) for m in modules),
+            memory_kb=round(kb, 1),
+            posts=layout.posts,
+            pool=layout.pool,
+            shortcuts=layout.shortcuts,
         )
         for modules, kb in selections.items()
     )
-    needed = {p for modules in selections for p in part_names(modules)}
+    needed = {p for modules in selections for p in part_names(modules, layout)}
     variants = [(FORMAT_OF[b], "fp32") for b in profile.backends]
     calib = np.load(model_dir / "test.npz")["x"]
-    net = load_model(model_dir)
     records = export_modular(net, calib, ArtifactStore(store_dir), variants=variants)
     refs = [replace(r.ref, part=r.part) for r in records if r.part in needed]
     return options, [*refs, head_ref(net, ArtifactStore(store_dir))]

@@ -18,23 +18,41 @@ BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.0}
 PROGRAM_OVERHEAD_KB = 1.0
 
 
-def macs(module: nn.Module, spec) -> int:
-    """Multiply-accumulates of one sample through ``module`` (convs at full resolution)."""
-    pixels = spec.image_size**2
-    total = 0
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            k = layer.kernel_size[0] * layer.kernel_size[1]
-            total += layer.in_channels * layer.out_channels * k * pixels
-        elif isinstance(layer, nn.Linear):
-            total += layer.in_features * layer.out_features
-    return total
+def part_macs(net: ModularNet) -> dict[str, int]:
+    """Multiply-accumulates of one sample through each part, at the sizes it sees in the
+    full model (strided layers work on smaller maps)."""
+    import torch
+
+    counts: dict[nn.Module, int] = {}
+
+    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            per_pixel = module.in_channels // module.groups * module.out_channels * k
+            counts[module] = per_pixel * output.shape[2] * output.shape[3]
+        else:
+            counts[module] = module.in_features * module.out_features
+
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(count) for m in layers]
+    spec = net.spec
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {
+        name: sum(counts.get(m, 0) for m in module.modules()) for name, module in parts(net).items()
+    }
 
 
-def part_cost(module: nn.Module, spec, profile: DeviceProfile, backend: str, quant: str) -> Cost:
+def part_cost(
+    module: nn.Module, macs: int, profile: DeviceProfile, backend: str, quant: str
+) -> Cost:
     params = sum(p.numel() for p in module.parameters())
     memory = params * BYTES_PER_PARAM[quant] / 1024 + PROGRAM_OVERHEAD_KB
-    latency = macs(module, spec) / REF_MACS_PER_MS + CALL_OVERHEAD_MS[backend]
+    latency = macs / REF_MACS_PER_MS + CALL_OVERHEAD_MS[backend]
     return Cost(memory, latency / profile.speed_factor)
 
 
@@ -51,14 +69,19 @@ def cost_table(
     backend = backend or profile.backends[0]
     measured_ms = measured_ms or {}
     costs = {}
+    macs = part_macs(net)
     for name, module in parts(net).items():
-        cost = part_cost(module, net.spec, profile, backend, quant)
+        cost = part_cost(module, macs[name], profile, backend, quant)
         if name in measured_ms:
             cost = Cost(cost.memory_kb, float(measured_ms[name]))
         costs[name] = cost
-    fixed = costs["stem"] + costs["head"]
-    for layer in range(net.spec.layers):
-        fixed = fixed + costs[part_name(layer)]
+    modular = {
+        part_name(layer, m) for layer, present in enumerate(net.full_selection()) for m in present
+    }
+    fixed = costs["stem"]
+    for name, cost in costs.items():  # routers, shortcuts and the head run in every sub-model
+        if name != "stem" and name not in modular:
+            fixed = fixed + cost
     modules = tuple(
         tuple(costs[part_name(layer, m)] for m in range(net.spec.modules_per_layer))
         for layer in range(net.spec.layers)

@@ -6,7 +6,7 @@ Users' data (image folders, CIFAR batches, ``.npz``) and the RGB digits load thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -64,3 +64,30 @@ def load_digits_split(*, test_fraction: float = 0.3, seed: int = 0) -> Split:
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
     return Split(x_tr, y_tr, x_te, y_te, tuple(str(i) for i in range(10)), "digits")
+
+
+def resize(x: np.ndarray, size: int) -> np.ndarray:
+    """Images (N, C, H, W) resized to ``size`` x ``size`` (area-averaged when shrinking)."""
+    import torch
+
+    if x.shape[2:] == (size, size):
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    shrink = size < x.shape[2]
+    mode = "area" if shrink else "bilinear"
+    kwargs = {} if shrink else {"align_corners": False}
+    out = torch.nn.functional.interpolate(t, size=(size, size), mode=mode, **kwargs)
+    return np.ascontiguousarray(out.numpy().astype(np.float32))
+
+
+def fit_to(split: Split, size: int, channels: int | None = None) -> Split:
+    """``split`` with every image at the network's input size (and grey images repeated
+    into ``channels`` colour channels when the network takes colour)."""
+
+    def fit(x: np.ndarray) -> np.ndarray:
+        x = resize(x, size)
+        if channels and x.shape[1] == 1 and channels > 1:
+            x = np.ascontiguousarray(np.repeat(x, channels, axis=1))
+        return x
+
+    return replace(split, x_train=fit(split.x_train), x_test=fit(split.x_test))

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cloud_trainer.errors import ConfigError
-from cloud_trainer.model.data import Split, load_digits_split
+from cloud_trainer.model.data import Split, fit_to, load_digits_split
+from edge_runtime.cifar import is_cifar
 from edge_runtime.datasets import read_dataset
 
 BUILT_IN = ("digits", "rgb-digits")
@@ -32,9 +33,9 @@ def load_split(
 ) -> Split:
     """Train and held-out samples of ``data`` (None: digits).
 
-    ``image_size`` and ``channels`` resize and convert an image folder (default: from the
-    images); other sources must already have them. Raises DataError (the file and what
-    is wrong) or ConfigError.
+    ``image_size`` and ``channels`` are what the network takes (default: what the data
+    has): an image folder is read at them; other images are resized, and grey ones
+    repeated into colour. Raises DataError (the file and what is wrong) or ConfigError.
     """
     name = str(data) if data is not None else "digits"
     if name == "digits":
@@ -46,13 +47,18 @@ def load_split(
         split = _stratified(x, y, CLASSES, "rgb-digits", test_fraction, seed)
     else:
         path = Path(data).expanduser().resolve()
-        found = read_dataset(path, size=image_size, channels=channels)
+        tree = path.is_dir() and not is_cifar(path)  # images are read at the size asked for
+        found = read_dataset(
+            path, size=image_size if tree else None, channels=channels if tree else None
+        )
         if found.test is not None:
             t, h = found.train, found.test
             split = Split(t.x, t.y, h.x, h.y, found.classes, str(path))
         else:
             t = found.train
             split = _stratified(t.x, t.y, found.classes, str(path), test_fraction, seed)
+    if image_size is not None or channels is not None:
+        split = fit_to(split, image_size or split.image_size, channels)
     _check_wanted(split, name, image_size, channels)
     return split
 
@@ -109,7 +115,13 @@ def load_model_split(model_dir: Path) -> Split:
     metrics = json.loads((model_dir / "metrics.json").read_text())
     record = metrics.get("data")
     if record is None:
-        return load_digits_split(seed=metrics.get("seed", 0))
+        spec = metrics.get("spec", {})
+        return load_split(
+            "digits",
+            seed=metrics.get("seed", 0),
+            image_size=spec.get("image_size"),
+            channels=spec.get("in_channels"),
+        )
     return load_split(
         record["source"],
         test_fraction=record["test_fraction"],

@@ -49,6 +49,18 @@ def test_a_folder_without_a_test_part_gets_a_stratified_held_out_split(tmp_path)
     assert split.source == str(root.resolve())
 
 
+def test_other_data_is_resized_and_grey_repeated_into_colour_for_the_network(tmp_path):
+    x = np.random.default_rng(0).random((12, 1, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "grey.npz", x=x, y=np.arange(12) % 3)
+
+    split = load_split(tmp_path / "grey.npz", image_size=8, channels=3)
+
+    assert split.x_train.shape[1:] == (3, 8, 8) and split.x_test.shape[1:] == (3, 8, 8)
+    assert np.array_equal(split.x_train[:, 0], split.x_train[:, 2])
+    with pytest.raises(ConfigError, match="has 3 channels, 1 asked for"):
+        load_split("rgb-digits", channels=1)
+
+
 def test_a_class_of_one_sample_cannot_be_held_out_and_says_which(tmp_path):
     x = np.zeros((5, 1, 4, 4), np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=np.array([0, 0, 1, 1, 2]), classes=["a", "b", "lone"])
@@ -123,15 +135,18 @@ def test_cloud_train_with_data_trains_on_a_folder_and_stores_its_description(tmp
 
     printed = capsys.readouterr()
     assert code == ExitCode.OK, printed.err
-    assert f"data: {root}, 3x16x16, 3 classes" in printed.out
+    assert f"data: {root}, 3x8x8, 3 classes" in printed.out  # the digits preset's input
     metrics = json.loads((out / "metrics.json").read_text())
     data = metrics["data"]
     assert data["classes"] == ["blue", "green", "red"] and data["channels"] == 3
-    assert data["image_size"] == 16 and len(data["mean"]) == len(data["std"]) == 3
+    assert data["image_size"] == 8 and len(data["mean"]) == len(data["std"]) == 3
     assert metrics["spec"]["in_channels"] == 3 and metrics["spec"]["num_classes"] == 3
     with np.load(out / "test.npz") as held_out:
-        assert held_out["x"].shape == (data["test_samples"], 3, 16, 16)
-    assert np.array_equal(load_model_split(out).y_test, np.load(out / "test.npz")["y"])
+        assert held_out["x"].shape == (data["test_samples"], 3, 8, 8)
+    again = load_model_split(out)
+    with np.load(out / "test.npz") as held_out:
+        assert np.array_equal(again.x_test, held_out["x"])
+        assert np.array_equal(again.y_test, held_out["y"])
 
 
 def test_cloud_train_on_a_broken_file_exits_with_the_config_code_naming_it(tmp_path, capsys):
