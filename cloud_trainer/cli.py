@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from cloud_trainer import data_cli
 from cloud_trainer.errors import FleetError, RolloutAborted
 from cloud_trainer.fleet.deploy import (
     deploy_fleet,
@@ -28,13 +29,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("cloud", help="train, export, select and deploy from the cloud")
     cmds = parser.add_subparsers(dest="cloud_cmd", required=True)
     _model_commands(cmds)
+    data_cli.add_parser(cmds)
     _fleet_commands(cmds)
     _service_commands(cmds)
 
 
 def _model_commands(cmds: argparse._SubParsersAction) -> None:
     """train, export, select, integrate: the model and its programs."""
-    train = cmds.add_parser("train", help="train the modular model on scikit-learn's digits")
+    train = cmds.add_parser(
+        "train", help="train the modular model on digits (default) or on --data"
+    )
+    train.add_argument(
+        "--data",
+        help="digits, rgb-digits, an image folder (one sub-folder per class), a CIFAR-10/100 "
+        "python batch folder or an .npz with x (N, C, H, W) and y (default: digits)",
+    )
     train.add_argument(
         "--out",
         type=Path,
@@ -341,14 +350,27 @@ def _histogram(text: str | None):
 
 
 def _train(args: argparse.Namespace) -> int:
+    import json
+
     from cloud_trainer.model.checkpoint import train_model
 
     result = train_model(
-        args.out, epochs=args.epochs, seed=args.seed, progress=True, preset_name=args.preset
+        args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        progress=True,
+        preset_name=args.preset,
+        data=args.data,
     )
     print(
         f"trained in {result.seconds:.1f}s: held-out accuracy {result.accuracy:.4f} "
         f"(every other module: {result.half_accuracy:.4f})"
+    )
+    data = json.loads((args.out / "metrics.json").read_text())["data"]
+    print(
+        f"data: {data['source']}, {data['channels']}x{data['image_size']}x{data['image_size']}, "
+        f"{len(data['classes'])} classes, {data['train_samples']} train / "
+        f"{data['test_samples']} held out"
     )
     print(f"wrote {args.out}/model.pt, metrics.json, importance.npz, test.npz")
     return ExitCode.OK
@@ -471,7 +493,6 @@ def _content_token(args: argparse.Namespace) -> int:
 
 
 def _integrate(args: argparse.Namespace) -> int:
-    import json
 
     from safetensors.numpy import save_file
 
@@ -481,13 +502,12 @@ def _integrate(args: argparse.Namespace) -> int:
         run_integration,
     )
     from cloud_trainer.model.checkpoint import head_weights, load_model
-    from cloud_trainer.model.data import load_digits_split
+    from cloud_trainer.model.datasets import load_model_split
 
     net = load_model(args.model)
     aggregates = load_aggregates(args.aggregates) if args.aggregates else {}
     extra = [d.strip() for d in args.domains.split(",") if d.strip()]
-    seed = json.loads((args.model / "metrics.json").read_text())["seed"]
-    split = load_digits_split(seed=seed)  # the split the model was trained on
+    split = load_model_split(args.model)  # the split the model was trained on
     result = run_integration(
         net,
         aggregates,

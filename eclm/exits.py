@@ -40,7 +40,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (BrokerError, ExitCode.BROKER),
     (ProfileError, ExitCode.CONFIG),
     (ConfigError, ExitCode.CONFIG),  # SelectionError too
-    (EdgeConfigError, ExitCode.CONFIG),
+    (EdgeConfigError, ExitCode.CONFIG),  # DataError too: a data set that cannot be read
     (ProtocolError, ExitCode.CONFIG),  # an id or a stored message that does not validate
     (AddressError, ExitCode.CONFIG),
     (SettingsError, ExitCode.CONFIG),

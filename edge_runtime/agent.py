@@ -34,7 +34,7 @@ from eclm_wire.mqtt import connect, make_client, wait_published
 from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import Backend, get_backend
 from edge_runtime.config import AgentConfig  # imported from here too, as before
-from edge_runtime.data import load_npz
+from edge_runtime.datasets import load_eval_set
 from edge_runtime.errors import ArtifactError, BackendError, DamagedArtifact, NotServing
 from edge_runtime.installer import Installed, Installer
 from edge_runtime.learning import Learner
@@ -91,7 +91,7 @@ class EdgeAgent:
         self.state = AgentState.NEW
         self.store = ArtifactStore(config.store_dir)
         self.runner: Runner | None = None
-        self.eval_set = load_npz(config.eval_data) if config.eval_data else None
+        self.eval_set = load_eval_set(config.eval_data) if config.eval_data else None
         self.installer = Installer(
             self.store,
             config.profile,

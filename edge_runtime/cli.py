@@ -46,7 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         help="the agent's own artifact store; it deletes what it no longer needs "
         "(default: .eclm/<device-id>)",
     )
-    run.add_argument("--eval-data", type=Path, help=".npz with x, y to report accuracy on")
+    run.add_argument(
+        "--eval-data",
+        type=Path,
+        help="samples to report accuracy on: .npz with x (N, C, H, W) and y, a CIFAR batch "
+        "folder (its test batch) or an image folder (needs Pillow)",
+    )
     run.add_argument(
         "--trust-key",
         type=Path,

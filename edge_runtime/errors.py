@@ -7,6 +7,7 @@ EdgeError
 ├── BackendError         a program that cannot be loaded or run
 │   └── BackendUnavailable   the backend's package is not installed
 ├── ConfigError          a key, data file or setting the agent cannot use (names it)
+│   └── DataError            a data set that is broken, empty, unreadable or mixed up
 ├── ContentError         a content server that cannot serve an artifact (MQTT takes over)
 └── NotServing           asked to predict before any sub-model is active
 
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "ContentError",
     "DamagedArtifact",
+    "DataError",
     "EdgeError",
     "HashMismatch",
     "NotServing",
@@ -63,6 +65,11 @@ class BackendUnavailable(BackendError):
 
 class ConfigError(EdgeError, ValueError):
     """A key, data file or setting the agent cannot use; the message names it."""
+
+
+class DataError(ConfigError):
+    """A data set (image folder, CIFAR batches, .npz) that cannot be read as labelled
+    samples; the message names the file and what is wrong with it."""
 
 
 class ContentError(EdgeError):

@@ -29,24 +29,29 @@ def train_model(
     progress: bool = False,
     spec=None,
     preset_name: str = "digits",
+    data: str | Path | None = None,
 ) -> TrainResult:
     """Train the modular model (the ``preset_name`` network unless ``spec`` is given) on
-    digits and record module importance; samples are resized to the network's input.
+    ``data`` (a built-in name or a user's files, see
+    :func:`~cloud_trainer.model.datasets.load_split`; default digits) and record module
+    importance; samples are resized to the network's input.
 
-    Writes ``model.pt``, ``metrics.json`` (with the spec), ``importance.npz`` (per class,
-    and per domain) and ``test.npz`` (the held-out split, for devices to evaluate on).
+    Writes ``model.pt``, ``metrics.json`` (with the spec and the data record),
+    ``importance.npz`` (per class, and per domain) and ``test.npz`` (the held-out split,
+    for devices to evaluate on).
     """
     import torch
 
-    from cloud_trainer.model.data import fit_to, load_digits_split
+    from cloud_trainer.model.data import fit_to
+    from cloud_trainer.model.datasets import describe, load_split
     from cloud_trainer.model.domains import DOMAINS, apply
     from cloud_trainer.model.modular import ModularNet, preset
     from cloud_trainer.model.train import accuracy, module_importance, train_modular
 
     start = time.perf_counter()
-    split = load_digits_split(seed=seed)
-    channels = split.x_train.shape[1]
-    spec = spec or preset(preset_name, in_channels=channels, num_classes=split.num_classes)
+    # the network's input size first: an image folder is read at it, other data resized
+    split = load_split(data, seed=seed, image_size=(spec or preset(preset_name)).image_size)
+    spec = spec or preset(preset_name, in_channels=split.channels, num_classes=split.num_classes)
     split = fit_to(split, spec.image_size, spec.in_channels)
     net = train_modular(
         ModularNet(spec), split.x_train, split.y_train, epochs=epochs, seed=seed, progress=progress
@@ -71,6 +76,7 @@ def train_model(
         "epochs": epochs,
         "seed": seed,
         "spec": asdict(spec),
+        "data": describe(split, seed=seed),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(out, acc, half_acc, seconds)

@@ -1,24 +1,53 @@
-"""Data sets for the cloud: scikit-learn's digits (shipped with the package, no download)."""
+"""Data sets for the cloud: scikit-learn's digits (shipped with the package, no download).
+
+Users' data (image folders, CIFAR batches, ``.npz``) and the RGB digits load through
+:func:`cloud_trainer.model.datasets.load_split`, into the same :class:`Split`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class Split:
-    """Train and held-out samples, images shaped (N, 1, H, W) in [0, 1]."""
+    """Train and held-out samples, images shaped (N, C, H, W) float32 in [0, 1].
+
+    ``classes`` names the labels (empty: the labels are their own names); ``source`` says
+    where the samples came from, as :func:`cloud_trainer.model.datasets.load_split` takes it.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    classes: tuple[str, ...] = field(default=())
+    source: str = "digits"
 
     @property
     def num_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_test.max())) + 1
+        top = int(max(self.y_train.max(), self.y_test.max())) + 1
+        return max(top, len(self.classes))
+
+    @property
+    def channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        """The side of the (square) images."""
+        return int(self.x_train.shape[2])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean of the training images (the normalisation stored with a model)."""
+        return tuple(float(v) for v in self.x_train.mean(axis=(0, 2, 3)))
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.x_train.std(axis=(0, 2, 3)))
 
 
 def load_digits_split(*, test_fraction: float = 0.3, seed: int = 0) -> Split:
@@ -34,7 +63,7 @@ def load_digits_split(*, test_fraction: float = 0.3, seed: int = 0) -> Split:
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
-    return Split(x_tr, y_tr, x_te, y_te)
+    return Split(x_tr, y_tr, x_te, y_te, tuple(str(i) for i in range(10)), "digits")
 
 
 def resize(x: np.ndarray, size: int) -> np.ndarray:
@@ -61,4 +90,4 @@ def fit_to(split: Split, size: int, channels: int | None = None) -> Split:
             x = np.ascontiguousarray(np.repeat(x, channels, axis=1))
         return x
 
-    return Split(fit(split.x_train), split.y_train, fit(split.x_test), split.y_test)
+    return replace(split, x_train=fit(split.x_train), x_test=fit(split.x_test))

@@ -1,4 +1,8 @@
-"""Covariate shifts of image batches (N, 1, H, W) in [0, 1]: the data domains devices see."""
+"""Covariate shifts of image batches (N, C, H, W) in [0, 1]: the data domains devices see.
+
+Each works for any number of channels and any image size (grey 8x8 digits, RGB 32x32),
+and keeps the batch's shape.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +24,23 @@ def noise(x: np.ndarray, rng: np.random.Generator, sigma: float = 0.3) -> np.nda
 
 
 def rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A quarter turn: a strong, label-preserving change of layout."""
-    return np.ascontiguousarray(np.rot90(x, k=1, axes=(2, 3)))
+    """A quarter turn (a half turn for non-square images, to keep their shape): a strong,
+    label-preserving change of layout."""
+    k = 1 if x.shape[2] == x.shape[3] else 2
+    return np.ascontiguousarray(np.rot90(x, k=k, axes=(2, 3)))
 
 
 def contrast(x: np.ndarray, rng: np.random.Generator, low: float = 0.4) -> np.ndarray:
-    """Inverted and compressed intensities, as from a different sensor."""
+    """Inverted and compressed intensities, as from a different sensor (per channel)."""
     return (1.0 - low * x - (1 - low) * 0.5 * (x > 0.5)).astype(np.float32)
 
 
-def occlude(x: np.ndarray, rng: np.random.Generator, size: int = 3) -> np.ndarray:
+def occlude(x: np.ndarray, rng: np.random.Generator, size: int | None = None) -> np.ndarray:
+    """A blanked square in every channel, 3/8 of the shorter side unless ``size`` is given
+    (3 pixels of an 8x8 digit, 12 of a 32x32 image)."""
     out = x.copy()
     h, w = x.shape[2:]
+    size = size or max(1, round(3 * min(h, w) / 8))
     for i in range(len(x)):
         r, c = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
         out[i, :, r : r + size, c : c + size] = 0.0

@@ -373,17 +373,15 @@ class Service:
         """A copy of the model whose head is re-trained on the cloud's training data of
         every domain with an aggregate, pulled toward those aggregates (and ``clean``)."""
         import copy
-        import json
 
         import torch
 
         from cloud_trainer.federation.distributed import run_integration
-        from cloud_trainer.model.data import load_digits_split
+        from cloud_trainer.model.datasets import load_model_split
 
         aggregates = {d: a for d in self.state.domains() if (a := self.ledger.aggregate(d))}
         aggregates["clean"] = (clean, samples)
-        seed = json.loads((self.model_dir / "metrics.json").read_text()).get("seed", 0)
-        split = load_digits_split(seed=seed)  # the split the model was trained on
+        split = load_model_split(self.model_dir)  # the split the model was trained on
         i = self.config.integration
         job = run_integration(
             self.net,
