@@ -77,6 +77,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         help="force a backend instead of the profile's order",
     )
     _add_emulation_options(run)
+    _add_privacy_options(run)
+    run.set_defaults(func=_run)
+    status = cmds.add_parser("status", help="what the agent last reported from its store")
+    status.add_argument("--device-id", required=True)
+    status.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
+    status.set_defaults(func=_status)
+    return cmds
+
+
+def _add_privacy_options(run: argparse.ArgumentParser) -> None:
+    """Differential privacy for what the device uploads."""
     run.add_argument(
         "--dp-clip",
         type=float,
@@ -91,12 +102,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         help="differential privacy: Gaussian noise std as a multiple of --dp-clip; the "
         "epsilon spent travels with each upload",
     )
-    run.set_defaults(func=_run)
-    status = cmds.add_parser("status", help="what the agent last reported from its store")
-    status.add_argument("--device-id", required=True)
-    status.add_argument("--store", type=Path, help="artifact store (default: .eclm/<device-id>)")
-    status.set_defaults(func=_status)
-    return cmds
 
 
 def _add_emulation_options(run: argparse.ArgumentParser) -> None:

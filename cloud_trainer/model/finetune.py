@@ -41,21 +41,17 @@ class DecomposeResult:
 
 
 def default_data(image_size: int, seed: int = 0) -> Split:
-    """Digits at ``image_size`` with the grey channel repeated into RGB (until ``--data``)."""
-    from cloud_trainer.model.data import fit_to, load_digits_split
+    """Digits at ``image_size`` with the grey channel repeated into RGB (without ``--data``)."""
+    from cloud_trainer.model.datasets import load_split
 
-    return rgb(fit_to(load_digits_split(seed=seed), image_size))
+    return load_split("digits", image_size=image_size, channels=3, seed=seed)
 
 
 def rgb(split: Split) -> Split:
     """``split`` with one channel repeated three times (the networks take RGB)."""
-    if split.x_train.shape[1] != 1:
-        return split
+    from cloud_trainer.model.data import fit_to
 
-    def rep(x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(np.repeat(x, 3, axis=1))
-
-    return Split(rep(split.x_train), split.y_train, rep(split.x_test), split.y_test)
+    return fit_to(split, split.image_size, 3)
 
 
 def train_original(net, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int, lr=3e-3):
@@ -101,6 +97,7 @@ def decompose_model(
     """
     import torch
 
+    from cloud_trainer.model.datasets import describe
     from cloud_trainer.model.decompose import (
         decompose,
         max_logit_difference,
@@ -150,6 +147,7 @@ def decompose_model(
         "seed": seed,
         "weights": str(weights) if weights else "none",
         "spec": asdict(spec),
+        "data": describe(split, seed=seed),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return DecomposeResult(**{**asdict(result), "seconds": metrics["seconds"]})
