@@ -44,7 +44,8 @@ def add_parser(cmds: argparse._SubParsersAction) -> None:
     dec.add_argument("--weights", default="none", help="torchvision-layout state dict, or none")
     dec.add_argument("--modules", type=int, default=4, help="modules per block (default: 4)")
     dec.add_argument(
-        "--data", help="digits, rgb-digits, an image folder, CIFAR batches or .npz (default: digits)"
+        "--data",
+        help="digits, rgb-digits, an image folder, CIFAR batches or .npz (default: digits)",
     )
     dec.add_argument("--epochs", type=int, default=5)
     dec.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1)")
