@@ -39,19 +39,7 @@ def add_parser(cmds: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_train)
 
-    dec = cmds.add_parser("decompose", help="ResNet/MobileNetV2 as modules, fine-tuned")
-    dec.add_argument("--arch", required=True, choices=("resnet18", "resnet34", "mobilenet_v2"))
-    dec.add_argument("--weights", default="none", help="torchvision-layout state dict, or none")
-    dec.add_argument("--modules", type=int, default=4, help="modules per block (default: 4)")
-    dec.add_argument(
-        "--data",
-        help="digits, rgb-digits, an image folder, CIFAR batches or .npz (default: digits)",
-    )
-    dec.add_argument("--epochs", type=int, default=5)
-    dec.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1)")
-    dec.add_argument("--seed", type=int, default=0)
-    dec.add_argument("--out", type=Path, default=MODEL)
-    dec.set_defaults(func=_decompose)
+    _decompose_parser(cmds)
 
     export = cmds.add_parser(
         "export",
@@ -96,6 +84,22 @@ def add_parser(cmds: argparse._SubParsersAction) -> None:
         "--out", type=Path, help="new head (default: MODEL/head-integrated.safetensors)"
     )
     integrate.set_defaults(func=_integrate)
+
+
+def _decompose_parser(cmds: argparse._SubParsersAction) -> None:
+    dec = cmds.add_parser("decompose", help="ResNet/MobileNetV2 as modules, fine-tuned")
+    dec.add_argument("--arch", required=True, choices=("resnet18", "resnet34", "mobilenet_v2"))
+    dec.add_argument("--weights", default="none", help="torchvision-layout state dict, or none")
+    dec.add_argument("--modules", type=int, default=4, help="modules per block (default: 4)")
+    dec.add_argument(
+        "--data",
+        help="digits, rgb-digits, an image folder, CIFAR batches or .npz (default: digits)",
+    )
+    dec.add_argument("--epochs", type=int, default=5)
+    dec.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1)")
+    dec.add_argument("--seed", type=int, default=0)
+    dec.add_argument("--out", type=Path, default=MODEL)
+    dec.set_defaults(func=_decompose)
 
 
 def _histogram(text: str | None):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_trainer.errors import ConfigError
+from cloud_trainer.model.data import Split
 from edge_runtime.data import save_npz
 
 
@@ -40,13 +41,10 @@ def train_model(
     ``importance.npz`` (per class, and per domain) and ``test.npz`` (the held-out split,
     for devices to evaluate on).
     """
-    import torch
-
     from cloud_trainer.model.data import fit_to
     from cloud_trainer.model.datasets import describe, load_split
-    from cloud_trainer.model.domains import DOMAINS, apply
     from cloud_trainer.model.modular import ModularNet, preset
-    from cloud_trainer.model.train import accuracy, module_importance, train_modular
+    from cloud_trainer.model.train import accuracy, train_modular
 
     start = time.perf_counter()
     # the network's input size first: an image folder is read at it, other data resized
@@ -59,15 +57,7 @@ def train_model(
     half = tuple(tuple(range(0, spec.modules_per_layer, 2)) for _ in range(spec.layers))
     acc = accuracy(net, split.x_test, split.y_test)
     half_acc = accuracy(net, split.x_test, split.y_test, half)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), out / "model.pt")
-    importance = {
-        f"domain:{d}": module_importance(net, apply(d, split.x_train, seed), split.y_train)
-        for d in DOMAINS
-    }
-    importance["class"] = importance["domain:clean"]
-    np.savez(out / "importance.npz", **importance)
-    save_npz(out / "test.npz", split.x_test, split.y_test)
+    write_model_dir(out, net, split, seed)
     seconds = time.perf_counter() - start
     metrics = {
         "accuracy": acc,
@@ -80,6 +70,24 @@ def train_model(
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(out, acc, half_acc, seconds)
+
+
+def write_model_dir(out: Path, net, split: Split, seed: int) -> None:
+    """``model.pt``, ``importance.npz`` (per class and per domain) and ``test.npz``."""
+    import torch
+
+    from cloud_trainer.model.domains import DOMAINS, apply
+    from cloud_trainer.model.train import module_importance
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), out / "model.pt")
+    importance = {
+        f"domain:{d}": module_importance(net, apply(d, split.x_train, seed), split.y_train)
+        for d in DOMAINS
+    }
+    importance["class"] = importance["domain:clean"]
+    np.savez(out / "importance.npz", **importance)
+    save_npz(out / "test.npz", split.x_test, split.y_test)
 
 
 def load_model(model_dir: Path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud_trainer.model.checkpoint import write_model_dir
 from cloud_trainer.model.data import Split
 
 EXACTNESS_SAMPLES = 64
@@ -163,22 +164,3 @@ def sub_model_accuracies(net, split: Split) -> tuple[float, float, float]:
     return tuple(
         accuracy(net, split.x_test, split.y_test, selection) for selection in (None, half, smallest)
     )
-
-
-def write_model_dir(out: Path, net, split: Split, seed: int) -> None:
-    """``model.pt``, ``importance.npz`` (per class and per domain) and ``test.npz``."""
-    import torch
-
-    from cloud_trainer.model.domains import DOMAINS, apply
-    from cloud_trainer.model.train import module_importance
-    from edge_runtime.data import save_npz
-
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), out / "model.pt")
-    importance = {
-        f"domain:{d}": module_importance(net, apply(d, split.x_train, seed), split.y_train)
-        for d in DOMAINS
-    }
-    importance["class"] = importance["domain:clean"]
-    np.savez(out / "importance.npz", **importance)
-    save_npz(out / "test.npz", split.x_test, split.y_test)
