@@ -15,7 +15,7 @@ from edge_runtime.artifacts import ArtifactStore
 from edge_runtime.backends import Backend, TensorSpec
 from edge_runtime.composer import Layout, part_names, trunk_part
 from edge_runtime.errors import BackendError, NotServing
-from edge_runtime.hotswap import SubModelServer
+from edge_runtime.hotswap import Slot, SubModelServer
 from edge_runtime.monitor import Reading
 from edge_runtime.policy import Option, Policy
 
@@ -131,15 +131,17 @@ class ModularRunner(Runner):
         self.server = SubModelServer(backend, store.read, layout=layout)
         option = self.policy.decide(reading)
         assert option is not None  # the first decision always picks one
-        self._swap(option)
-        self.input_spec = self.server.active.model.programs["stem"].inputs[0]
+        slot = self._swap(option)
+        assert slot.model is not None  # a swap that returns has staged its model
+        self.input_spec = slot.model.programs["stem"].inputs[0]
 
-    def _swap(self, option: Option) -> None:
+    def _swap(self, option: Option) -> Slot:
         needed = part_names(option.selection, self.layout)
-        self.server.swap({p: self.parts[p] for p in needed}, option.selection)
+        slot = self.server.swap({p: self.parts[p] for p in needed}, option.selection)
         fused = self.parts.get(trunk_part(option.selection))
         if fused:  # the parts serve until the fused trunk is loaded and checked against them
             self.server.fuse_async(fused)
+        return slot
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.server.predict(x)
