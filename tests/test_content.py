@@ -46,6 +46,7 @@ def test_a_download_cut_mid_way_resumes_with_range(server, tmp_path):
     data = os.urandom(32 * 1024 * 1024)  # far more than the socket buffers hold
     ref = ref_of(store, data)
     proxy = ChaosProxy(port)
+    proxy.delay = 0.002  # per 64 KB forwarded: about a second in all, so the cut lands mid-way
     device = ArtifactStore(tmp_path / "device")
     access = ContentAccess(token=device_token(secret, "dev-1"), cafile=cafile, timeout=1.0)
     try:

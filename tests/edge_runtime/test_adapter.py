@@ -58,8 +58,10 @@ def test_both_trainers_take_the_same_sgd_steps(shifted):
 
     moved = np.abs(numpy_t.weights()["weight"] - shifted["weight"]).max()
     assert moved > 1e-2
-    for key in ("weight", "bias"):  # float32 rounding apart, far below how far they moved
-        np.testing.assert_allclose(numpy_t.weights()[key], et_t.weights()[key], atol=1e-3 * moved)
+    # float32 rounding apart (XNNPACK sums in another order; 20 steps compound it), far
+    # below how far they moved
+    for key in ("weight", "bias"):
+        np.testing.assert_allclose(numpy_t.weights()[key], et_t.weights()[key], atol=5e-3 * moved)
 
 
 def test_updates_round_trip_and_bad_updates_change_nothing(shifted):
