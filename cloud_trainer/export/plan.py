@@ -81,16 +81,24 @@ def export_fused_for(
     model_dir: Path, store_dir: Path, modules, fmt: str, quant: str = "fp32"
 ) -> wire.ArtifactRef:
     """One program of the whole selected sub-model, stored (and cached) for delivery."""
-    import torch
-
-    from cloud_trainer.export.modular import ModularExporter
     from cloud_trainer.model.modular import SubModel
 
     net = load_model(model_dir)
-    x = torch.from_numpy(np.load(model_dir / "test.npz")["x"][:64])
+    calib = np.load(model_dir / "test.npz")["x"]
     tag = "-".join("".join(map(str, layer)) for layer in modules)
+    return store_program(store_dir, f"submodel-{tag}", SubModel(net, modules), calib, fmt, quant)
+
+
+def store_program(store_dir: Path, name: str, module, calib, fmt: str, quant: str = "fp32"):
+    """``module`` as one program, exported on (up to 64 of) the samples ``calib`` (numpy or
+    torch: what the module takes), stored and cached for delivery."""
+    import torch
+
+    from cloud_trainer.export.modular import ModularExporter
+
+    x = torch.as_tensor(calib[:64])
     record = ModularExporter(ArtifactStore(store_dir)).export(
-        f"submodel-{tag}", SubModel(net, modules), x[:2], fmt, quant, calib=x
+        name, module, x[:2], fmt, quant, calib=x
     )
     return record.ref
 
@@ -192,18 +200,12 @@ def plan_device_modular(
 
 def fused_trunk(net, calib: np.ndarray, store_dir: Path, selection, fmt: str) -> wire.ArtifactRef:
     """``selection``'s stem and layers as one fp32 program, stored (and cached)."""
-    import torch
-
-    from cloud_trainer.export.modular import ModularExporter
     from cloud_trainer.model.modular import Trunk
     from edge_runtime.composer import trunk_part
 
-    x = torch.from_numpy(calib[:64])
     name = trunk_part(selection)
-    record = ModularExporter(ArtifactStore(store_dir)).export(
-        name, Trunk(net, selection), x[:2], fmt, "fp32", calib=x
-    )
-    return replace(record.ref, part=name)
+    ref = store_program(store_dir, name, Trunk(net, selection), calib, fmt)
+    return replace(ref, part=name)
 
 
 def head_ref(net, store: ArtifactStore) -> wire.ArtifactRef:
@@ -224,15 +226,12 @@ def export_part(net, model_dir: Path, store_dir: Path, part: str, fmt: str) -> w
     """One part of ``net`` (say a new head) as an fp32 program, stored for delivery."""
     import torch
 
-    from cloud_trainer.export.modular import ModularExporter, part_inputs
+    from cloud_trainer.export.modular import part_inputs
     from cloud_trainer.model.modular import parts
 
     x = torch.from_numpy(np.load(model_dir / "test.npz")["x"][:64])
     data = part_inputs(net.eval(), x)[part]
-    record = ModularExporter(ArtifactStore(store_dir)).export(
-        part, parts(net)[part], data[:2], fmt, "fp32", calib=data
-    )
-    return replace(record.ref, part=part)
+    return replace(store_program(store_dir, part, parts(net)[part], data, fmt), part=part)
 
 
 def with_head(net, targets: dict[str, Target], model_dir: Path, store: Path) -> dict[str, Target]:
