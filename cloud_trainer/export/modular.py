@@ -28,7 +28,7 @@ from cloud_trainer.export.programs import (
 from cloud_trainer.model.modular import ModularNet, parts
 from edge_runtime.artifacts import ArtifactStore, atomic_write, sha256_bytes
 
-EXPORTER_VERSION = "2"  # 2: free batch bounded at 64 (programs.MAX_BATCH)
+EXPORTER_VERSION = "3"  # 3: free batch bounded at 8 (programs.MAX_BATCH)
 VARIANTS = (("pte", "fp32"), ("pte", "int8"), ("tflite", "fp32"), ("tflite", "int8"))
 
 

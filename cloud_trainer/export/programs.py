@@ -15,9 +15,11 @@ from torch.export import Dim, export
 
 from cloud_trainer.errors import ExportError
 
-# ExecuTorch plans activation memory for the bound: at 1024 a 32x32 RGB model's routers took
-# 130 MB each. 64 covers a serving batch; larger batches run in pieces on the device.
-MAX_BATCH = 64
+# ExecuTorch plans activation memory for the bound, in every program: the `cifar` preset's
+# edge process (half its modules) peaked at 307 MB with 64, 264 MB with 16 and 252 MB with 8
+# (bench/edge_memory.py; 228 MB of it is torch and the pybindings). Larger batches run in
+# pieces of 8 on the device, which costs a few per-call overheads (~12 us each) a piece.
+MAX_BATCH = 8
 
 
 def batch_dim() -> tuple[dict[int, Dim], ...]:
