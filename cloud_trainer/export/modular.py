@@ -20,6 +20,7 @@ from torch import nn
 import eclm_wire as wire
 from cloud_trainer.errors import ExportError
 from cloud_trainer.export.programs import (
+    MAX_BATCH,
     batch_dim,
     export_executorch,
     export_litert,
@@ -69,7 +70,7 @@ def _executorch_int8(
             )
             exported = torch.export.export(module.eval(), (sample,), dynamic_shapes=batch_dim())
             prepared = prepare_pt2e(exported.module(), quantizer)
-            for batch in calib.split(16):
+            for batch in calib.split(MAX_BATCH):
                 prepared(batch)
             converted = convert_pt2e(prepared)
     except Exception as exc:  # pt2e raises many unrelated types
