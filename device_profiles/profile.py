@@ -189,10 +189,10 @@ def _legacy_budget(source: str, table: dict[str, Any]) -> dict[str, Any]:
             field="budget.model_memory_kb",
         )
     kb = table["model_memory_kb"]
-    if not isinstance(kb, int) or isinstance(kb, bool) or kb <= 0:
+    if not isinstance(kb, int) or isinstance(kb, bool) or kb <= 0 or not _fits_float(kb):
         raise ProfileError(
             source,
-            f"must be an int > 0 (got {kb!r}); prefer model_memory_mb",
+            f"must be an int > 0 that fits a float (got {kb!r}); prefer model_memory_mb",
             field="budget.model_memory_kb",
         )
     if source not in _warned:

@@ -52,6 +52,7 @@ def test_load_by_path_and_by_name_agree(tmp_path):
         ("model_memory_mb = 1781\n", "", "budget.model_memory_mb"),
         ("model_memory_mb = 1781", "model_memory_kb = 0", "budget.model_memory_kb"),
         ("model_memory_mb = 1781", "model_memory_kb = 2.5", "budget.model_memory_kb"),
+        ("model_memory_mb = 1781", f"model_memory_kb = {10**400}", "budget.model_memory_kb"),
         (
             "model_memory_mb = 1781",
             "model_memory_mb = 1781\nmodel_memory_kb = 512",
