@@ -211,17 +211,24 @@ def _search_dirs() -> list[Path]:
     return [Path(d) for d in extra.split(os.pathsep) if d] + [BOARDS_DIR]
 
 
-def load_profile(name_or_path: str | Path) -> DeviceProfile:
-    """Load a profile by name (``rpi4``: the directories of ``$ECLM_PROFILE_PATH``, then
-    the shipped boards) or any profile file by path."""
+def profile_path(name_or_path: str | Path) -> Path:
+    """The file of a profile named ``rpi4`` (the directories of ``$ECLM_PROFILE_PATH``,
+    then the shipped boards), or the ``.toml`` path given."""
     path = Path(name_or_path)
-    if path.suffix != ".toml":
-        found = [d / f"{name_or_path}.toml" for d in _search_dirs()]
-        path = next((f for f in found if f.is_file()), found[-1])
-        if not path.exists():
-            raise ProfileError(
-                str(name_or_path), f"no such profile; known: {', '.join(profile_names())}"
-            )
+    if path.suffix == ".toml":
+        return path
+    found = [d / f"{name_or_path}.toml" for d in _search_dirs()]
+    path = next((f for f in found if f.is_file()), None)
+    if path is None:
+        raise ProfileError(
+            str(name_or_path), f"no such profile; known: {', '.join(profile_names())}"
+        )
+    return path
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """Load a profile by name (see :func:`profile_path`) or any profile file by path."""
+    path = profile_path(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
