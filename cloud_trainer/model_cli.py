@@ -188,13 +188,13 @@ def _select(args: argparse.Namespace) -> int:
         args.model, profile, _histogram(args.histogram), domain=args.domain, quant=args.quant
     )
     print(
-        f"profile {profile.name}: budget {profile.budget.model_memory_kb} KB, "
-        f"{profile.budget.latency_ms} ms"
+        f"profile {profile.name}: budget {profile.budget.model_memory_mb:g} MB, "
+        f"{profile.budget.latency_ms:g} ms"
     )
     for layer, modules in enumerate(choice.modules):
         print(f"  layer {layer}: modules {', '.join(map(str, modules))}")
     print(
-        f"size {choice.cost.memory_kb:.1f} KB, estimated latency "
+        f"size {choice.cost.memory_kb / 1024:.2f} MB, estimated latency "
         f"{choice.cost.latency_ms:.3f} ms, expected importance {choice.importance:.3f}"
     )
     return ExitCode.OK

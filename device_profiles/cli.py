@@ -25,7 +25,7 @@ def _list(args: argparse.Namespace) -> int:
     for p in list_profiles():
         print(
             f"{p.name:<18} {p.arch:<8} {p.ram_mb:>5}MB {p.cores:>5}  "
-            f"{','.join(p.backends):<18} {p.budget.model_memory_kb:>7}KB "
+            f"{','.join(p.backends):<18} {p.budget.model_memory_mb:>7g}MB "
             f"{p.budget.latency_ms:>6.1f}ms  {p.title}"
         )
     return 0

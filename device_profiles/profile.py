@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,12 @@ from typing import Any
 from device_profiles import toml
 from device_profiles.errors import ProfileError
 
+log = logging.getLogger(__name__)
+
 BOARDS_DIR = Path(__file__).parent / "boards"
+# Directories of a site's own board profiles (os.pathsep between them), searched by name
+# before the shipped ones: the cloud resolves a device's reported profile name through it.
+PROFILE_PATH_ENV = "ECLM_PROFILE_PATH"
 KNOWN_BACKENDS = ("executorch", "litert")
 ARCHES = ("aarch64", "armv7l", "x86_64")
 # The CPython versions the edge side runs on (scripts/python-matrix.sh tests each).
@@ -21,10 +28,16 @@ GLIBC_FLOOR = (2, 17)  # manylinux2014, the oldest wheels PyPI's packages here s
 
 @dataclass(frozen=True)
 class Budget:
-    """What the sub-model may use on the board."""
+    """What the sub-model may use on the board: memory in MB (programs and activations)
+    and the time an application would give one inference at batch 1."""
 
-    model_memory_kb: int
+    model_memory_mb: float
     latency_ms: float
+
+    @property
+    def model_memory_kb(self) -> float:
+        """The memory budget in KB, the unit module costs and the wire's module sets use."""
+        return self.model_memory_mb * 1024
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,7 @@ _TOP: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "has_battery": (bool, lambda v: True, ""),
 }
 _BUDGET: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
-    "model_memory_kb": (int, *_POSITIVE),
+    "model_memory_mb": ((int, float), *_POSITIVE_NUMBER),
     "latency_ms": ((int, float), *_POSITIVE_NUMBER),
 }
 
@@ -141,6 +154,8 @@ def parse_profile(text: str, *, source: str = "<profile>") -> DeviceProfile:
     for name, spec in _TABLES.items():
         if not isinstance(data.get(name), dict):
             raise ProfileError(source, f"missing table [{name}]", field=name)
+        if name == "budget":
+            data[name] = _legacy_budget(source, data[name])
         _check(source, data[name], spec, prefix=f"{name}.")
     budget, image = data["budget"], data["os"]
     return DeviceProfile(
@@ -152,20 +167,68 @@ def parse_profile(text: str, *, source: str = "<profile>") -> DeviceProfile:
         backends=tuple(data["backends"]),
         speed_factor=float(data["speed_factor"]),
         has_battery=data["has_battery"],
-        budget=Budget(budget["model_memory_kb"], float(budget["latency_ms"])),
+        budget=Budget(float(budget["model_memory_mb"]), float(budget["latency_ms"])),
         os=OsImage(image["image"], image["python"], image["glibc"]),
     )
 
 
-def load_profile(name_or_path: str | Path) -> DeviceProfile:
-    """Load a shipped profile by name (``rpi4``) or any profile file by path."""
+_warned: set[str] = set()
+
+
+def _legacy_budget(source: str, table: dict[str, Any]) -> dict[str, Any]:
+    """``[budget]`` with a profile's old ``model_memory_kb`` read as ``model_memory_mb``.
+
+    Profiles written before budgets were in MB keep loading (a site's own boards, say):
+    the value converts exactly and a warning, once per file, names the new key."""
+    if "model_memory_kb" not in table:
+        return table
+    if "model_memory_mb" in table:
+        raise ProfileError(
+            source,
+            "give model_memory_mb only (model_memory_kb is its old name)",
+            field="budget.model_memory_kb",
+        )
+    kb = table["model_memory_kb"]
+    if not isinstance(kb, int) or isinstance(kb, bool) or kb <= 0 or not _fits_float(kb):
+        raise ProfileError(
+            source,
+            f"must be an int > 0 that fits a float (got {kb!r}); prefer model_memory_mb",
+            field="budget.model_memory_kb",
+        )
+    if source not in _warned:
+        _warned.add(source)
+        log.warning(
+            "%s: budget.model_memory_kb is deprecated; read as model_memory_mb = %g",
+            source,
+            kb / 1024,
+        )
+    converted = {k: v for k, v in table.items() if k != "model_memory_kb"}
+    return {"model_memory_mb": kb / 1024, **converted}
+
+
+def _search_dirs() -> list[Path]:
+    extra = os.environ.get(PROFILE_PATH_ENV, "")
+    return [Path(d) for d in extra.split(os.pathsep) if d] + [BOARDS_DIR]
+
+
+def profile_path(name_or_path: str | Path) -> Path:
+    """The file of a profile named ``rpi4`` (the directories of ``$ECLM_PROFILE_PATH``,
+    then the shipped boards), or the ``.toml`` path given."""
     path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = BOARDS_DIR / f"{name_or_path}.toml"
-        if not path.exists():
-            raise ProfileError(
-                str(name_or_path), f"no such profile; known: {', '.join(profile_names())}"
-            )
+    if path.suffix == ".toml":
+        return path
+    found = [d / f"{name_or_path}.toml" for d in _search_dirs()]
+    path = next((f for f in found if f.is_file()), None)
+    if path is None:
+        raise ProfileError(
+            str(name_or_path), f"no such profile; known: {', '.join(profile_names())}"
+        )
+    return path
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """Load a profile by name (see :func:`profile_path`) or any profile file by path."""
+    path = profile_path(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -176,8 +239,8 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
 
 
 def profile_names() -> list[str]:
-    """Names of the profiles shipped with the package."""
-    return sorted(p.stem for p in BOARDS_DIR.glob("*.toml"))
+    """Names of the profiles shipped with the package and those on ``$ECLM_PROFILE_PATH``."""
+    return sorted({p.stem for d in _search_dirs() for p in d.glob("*.toml")})
 
 
 def list_profiles() -> list[DeviceProfile]:

@@ -298,10 +298,9 @@ def _edge_env(spec: BundleSpec, profile: DeviceProfile, arch: str, broker: str, 
 
 
 def _profile_text(name_or_path: str) -> bytes:
-    from device_profiles.profile import BOARDS_DIR
+    from device_profiles.profile import profile_path
 
-    path = Path(name_or_path)
-    return (path if path.suffix == ".toml" else BOARDS_DIR / f"{name_or_path}.toml").read_bytes()
+    return profile_path(name_or_path).read_bytes()  # the file load_profile read
 
 
 def _sha256sums(files: dict[str, tuple[bytes, int]]) -> bytes:

@@ -159,10 +159,10 @@ class ModularRunner(Runner):
         if option is None:
             return False
         log.info(
-            "resources allow %.0f KB: switching to modules %s (%.0f KB)",
-            self.policy.last_allowed_kb,
+            "resources allow %.2f MB: switching to modules %s (%.2f MB)",
+            self.policy.last_allowed_kb / 1024,
             option.selection,
-            option.memory_kb,
+            option.memory_kb / 1024,
         )
         try:
             self._swap(option)
@@ -180,8 +180,8 @@ class ModularRunner(Runner):
         option = self.policy.current
         modules = [list(layer) for layer in option.selection]
         return (
-            f"modules {modules} ({option.memory_kb:.0f} KB; "
-            f"{self.policy.last_allowed_kb:.0f} KB allowed now)"
+            f"modules {modules} ({option.memory_kb / 1024:.2f} MB; "
+            f"{self.policy.last_allowed_kb / 1024:.2f} MB allowed now)"
         )
 
     def close(self) -> None:

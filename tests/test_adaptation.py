@@ -166,12 +166,15 @@ def test_a_short_scenario_runs_every_method_on_the_same_streams(modular, mosquit
 
 @pytest.mark.slow
 def test_the_service_warm_starts_from_every_devices_latest_update_and_reselects_for_a_mix(
-    modular, mosquitto, address, tmp_path, collector_factory
+    modular, mosquitto, address, tmp_path, collector_factory, monkeypatch
 ):
     """``eclm cloud serve`` as the adaptation benchmark runs it: each update closes a round
     that carries the other devices' latest ones, so a device entering a domain starts from
     all of them; a device whose label mix narrows to one class gets the modules chosen
-    for that mix (judged against the selection the planner makes, run here as reference)."""
+    for that mix (judged against the selection the planner makes, run here as reference).
+    The board holds one module per layer, so the choice depends on the mix: a real board's
+    budget takes nearly the whole digits model, whatever the mix."""
+    from budgets import ONE_MODULE_PER_LAYER_MB, board_file
     from cloudproc import Cloud
     from cloudproc import wait as wait_for
 
@@ -180,7 +183,9 @@ def test_the_service_warm_starts_from_every_devices_latest_update_and_reselects_
     from cloud_trainer.model.selection import expected_importance
     from cloud_trainer.service.reselection import score
 
-    profile = load_profile("rpi-zero-2w")
+    boards = tmp_path / "boards"  # the service finds the device's board by its name there
+    profile = load_profile(board_file(boards, "zero-one-each", memory_mb=ONE_MODULE_PER_LAYER_MB))
+    monkeypatch.setenv("ECLM_PROFILE_PATH", str(boards))
     importance = load_importance(modular["model_dir"])
     full = select_for(modular["model_dir"], profile, None).modules
     gains = {}

@@ -82,7 +82,7 @@ def test_a_corrupt_state_database_exits_7_saying_so(tmp_path, capsys):
 def test_profiles_show_prints_the_fields(capsys):
     assert main(["profiles", "show", "rpi-zero-2w"]) == 0
     out = capsys.readouterr().out
-    assert "ram_mb" in out and "512" in out and "budget.model_memory_kb" in out
+    assert "ram_mb" in out and "512" in out and "budget.model_memory_mb" in out
 
 
 def test_a_bad_profile_file_exits_3_naming_the_field(tmp_path, capsys):
@@ -136,19 +136,14 @@ def test_cloud_select_prints_the_choice_and_refuses_bad_input(modular, tmp_path,
 
     assert main([*select, "--profile", "rpi-zero-2w", "--histogram", "0,0,5,9,0,0,0,0,0,1"]) == 0
     out = capsys.readouterr().out
-    assert "layer 0: modules" in out and "layer 1: modules" in out and "KB" in out
+    assert "layer 0: modules" in out and "layer 1: modules" in out and " MB" in out
 
     assert main([*select, "--profile", "rpi4", "--histogram", "1,2"]) == ExitCode.CONFIG
     assert "histogram" in capsys.readouterr().err
 
-    tiny = tmp_path / "tiny.toml"
-    from device_profiles.profile import BOARDS_DIR
+    from budgets import board_file
 
-    tiny.write_text(
-        (BOARDS_DIR / "rpi4.toml")
-        .read_text()
-        .replace("model_memory_kb = 512", "model_memory_kb = 20")
-    )
+    tiny = board_file(tmp_path, "tiny", base="rpi4", memory_mb=0.02)
     assert main([*select, "--profile", str(tiny)]) == ExitCode.CONFIG
     assert "smallest possible is" in capsys.readouterr().err
 

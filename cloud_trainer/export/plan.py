@@ -152,10 +152,10 @@ def plan_device_modular(
     from edge_runtime.backends import FORMAT_OF
     from edge_runtime.composer import part_names
 
-    selections: dict[tuple, float] = {}
+    selections: dict[tuple, float] = {}  # modules -> KB
     ceiling = profile.budget.model_memory_kb
     for scale in scales:
-        budget = replace(profile.budget, model_memory_kb=int(ceiling * scale))
+        budget = replace(profile.budget, model_memory_mb=ceiling * scale / 1024)
         try:
             chosen = select_for(
                 model_dir, replace(profile, budget=budget), histogram, domain=domain
@@ -169,7 +169,7 @@ def plan_device_modular(
         selections.setdefault(chosen.modules, chosen.cost.memory_kb)
     smallest = math.ceil(smallest_memory_kb(cost_table(load_model(model_dir), profile)))
     if min(selections.values()) > smallest:  # the last resort when memory runs out
-        budget = replace(profile.budget, model_memory_kb=smallest)
+        budget = replace(profile.budget, model_memory_mb=smallest / 1024)
         chosen = select_for(model_dir, replace(profile, budget=budget), histogram, domain=domain)
         selections.setdefault(chosen.modules, chosen.cost.memory_kb)
     net = load_model(model_dir)

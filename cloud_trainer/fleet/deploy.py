@@ -46,19 +46,20 @@ def plan_fleet(model_dir: Path, store_dir: Path, devices: list[tuple[str, str]],
     targets = {}
     for device_id, profile_name in devices:
         profile = load_profile(profile_name)
-        budget = f"of {profile.budget.model_memory_kb} KB"
+        budget = f"of {profile.budget.model_memory_mb:g} MB, {profile.budget.latency_ms:g} ms"
         if modular:
             options, refs = plan_device_modular(model_dir, store_dir, profile)
             sets = ", ".join(
-                f"{[list(m.modules) for m in o.layers]} {o.memory_kb:.0f} KB" for o in options
+                f"{[list(m.modules) for m in o.layers]} {o.memory_kb / 1024:.2f} MB"
+                for o in options
             )
             print(f"{device_id} ({profile.name}) may run: {sets} {budget}", flush=True)
         else:
             selection, refs = plan_device(model_dir, store_dir, profile)
             options = ()
             modules = list(map(list, selection.modules))
-            kb = selection.cost.memory_kb
-            print(f"{device_id} ({profile.name}): modules {modules}, {kb:.0f} KB {budget}")
+            mb = selection.cost.memory_kb / 1024
+            print(f"{device_id} ({profile.name}): modules {modules}, {mb:.2f} MB {budget}")
         targets[device_id] = Target(tuple(refs), tuple(options), profile.name)
     return targets
 

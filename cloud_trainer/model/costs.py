@@ -1,9 +1,11 @@
-"""What each part of the modular model costs on a device: memory and estimated latency."""
+"""What each part of the modular model costs on a device: memory (its program and its
+largest activation) and estimated latency."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from cloud_trainer.model.footprint import activation_kb, part_activations
 from cloud_trainer.model.modular import ModularNet, part_name, parts
 from cloud_trainer.model.selection import Cost, CostTable
 from device_profiles import DeviceProfile
@@ -48,10 +50,19 @@ def part_macs(net: ModularNet) -> dict[str, int]:
 
 
 def part_cost(
-    module: nn.Module, macs: int, profile: DeviceProfile, backend: str, quant: str
+    module: nn.Module,
+    macs: int,
+    profile: DeviceProfile,
+    backend: str,
+    quant: str,
+    activations: int = 0,
 ) -> Cost:
+    """Memory: the program (weights and overhead) plus ``activations`` elements, the
+    largest tensor the part produces (see ``footprint``); latency: its arithmetic at the
+    board's speed plus one call."""
     params = sum(p.numel() for p in module.parameters())
-    memory = params * BYTES_PER_PARAM[quant] / 1024 + PROGRAM_OVERHEAD_KB
+    program = params * BYTES_PER_PARAM[quant] / 1024 + PROGRAM_OVERHEAD_KB
+    memory = program + activation_kb(activations, quant)
     latency = macs / REF_MACS_PER_MS + CALL_OVERHEAD_MS[backend]
     return Cost(memory, latency / profile.speed_factor)
 
@@ -69,9 +80,9 @@ def cost_table(
     backend = backend or profile.backends[0]
     measured_ms = measured_ms or {}
     costs = {}
-    macs = part_macs(net)
+    macs, activations = part_macs(net), part_activations(net)
     for name, module in parts(net).items():
-        cost = part_cost(module, macs[name], profile, backend, quant)
+        cost = part_cost(module, macs[name], profile, backend, quant, activations[name])
         if name in measured_ms:
             cost = Cost(cost.memory_kb, float(measured_ms[name]))
         costs[name] = cost

@@ -29,6 +29,8 @@ GRID_PER_LAYER = 40
 
 @dataclass(frozen=True)
 class Cost:
+    """Memory in KB (the unit of the wire's module sets) and estimated latency."""
+
     memory_kb: float
     latency_ms: float
 
@@ -194,7 +196,7 @@ def _too_small(costs: CostTable, budget: Budget) -> str:
         smallest = smallest + min(layer, key=lambda c: c.memory_kb)
         fastest = fastest + min(layer, key=lambda c: c.latency_ms)
     return (
-        f"no sub-model fits the budget of {budget.model_memory_kb} KB and "
-        f"{budget.latency_ms} ms: the smallest possible is {smallest.memory_kb:.1f} KB, "
+        f"no sub-model fits the budget of {budget.model_memory_mb:g} MB and "
+        f"{budget.latency_ms:g} ms: the smallest possible is {smallest.memory_kb / 1024:.3f} MB, "
         f"the fastest {fastest.latency_ms:.3f} ms"
     )

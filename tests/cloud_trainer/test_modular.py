@@ -22,10 +22,12 @@ def test_the_full_model_and_half_sub_models_are_accurate(modular):
         assert accuracy(net, test["x"], test["y"], selection) >= 0.93
 
 
-def test_importance_selection_beats_random_selection_for_three_class_devices(modular):
+def test_importance_selection_beats_random_selection_for_three_class_devices(modular, tmp_path):
+    from budgets import ONE_MODULE_PER_LAYER_MB, board_file
+
     net, model_dir = modular["net"], modular["model_dir"]
     test = np.load(model_dir / "test.npz")
-    smallest = load_profile("rpi-zero-2w")  # its budget holds one module per layer
+    smallest = load_profile(board_file(tmp_path, "one-each", memory_mb=ONE_MODULE_PER_LAYER_MB))
     pairs = [((a,), (b,)) for a in range(4) for b in range(4)]
     with torch.no_grad():
         right = {

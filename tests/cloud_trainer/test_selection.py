@@ -1,12 +1,19 @@
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_trainer.model.costs import cost_table
-from cloud_trainer.model.modular import ModularNet
+from cloud_trainer.model.footprint import part_activations
+from cloud_trainer.model.modular import ModularNet, preset
 from cloud_trainer.model.selection import Cost, CostTable, SelectionError, select_modules
 from device_profiles import Budget, load_profile
+
+
+def kb(memory_kb: float, latency_ms: float) -> Budget:
+    """A budget of ``memory_kb`` KB (the unit of these tables' costs)."""
+    return Budget(memory_kb / 1024, latency_ms)
 
 
 def table(rng, layers=2, modules=4):
@@ -30,7 +37,7 @@ def test_selection_fits_and_a_larger_budget_never_lowers_importance(seed, memory
     histogram = rng.integers(0, 20, 10) + 0.0
     histogram[0] += 1
     costs = table(rng)
-    small, large = Budget(int(memory), latency), Budget(int(memory * growth), latency * growth)
+    small, large = kb(memory, latency), kb(memory * growth, latency * growth)
 
     try:
         chosen = select_modules(importance, histogram, costs, small)
@@ -50,7 +57,7 @@ def test_the_best_subset_is_found_exactly():
     importance[0, :, 0] = [0.5, 0.3, 0.2]
     costs = CostTable(Cost(0, 0), ((Cost(60, 0), Cost(30, 0), Cost(30, 0)),))
 
-    chosen = select_modules(importance, [1, 0], costs, Budget(60, 1.0))
+    chosen = select_modules(importance, [1, 0], costs, kb(60, 1.0))
 
     # 0 alone scores 0.5; 1 and 2 together also fit and score 0.5 with the same memory;
     # 0 plus anything does not fit.
@@ -61,15 +68,17 @@ def test_the_best_subset_is_found_exactly():
 def test_an_impossible_budget_names_the_smallest_possible_size():
     costs = cost_table(ModularNet(), load_profile("rpi4"))
 
-    with pytest.raises(SelectionError, match=r"smallest possible is 1\d\d\.\d KB"):
-        select_modules(np.ones((2, 4, 10)), np.ones(10), costs, Budget(50, 100.0))
+    with pytest.raises(
+        SelectionError, match=r"budget of 0.05 MB .* smallest possible is 0\.2\d\d MB"
+    ):
+        select_modules(np.ones((2, 4, 10)), np.ones(10), costs, Budget(0.05, 100.0))
 
 
 @pytest.mark.parametrize("histogram", [np.ones(9), -np.ones(10), np.zeros(10), [np.nan] * 10])
 def test_bad_histograms_are_refused(histogram):
     with pytest.raises(SelectionError, match="histogram"):
         select_modules(
-            np.ones((2, 4, 10)), histogram, table(np.random.default_rng(0)), Budget(10_000, 100.0)
+            np.ones((2, 4, 10)), histogram, table(np.random.default_rng(0)), kb(10_000, 100.0)
         )
 
 
@@ -92,7 +101,46 @@ def test_a_smaller_board_gets_a_smaller_sub_model():
             importance, np.ones(10), cost_table(net, profile), profile.budget
         ).module_count
 
+    # The digits model is far below every board's memory: the Zero's 20 ms is what binds.
     assert sizes["rpi-zero-2w"] < sizes["rpi4"] <= sizes["rpi5"]
+
+
+def test_a_part_costs_its_program_and_its_largest_activation():
+    net = ModularNet()  # 32 channels on 8x8 maps: a block's largest output is 32 x 8 x 8
+    block = net.blocks[0][0]
+    params = sum(p.numel() for p in block.parameters())
+
+    cost = cost_table(net, load_profile("rpi4")).modules[0][0]
+    int8 = cost_table(net, load_profile("rpi4"), quant="int8").modules[0][0]
+
+    assert part_activations(net)["layer0.block0"] == 32 * 8 * 8
+    assert cost.memory_kb == pytest.approx(params * 4 / 1024 + 1.0 + 32 * 8 * 8 * 4 / 1024)
+    assert int8.memory_kb == pytest.approx(params / 1024 + 1.0 + 32 * 8 * 8 / 1024)
+
+
+def test_activations_are_measured_at_the_sizes_each_part_sees():
+    net = ModularNet(preset("cifar"))  # stride-2 stages: each sees a quarter of the pixels
+    acts = part_activations(net)
+    spec = net.spec
+    first, last = acts["layer0.block0"], acts[f"layer{spec.layers - 1}.block0"]
+
+    assert acts["stem"] > 0 and first > last
+    with torch.no_grad():
+        x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+        assert acts["stem"] >= net.stem(x).numel()
+
+
+def test_a_real_board_budget_takes_the_whole_digits_model_unless_latency_binds():
+    net = ModularNet()
+    importance = np.random.default_rng(2).dirichlet(np.ones(4), size=(2, 10)).transpose(0, 2, 1)
+    rpi4 = load_profile("rpi4")
+    costs = cost_table(net, rpi4)
+
+    whole = select_modules(importance, np.ones(10), costs, rpi4.budget)
+    tight = select_modules(importance, np.ones(10), costs, kb(1e6, whole.cost.latency_ms * 0.7))
+
+    assert whole.module_count == 8 and whole.cost.memory_kb < rpi4.budget.model_memory_kb / 100
+    assert tight.module_count < 8 and tight.cost.latency_ms <= whole.cost.latency_ms * 0.7
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -107,9 +155,9 @@ def test_the_grid_search_fits_and_is_within_its_bound_of_the_exact_search(monkey
     for layer in costs.modules:
         for cost in layer:
             full = full + cost
-    budget = Budget(int(full.memory_kb * 0.5), full.latency_ms * 0.6)
+    budget = kb(full.memory_kb * 0.5, full.latency_ms * 0.6)
     shrink = 1 / selection.GRID_PER_LAYER  # of the modules' total costs (the fixed ones aside)
-    smaller = Budget(
+    smaller = kb(
         budget.model_memory_kb - (full.memory_kb - costs.fixed.memory_kb) * shrink,
         budget.latency_ms - (full.latency_ms - costs.fixed.latency_ms) * shrink,
     )

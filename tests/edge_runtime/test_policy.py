@@ -15,7 +15,7 @@ def mem(kb_allowed: float, **kw) -> Reading:
 
 
 def run(trace):
-    policy = Policy([LARGE, SMALL, MID], Budget(400, 10.0))
+    policy = Policy([LARGE, SMALL, MID], Budget(400 / 1024, 10.0))  # 400 KB
     source = TraceSource(trace)
     chosen, switches = [], 0
     for _ in trace:
@@ -49,7 +49,7 @@ def test_oscillating_readings_do_not_cause_a_swap_storm():
 
 
 def test_low_battery_and_heat_shrink_the_budget():
-    policy = Policy([SMALL, MID, LARGE], Budget(400, 10.0))
+    policy = Policy([SMALL, MID, LARGE], Budget(400 / 1024, 10.0))
 
     assert policy.decide(mem(1000)) == LARGE
     assert policy.decide(mem(1000, battery_percent=10.0, on_power=False)) == MID

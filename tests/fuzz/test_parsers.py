@@ -599,6 +599,12 @@ def profile_docs() -> st.SearchStrategy[dict]:
             "speed_factor": st.floats(0.01, 100) | st.integers(1, 10),
             "has_battery": st.booleans(),
             "budget": st.fixed_dictionaries(
+                {
+                    "model_memory_mb": st.floats(1e-3, 1e6) | st.integers(1, 2**31),
+                    "latency_ms": st.floats(0.1, 1e4),
+                }
+            )
+            | st.fixed_dictionaries(  # the old key, still read (converted to MB)
                 {"model_memory_kb": st.integers(1, 2**31), "latency_ms": st.floats(0.1, 1e4)}
             ),
             "os": st.fixed_dictionaries(
@@ -655,7 +661,7 @@ def test_a_profile_file_gives_a_valid_profile_or_a_profile_error(fuzz, scratch):
         assert p.ram_mb > 0 and p.cores > 0 and p.speed_factor > 0
         assert p.backends and set(p.backends) <= set(KNOWN_BACKENDS)
         assert len(set(p.backends)) == len(p.backends)
-        assert p.budget.model_memory_kb > 0 and p.budget.latency_ms > 0
+        assert p.budget.model_memory_mb > 0 and p.budget.latency_ms > 0
         assert p.os.image.strip() and p.os.python in PYTHONS and p.os.glibc_version >= (2, 17)
         path.write_text(toml_dumps(_profile_doc(p)))
         assert load_profile(path) == p
