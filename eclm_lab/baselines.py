@@ -127,18 +127,20 @@ class _Trained(Method):
 
 
 class OnDeviceOnly(_Trained):
-    """A small model trained from scratch on each device's own labels, nothing shared."""
+    """A small model trained from scratch on each device's own labels, nothing shared: an
+    MLP over the raw samples of ``shape`` (C, H, W) into ``classes``."""
 
     name = "on-device only"
 
-    def __init__(self, devices, *, lr=0.1, steps=4, hidden=32, seed=0) -> None:
+    def __init__(self, devices, *, shape, classes, lr=0.1, steps=4, hidden=32, seed=0) -> None:
         torch.manual_seed(seed)
+        inputs = int(np.prod(shape))
 
         def small() -> nn.Module:
             if not hidden:
-                return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+                return nn.Sequential(nn.Flatten(), nn.Linear(inputs, classes))
             return nn.Sequential(
-                nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+                nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes)
             )
 
         super().__init__({d: small() for d in devices}, lr=lr, steps=steps, seed=seed)
@@ -169,7 +171,8 @@ class FedAvg(_Trained):
     @staticmethod
     def _used(model: SubModel) -> list[str]:
         """The parameters of the parts the sub-model runs (what the device holds)."""
-        x = torch.zeros(2, 1, 8, 8, requires_grad=False)
+        spec = model.net.spec
+        x = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
         model.zero_grad(set_to_none=True)
         model(x).sum().backward()
         used = [n for n, p in model.named_parameters() if p.grad is not None]
