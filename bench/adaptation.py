@@ -7,9 +7,10 @@
 
 Per seed: take the model in ``--model`` (trained or decomposed; its ``test.npz`` makes the
 streams, so inputs, domains and memory readings follow it) or train the ``--preset``
-network on ``--data`` (default: digits) under ``--out``, start Mosquitto (or the embedded broker), deploy a
-fleet of real edge agents (profiles in turn: rpi4, rpi-zero-2w, rpi5, android-phone), tune
-the baselines on seed + 1000, then stream. Prints the table per seed, writes
+network on ``--data`` (default: digits) under ``--out``; start Mosquitto (or the embedded
+broker), deploy a fleet of real edge agents (``--profiles`` in turn; each device's memory
+readings leave the model a share of its size, and drop once to its smallest sub-model),
+tune the baselines on seed + 1000, then stream. Prints the table per seed, writes
 ``report.json`` and ``adaptation.png`` per seed under ``--out``, and ends with one line of
 JSON holding the headline figures (averaged over the seeds).
 """
@@ -48,6 +49,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=6)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--domains", default="noise,rotate,contrast")
+    parser.add_argument(
+        "--profiles",
+        help="comma list of board profiles, given to the devices in turn "
+        "(default: rpi4,rpi-zero-2w,rpi5,android-phone)",
+    )
     parser.add_argument("--no-tune", action="store_true", help="baselines keep their defaults")
     parser.add_argument("--out", type=Path, help="where reports and plots go (default: a temp dir)")
     parser.add_argument(
@@ -78,6 +84,8 @@ def main() -> None:
             tuned = earlier["settings"]["tuned"]
             print(f"seed {seed}: settings tuned in {args.tuned_from}: {tuned}", flush=True)
         settings = replace(Settings(spec=spec), tune=not (args.no_tune or tuned))
+        if args.profiles:
+            settings = replace(settings, profiles=tuple(args.profiles.split(",")))
         report, paths = run_with_broker(
             settings,
             out / f"seed{seed}",
