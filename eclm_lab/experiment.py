@@ -265,11 +265,7 @@ def run(
     streams = dict(zip(devices, build(spec, x, y, memory), strict=True))
     started = time.perf_counter()
     selections = planned_selections(model_dir, devices, streams, memory)
-    if tuned is None:
-        tuned = tune(settings, net, selections, x, y, memory) if settings.tune else {}
-        tuned = {n: tuned.get(n, {}) for n in GRIDS}
-    if settings.tune:
-        print(f"settings tuned on seed {spec.seed + 1000}: {tuned}", flush=True)
+    tuned = tuned or _tuned(settings, net, selections, x, y, memory)
     learning = replace(settings.learning, upload_every=settings.upload_every, **tuned[ADAPTIVE])
     fleet = AdaptiveFleet(
         settings,
@@ -314,6 +310,15 @@ def run(
         fleet.stop()
         for link in links.values():
             link.close()
+
+
+def _tuned(settings: Settings, net, selections, x, y, memory: ModelMemory) -> dict:
+    """Each method's settings: tuned (see :func:`tune`), or their defaults."""
+    if not settings.tune:
+        return {n: {} for n in GRIDS}
+    tuned = tune(settings, net, selections, x, y, memory)
+    print(f"settings tuned on seed {settings.spec.seed + 1000}: {tuned}", flush=True)
+    return tuned
 
 
 def _curves(records: dict[str, Record], streams: list[DeviceStream]) -> dict:
