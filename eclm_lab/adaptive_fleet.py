@@ -176,9 +176,13 @@ class AdaptiveFleet:
         return self
 
     def selections(self) -> dict[str, tuple]:
-        """The modules each device's desired state has it run at its full budget."""
-        assert self.observer is not None, "start() first"
-        return {d: self.observer.desired[d].options[0].selection for d in self.devices}
+        """The modules each device serves now: the largest of the cloud's module sets that
+        its policy lets the memory it reads hold (its readings before the first step)."""
+        assert self.agents, "start() first"
+        return {
+            d: tuple(map(tuple, agent.runner.policy.current.selection))
+            for d, agent in self.agents.items()
+        }
 
     def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
         """Wait for a quiet wire (see the module's docstring)."""

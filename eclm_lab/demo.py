@@ -63,6 +63,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="where models, artifacts and stores go (default: a new temporary directory)",
     )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a model dir (eclm cloud train|decompose) to run instead of training one; its "
+        "test.npz gives the streams and the devices' evaluation data",
+    )
+    parser.add_argument("--data", help="without --model: the data to train on (default: digits)")
+    parser.add_argument(
+        "--preset", default="digits", help="without --model: the network (default: digits)"
+    )
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument(
         "--delivery",
@@ -110,6 +120,9 @@ def run_adaptation(args: argparse.Namespace, work: Path) -> int:
     report, (json_path, png_path) = run_with_broker(
         replace(Settings(spec=spec), tune=args.tune),
         work,
+        model_dir=args.model,
+        data=args.data,
+        preset=args.preset,
         url=args.broker,
         broker_kind=args.broker_kind,
         epochs=args.epochs,
@@ -144,12 +157,22 @@ def run_delivery(args: argparse.Namespace, work: Path) -> int:
     try:
         url = args.broker or broker.start().url
         print(f"[1/4] broker: {broker.kind if broker else 'external'} on {url}", flush=True)
-        trained = train_model(work / "model", epochs=args.epochs, progress=True)
-        print(
-            f"[2/4] cloud trained the modular model in {trained.seconds:.1f}s "
-            f"(held-out accuracy {trained.accuracy:.4f})",
-            flush=True,
-        )
+        model_dir = args.model or work / "model"
+        if args.model:
+            print(f"[2/4] cloud model: {model_dir}", flush=True)
+        else:
+            trained = train_model(
+                model_dir,
+                epochs=args.epochs,
+                progress=True,
+                preset_name=args.preset,
+                data=args.data,
+            )
+            print(
+                f"[2/4] cloud trained the modular model in {trained.seconds:.1f}s "
+                f"(held-out accuracy {trained.accuracy:.4f})",
+                flush=True,
+            )
         store = work / "artifacts"
         keys = work / "keys"
         if not (keys / PRIVATE_NAME).exists():
@@ -157,10 +180,10 @@ def run_delivery(args: argparse.Namespace, work: Path) -> int:
         key = load_signing_key(keys / PRIVATE_NAME)
         address = BrokerAddress.parse(url)
         with FleetCoordinator(address, ArtifactStore(store), signing_key=key) as fc:
-            agents = [_spawn_agent(d, p, url, work) for d, p in devices]
+            agents = [_spawn_agent(d, p, url, work, model_dir) for d, p in devices]
             print("[3/4] sub-models selected per device budget and exported:", flush=True)
             serials = deploy_fleet(
-                fc, work / "model", store, devices, modular=args.delivery == "modular"
+                fc, model_dir, store, devices, modular=args.delivery == "modular"
             )
             print(
                 f"[4/4] {len(agents)} edge devices started; desired state set; waiting", flush=True
@@ -182,14 +205,16 @@ def run_delivery(args: argparse.Namespace, work: Path) -> int:
             broker.stop()
 
 
-def _spawn_agent(device_id: str, profile: str, url: str, work: Path) -> subprocess.Popen:
+def _spawn_agent(
+    device_id: str, profile: str, url: str, work: Path, model_dir: Path
+) -> subprocess.Popen:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     cmd = run_command(
         profile,
         url,
         device_id,
         work / "devices" / device_id,
-        eval_data=work / "model" / "test.npz",
+        eval_data=model_dir / "test.npz",
         trust_key=work / "keys" / "signing.pub",
     )
     with open(work / "logs" / f"{device_id}.log", "ab") as logfile:

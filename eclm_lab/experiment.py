@@ -15,24 +15,20 @@ the same way.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-import eclm_wire as wire
 from cloud_trainer.federation.strategies import ClassWeightedMean
 from cloud_trainer.model.checkpoint import head_weights
 from eclm_lab.baselines import FedAvg, Method, OnDeviceOnly, StaticCloud, StaticSubModel
 from eclm_lab.errors import SettingsError
+from eclm_lab.link import BrokerLink
 from eclm_lab.lockstep import ADAPTIVE, Record, drive
-from eclm_lab.scenario import DeviceStream, ScenarioSpec, build
-from eclm_wire.errors import BrokerUnreachable
-from eclm_wire.mqtt import BrokerAddress, connect, make_client
+from eclm_lab.scenario import DeviceStream, ModelMemory, ScenarioSpec, build
+from eclm_wire.mqtt import BrokerAddress
 from edge_runtime.learning import Learner, LearnerConfig
 
 log = logging.getLogger(__name__)
@@ -74,53 +70,6 @@ class Settings:
             raise SettingsError("profiles: need at least one")
         if self.upload_every < 1:
             raise SettingsError(f"upload_every: must be >= 1, got {self.upload_every}")
-
-
-class BrokerLink:
-    """Carries a baseline's payloads through the broker, in pieces under its packet limit:
-    a device-side client publishes up, a cloud-side client down; each call waits until
-    the other side has the whole payload. Bytes are counted as received, by kind."""
-
-    PIECE = 96 * 1024
-
-    def __init__(self, address: BrokerAddress, tag: str) -> None:
-        self.root = f"{wire.TOPIC_ROOT}/baselines/{tag}"
-        self.bytes: Counter[tuple[str, str]] = Counter()  # (up|down, kind) -> bytes
-        self._arrived: queue.Queue[bytes] = queue.Queue()
-        self._pieces: list[bytes] = []
-        self.clients = {}
-        for side, listens in (("device", "down"), ("cloud", "up")):
-            client = make_client(f"{tag}-{side}", address)
-            client.on_message = self._on_message
-            subscribed = threading.Event()
-            client.on_subscribe = lambda *_, done=subscribed: done.set()
-            connect(client, address)
-            client.loop_start()
-            client.subscribe(f"{self.root}/{listens}/#", qos=1)
-            if not subscribed.wait(10):
-                raise BrokerUnreachable(f"the broker did not confirm the {tag} subscription")
-            self.clients[side] = client
-
-    def _on_message(self, client, userdata, msg) -> None:
-        direction, _device, kind, index, total = msg.topic.split("/")[-5:]
-        self.bytes[direction, kind] += len(msg.topic) + len(msg.payload)
-        self._pieces.append(msg.payload)
-        if int(index) == int(total) - 1:
-            self._arrived.put(b"".join(self._pieces))
-            self._pieces = []
-
-    def __call__(self, device: str, kind: str, direction: str, payload: bytes) -> bytes:
-        sender = self.clients["device" if direction == "up" else "cloud"]
-        pieces = [payload[i : i + self.PIECE] for i in range(0, len(payload), self.PIECE)] or [b""]
-        for i, piece in enumerate(pieces):
-            topic = f"{self.root}/{direction}/{device}/{kind}/{i}/{len(pieces)}"
-            sender.publish(topic, piece, qos=1)
-        return self._arrived.get(timeout=30)
-
-    def close(self) -> None:
-        for client in self.clients.values():
-            client.disconnect()
-            client.loop_stop()
 
 
 def summarize(records: dict[str, Record], streams: list[DeviceStream], after: int) -> dict:
@@ -246,16 +195,20 @@ class Rehearsal(Method):
             self.aggregator.add(learner.update(learner.domain, device, "0"))
 
 
-def tune(settings: Settings, net, selections: dict[str, tuple], x, y) -> dict[str, dict]:
+def tune(
+    settings: Settings, net, selections: dict[str, tuple], x, y, memory: ModelMemory
+) -> dict[str, dict]:
     """Each method's best settings by mean accuracy on another seed's streams."""
     spec = replace(settings.spec, seed=settings.spec.seed + 1000)
-    streams = dict(zip(selections, build(spec, x, y), strict=True))
+    streams = dict(zip(selections, build(spec, x, y, memory), strict=True))
     learning = replace(settings.learning, upload_every=settings.upload_every)
     best = {}
     for name, grid in GRIDS.items():
         scores = []
         for params in grid:
-            method = _baseline(name, net, selections, params, seed=spec.seed, learning=learning)
+            method = _baseline(
+                name, net, selections, params, seed=spec.seed, shape=x.shape[1:], learning=learning
+            )
             label = f"tune {name} {params}"
             record = drive({name: method}, streams, settings.upload_every, progress=label)[name]
             scores.append(float(record.accuracy.mean()))
@@ -265,12 +218,14 @@ def tune(settings: Settings, net, selections: dict[str, tuple], x, y) -> dict[st
 
 
 def _baseline(
-    name: str, net, selections, params: dict, *, seed: int, link=None, learning=None
+    name: str, net, selections, params: dict, *, seed: int, shape, link=None, learning=None
 ) -> Method:
+    """``name``'s method with ``params``; ``shape`` is a sample's (C, H, W)."""
     if name == ADAPTIVE:
         return Rehearsal(net, selections, replace(learning or LearnerConfig(), **params))
     if name == "on-device only":
-        return OnDeviceOnly(list(selections), seed=seed, **params)
+        classes = net.spec.num_classes
+        return OnDeviceOnly(list(selections), shape=shape, classes=classes, seed=seed, **params)
     kwargs = {"link": link} if link else {}
     return FedAvg(net, selections, seed=seed, **kwargs, **params)
 
@@ -294,24 +249,23 @@ def run(
     config, log and database to ``work/cloud``, devices' stores under ``work``. ``tuned``
     (each method's settings, as a report's ``settings.tuned``) skips the tuning."""
     from cloud_trainer.model.checkpoint import load_model
+    from device_profiles import load_profile
     from eclm_lab.adaptive_fleet import AdaptiveFleet
 
     spec = settings.spec
+    if tuned is not None and settings.tune:
+        raise SettingsError("tuned: given settings with tune=True; tune one way")
     net = load_model(model_dir)
     with np.load(model_dir / "test.npz") as test:
         x, y = test["x"], test["y"]
     devices = {
         f"dev-{i:02d}": settings.profiles[i % len(settings.profiles)] for i in range(spec.devices)
     }
-    streams = dict(zip(devices, build(spec, x, y), strict=True))
+    memory = model_memory(net, load_profile(settings.profiles[0]))
+    streams = dict(zip(devices, build(spec, x, y, memory), strict=True))
     started = time.perf_counter()
-    selections = planned_selections(model_dir, devices)
-    if tuned is None:
-        tuned = tune(settings, net, selections, x, y) if settings.tune else {n: {} for n in GRIDS}
-    elif settings.tune:
-        raise SettingsError("tuned: given settings with tune=True; tune one way")
-    if settings.tune:
-        print(f"settings tuned on seed {spec.seed + 1000}: {tuned}", flush=True)
+    selections = planned_selections(model_dir, devices, streams, memory)
+    tuned = tuned or _tuned(settings, net, selections, x, y, memory)
     learning = replace(settings.learning, upload_every=settings.upload_every, **tuned[ADAPTIVE])
     fleet = AdaptiveFleet(
         settings,
@@ -329,11 +283,12 @@ def run(
     links: dict[str, BrokerLink] = {}
     try:
         print(f"cloud: {' '.join(fleet.cloud.command)} (log {fleet.cloud.log})", flush=True)
+        # what each device serves under its readings is what the baselines run
         selections = _served(fleet.start(timeout).selections(), selections)
         print(f"{len(devices)} devices serving; streaming {spec.steps} steps", flush=True)
         address = BrokerAddress.parse(url)
         links = {tag: BrokerLink(address, tag) for tag in ("remote", "fedavg")}
-        methods = _methods(net, selections, tuned, spec.seed, links)
+        methods = _methods(net, selections, tuned, spec.seed, links, shape=x.shape[1:])
         records = drive(methods, streams, settings.upload_every, fleet, progress="stream")
         fleet.settle()
         totals = fleet.account(records[ADAPTIVE])
@@ -357,6 +312,15 @@ def run(
             link.close()
 
 
+def _tuned(settings: Settings, net, selections, x, y, memory: ModelMemory) -> dict:
+    """Each method's settings: tuned (see :func:`tune`), or their defaults."""
+    if not settings.tune:
+        return {n: {} for n in GRIDS}
+    tuned = tune(settings, net, selections, x, y, memory)
+    print(f"settings tuned on seed {settings.spec.seed + 1000}: {tuned}", flush=True)
+    return tuned
+
+
 def _curves(records: dict[str, Record], streams: list[DeviceStream]) -> dict:
     """Mean accuracy per step per method, the share of adaptive devices serving their
     adapter, and the share of devices in a shifted domain."""
@@ -370,17 +334,44 @@ def _curves(records: dict[str, Record], streams: list[DeviceStream]) -> dict:
     }
 
 
-def planned_selections(model_dir: Path, devices: dict[str, str]) -> dict[str, tuple]:
-    """The modules each device's profile gets at its full budget (what the cloud will
-    give it; the baselines are tuned on them before the cloud runs)."""
+def model_memory(net, profile) -> ModelMemory:
+    """The model's memory (all modules, and its smallest sub-model) from its cost table on
+    ``profile``: what the scenario's readings are stated against."""
+    from cloud_trainer.model.costs import cost_table
+    from cloud_trainer.model.selection import smallest_memory_kb
+
+    costs = cost_table(net, profile)
+    full = costs.fixed.memory_kb + sum(c.memory_kb for layer in costs.modules for c in layer)
+    return ModelMemory(full_kb=full, smallest_kb=smallest_memory_kb(costs))
+
+
+def planned_selections(
+    model_dir: Path, devices: dict[str, str], streams: dict[str, DeviceStream], memory
+) -> dict[str, tuple]:
+    """The modules the cloud's selection picks for each device under the memory its
+    readings give the model most of the time (the baselines are tuned on them before the
+    cloud runs; each device then serves the largest of the cloud's module sets that fits)."""
     from cloud_trainer.export.plan import select_for
     from device_profiles import load_profile
 
-    chosen = {
-        p: tuple(map(tuple, select_for(model_dir, load_profile(p), None).modules))
-        for p in sorted(set(devices.values()))
-    }
-    return {d: chosen[p] for d, p in devices.items()}
+    out = {}
+    for device, profile_name in devices.items():
+        profile = load_profile(profile_name)
+        allowed = streams[device].memory_mb.max() * 1024 * memory.fraction
+        budget = _memory_budget(profile.budget, min(allowed, profile.budget.model_memory_kb))
+        chosen = select_for(model_dir, replace(profile, budget=budget), None)
+        out[device] = tuple(map(tuple, chosen.modules))
+    return out
+
+
+def _memory_budget(budget, kb: float):
+    """``budget`` with ``kb`` of memory: profiles state it in KB (``model_memory_kb``) or,
+    newer ones, in MB (``model_memory_mb``, with ``model_memory_kb`` read from it)."""
+    from dataclasses import fields
+
+    if "model_memory_kb" in {f.name for f in fields(budget)}:
+        return replace(budget, model_memory_kb=int(kb))
+    return replace(budget, model_memory_mb=kb / 1024)
 
 
 def _served(served: dict[str, tuple], planned: dict[str, tuple]) -> dict[str, tuple]:
@@ -394,15 +385,21 @@ def _served(served: dict[str, tuple], planned: dict[str, tuple]) -> dict[str, tu
     return served
 
 
-def _methods(net, selections, tuned: dict, seed: int, links: dict) -> dict[str, Method]:
+def _methods(net, selections, tuned: dict, seed: int, links: dict, shape) -> dict[str, Method]:
     return {
         "static cloud (remote)": StaticCloud(net, links["remote"]),
         "static sub-model": StaticSubModel(net, selections),
         "on-device only": _baseline(
-            "on-device only", net, selections, tuned["on-device only"], seed=seed
+            "on-device only", net, selections, tuned["on-device only"], seed=seed, shape=shape
         ),
         "FedAvg": _baseline(
-            "FedAvg", net, selections, tuned["FedAvg"], seed=seed, link=links["fedavg"]
+            "FedAvg",
+            net,
+            selections,
+            tuned["FedAvg"],
+            seed=seed,
+            shape=shape,
+            link=links["fedavg"],
         ),
     }
 
@@ -417,21 +414,34 @@ def run_with_broker(
     settings: Settings,
     work: Path,
     *,
+    model_dir: Path | None = None,
+    data: str | None = None,
+    preset: str = "digits",
     url: str | None = None,
     broker_kind: str = "auto",
     epochs: int = 25,
     tuned: dict[str, dict] | None = None,
 ) -> tuple[dict, tuple[Path, Path]]:
-    """Train (or reuse) the model in ``work/model``, start a broker unless ``url`` names
-    one, give the cloud a key made in ``work/keys``, run, and write the report and plot."""
+    """Run on the model in ``model_dir`` (trained or decomposed; its ``test.npz`` makes
+    the streams), or train (or reuse) one in ``work/model`` (the ``preset`` network on
+    ``data``, default digits); start a broker unless ``url`` names one, give the cloud a
+    key made in ``work/keys``, run, and write the report and plot."""
     from broker.launcher import Broker
     from cloud_trainer.fleet.keys import PRIVATE_NAME, init_keys
     from cloud_trainer.model.checkpoint import train_model
     from eclm_lab.report import write
 
-    model_dir = work / "model"
+    if model_dir is None:
+        model_dir = work / "model"
     if not (model_dir / "model.pt").exists():
-        trained = train_model(model_dir, epochs=epochs, seed=settings.spec.seed, progress=True)
+        trained = train_model(
+            model_dir,
+            epochs=epochs,
+            seed=settings.spec.seed,
+            progress=True,
+            preset_name=preset,
+            data=data,
+        )
         print(f"cloud model trained: held-out accuracy {trained.accuracy:.4f}", flush=True)
     keys = work / "keys"
     if not (keys / PRIVATE_NAME).exists():

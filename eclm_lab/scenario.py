@@ -7,6 +7,7 @@ then learn from the labels that arrived (``Step.y[Step.labelled]``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import numpy as np
 from cloud_trainer.model.domains import DOMAINS, apply
 from eclm_lab.errors import SettingsError
 from edge_runtime.monitor import Reading, TraceSource
+from edge_runtime.policy import PolicyConfig
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,9 @@ class ScenarioSpec:
     shift_len: int = 12  # mean steps a shift lasts
     mix_len: int = 30  # mean steps a device keeps one label mix
     alpha: float = 0.3  # Dirichlet concentration of label mixes (smaller: more skewed)
-    memory_mb: float = 512.0  # free memory most of the time
-    low_memory_mb: float = 1.0  # free memory during a drop (scaled to the digits model's size)
+    # per device in turn: the share of the full model's memory its readings leave the
+    # sub-model most of the time (a drop leaves room for the smallest sub-model only)
+    memory_shares: tuple[float, ...] = (1.0, 0.5, 0.75, 0.6)
     drop_len: int = 8  # mean steps a memory drop lasts (about one per stream)
     seed: int = 0
 
@@ -47,8 +50,39 @@ class ScenarioSpec:
             )
         if self.alpha <= 0:
             raise SettingsError(f"alpha: must be > 0, got {self.alpha}")
-        if not 0 < self.low_memory_mb < self.memory_mb:
-            raise SettingsError("low_memory_mb: must be > 0 and below memory_mb")
+        if not self.memory_shares or not all(0 < s <= 1 for s in self.memory_shares):
+            raise SettingsError(f"memory_shares: need shares in (0, 1], got {self.memory_shares!r}")
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """What the model's sub-models need, in KB (from its cost table): all its modules, and
+    the smallest sub-model there is. The scenario's memory readings are stated against it,
+    so a drop forces a smaller sub-model on a model of any size."""
+
+    full_kb: float
+    smallest_kb: float
+    # the share of free memory a device's policy lets the model use
+    fraction: float = PolicyConfig().memory_fraction
+
+    def __post_init__(self) -> None:
+        if not 0 < self.smallest_kb < self.full_kb:
+            raise SettingsError(
+                f"model memory: the smallest sub-model ({self.smallest_kb} KB) must be "
+                f"smaller than the model ({self.full_kb} KB)"
+            )
+
+    def free_mb(self, model_kb: float) -> float:
+        """The free memory under which a device's policy allows the model ``model_kb``."""
+        return model_kb / self.fraction / 1024
+
+    def normal_kb(self, share: float) -> float:
+        # a plan's module sets carry their sizes rounded to 0.1 KB
+        return share * self.full_kb + 0.1
+
+    def low_kb(self) -> float:
+        # the plan's last resort is selected under the smallest size rounded up
+        return math.ceil(self.smallest_kb) + 0.1
 
 
 @dataclass(frozen=True)
@@ -56,7 +90,7 @@ class Step:
     """One step of one device's stream."""
 
     t: int
-    x: np.ndarray  # (batch, 1, 8, 8), as seen in ``domain``
+    x: np.ndarray  # (batch, C, H, W) of the held-out samples, as seen in ``domain``
     y: np.ndarray  # the true labels; only ``y[labelled]`` ever reach the device
     labelled: np.ndarray  # bool per sample
     domain: str
@@ -96,9 +130,19 @@ class DeviceStream:
         return [(t, d) for t, d in enumerate(self.domains) if t == 0 or d != self.domains[t - 1]]
 
 
-def build(spec: ScenarioSpec, x: np.ndarray, y: np.ndarray) -> list[DeviceStream]:
-    """Every device's stream over the held-out samples ``x``, ``y``."""
+def build(
+    spec: ScenarioSpec, x: np.ndarray, y: np.ndarray, memory: ModelMemory
+) -> list[DeviceStream]:
+    """Every device's stream over the held-out samples ``x`` (N, C, H, W), ``y``, with
+    memory readings stated against the model's ``memory``."""
     classes = int(y.max()) + 1
+    low = memory.low_kb()
+    if any(memory.normal_kb(s) <= low for s in spec.memory_shares):
+        raise SettingsError(
+            f"memory_shares: {spec.memory_shares} leave some device no more than the "
+            f"smallest sub-model ({low:.1f} of {memory.full_kb:.1f} KB): a drop would change "
+            "nothing"
+        )
     missing = [c for c in range(classes) if not (y == c).any()]
     if missing:
         raise SettingsError(f"the held-out samples lack classes {missing}")
@@ -110,7 +154,7 @@ def build(spec: ScenarioSpec, x: np.ndarray, y: np.ndarray) -> list[DeviceStream
                 device=device,
                 domains=_domains(spec, rng),
                 mixes=_mixes(spec, classes, rng),
-                memory_mb=_memory(spec, rng),
+                memory_mb=_memory(spec, memory, device, rng),
                 pool_x=x,
                 pool_y=y,
                 batch=spec.batch,
@@ -144,10 +188,14 @@ def _mixes(spec: ScenarioSpec, classes: int, rng: np.random.Generator) -> np.nda
     return np.array(out[: spec.steps])
 
 
-def _memory(spec: ScenarioSpec, rng: np.random.Generator) -> np.ndarray:
-    """Plenty of memory, with one drop somewhere in the middle that later recovers."""
-    memory = np.full(spec.steps, spec.memory_mb)
+def _memory(
+    spec: ScenarioSpec, model: ModelMemory, device: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The device's share of the model most of the time, with one drop to the smallest
+    sub-model somewhere in the middle that later recovers."""
+    share = spec.memory_shares[device % len(spec.memory_shares)]
+    memory = np.full(spec.steps, model.free_mb(model.normal_kb(share)))
     length = min(_length(spec.drop_len, rng), max(1, spec.steps // 2))
     start = int(rng.integers(spec.steps // 4, max(spec.steps // 4 + 1, spec.steps - length)))
-    memory[start : start + length] = spec.low_memory_mb
+    memory[start : start + length] = model.free_mb(model.low_kb())
     return memory

@@ -2,13 +2,19 @@ import numpy as np
 import pytest
 
 from cloud_trainer.model.data import load_digits_split
-from eclm_lab.scenario import ScenarioSpec, build
+from device_profiles import Budget
+from eclm_lab.scenario import ModelMemory, ScenarioSpec, build
+from edge_runtime.monitor import Reading
+from edge_runtime.policy import Option, Policy
+
+# a model of 627 KB whose smallest sub-model needs 151.4 KB (the digits model's sizes)
+MEMORY = ModelMemory(full_kb=627.0, smallest_kb=151.4)
 
 
 @pytest.fixture(scope="module")
 def held_out():
     split = load_digits_split(seed=0)
-    return split.x_test, split.y_test
+    return split.x_test, split.y_test, MEMORY
 
 
 def test_the_same_seed_gives_the_same_streams_and_another_seed_others(held_out):
@@ -51,13 +57,41 @@ def test_shifts_come_and_go_and_only_the_given_domains_appear(held_out):
 
 def test_labels_arrive_for_the_given_share_and_memory_drops_and_recovers(held_out):
     spec = ScenarioSpec(devices=3, steps=80, label_rate=0.25, seed=5)
+    low_mb = MEMORY.free_mb(MEMORY.low_kb())
     for stream in build(spec, *held_out):
         share = np.mean(np.concatenate([s.labelled for s in stream]))
         assert abs(share - 0.25) < 0.05
         trace = stream.resources()
         memory = [trace.read().available_mb for _ in range(spec.steps)]
-        low = [i for i, m in enumerate(memory) if m == spec.low_memory_mb]
+        low = [i for i, m in enumerate(memory) if m == low_mb]
         assert low and 0 < low[0] and low[-1] < spec.steps - 1  # drops, then recovers
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # the digits model's size, and an RGB one's
+def test_a_drop_forces_a_smaller_sub_model_than_each_devices_normal_readings(held_out, scale):
+    """The readings follow the model's size: under the edge policy each device runs one of
+    the plan's module sets most of the time and only the smallest sub-model in a drop."""
+    x, y, _ = held_out
+    memory = ModelMemory(full_kb=627.0 * scale, smallest_kb=151.4 * scale)
+    # module sets as a plan offers them: the full set, smaller shares, the smallest one
+    sizes = [memory.full_kb, 0.6 * memory.full_kb, 0.35 * memory.full_kb, memory.smallest_kb]
+    options = [Option(((i,),), round(kb, 1)) for i, kb in enumerate(sizes)]
+    budget = Budget(10**7, 100.0)  # a board with far more memory than any of them needs
+    spec = ScenarioSpec(devices=4, steps=60, seed=1)
+    served = set()
+    for stream in build(spec, x, y, memory):
+        normal, low = stream.memory_mb.max(), stream.memory_mb.min()
+        usual = Policy(options, budget).decide(Reading(available_mb=normal))
+        dropped = Policy(options, budget).decide(Reading(available_mb=low))
+        assert dropped.memory_kb == round(memory.smallest_kb, 1) < usual.memory_kb
+        served.add(usual.memory_kb)
+    assert len(served) >= 2  # the devices' shares give them different sub-models
+
+
+def test_shares_that_leave_no_room_above_the_smallest_sub_model_are_refused(held_out):
+    x, y, _ = held_out
+    with pytest.raises(ValueError, match="memory_shares"):
+        build(ScenarioSpec(memory_shares=(1.0, 0.2)), x, y, MEMORY)
 
 
 @pytest.mark.parametrize(
@@ -68,7 +102,8 @@ def test_labels_arrive_for_the_given_share_and_memory_drops_and_recovers(held_ou
         ({"domains": ("underwater",)}, "domains"),
         ({"domains": ()}, "domains"),
         ({"alpha": -1.0}, "alpha"),
-        ({"low_memory_mb": 1024.0}, "low_memory_mb"),
+        ({"memory_shares": ()}, "memory_shares"),
+        ({"memory_shares": (1.0, 1.5)}, "memory_shares"),
     ],
 )
 def test_a_bad_spec_names_the_field(change, field):
