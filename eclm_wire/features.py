@@ -79,8 +79,12 @@ def encode(request_id: str, split: int, tensor: np.ndarray, *, dtype: str = "int
 
 def decode(payload: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
     """The frame in ``payload``; ProtocolError (with a code) for anything else."""
-    if not isinstance(payload, bytes | bytearray) or len(payload) > max_bytes:
-        raise ProtocolError(f"frame above {max_bytes} bytes", code=EventCode.TOO_LARGE)
+    if not isinstance(payload, bytes | bytearray):
+        raise ProtocolError("a frame is bytes", code=EventCode.MALFORMED)
+    if len(payload) > max_bytes:
+        raise ProtocolError(
+            f"frame is {len(payload)} bytes, limit {max_bytes}", code=EventCode.TOO_LARGE
+        )
     payload = bytes(payload)
     if len(payload) < _FIXED.size:
         raise ProtocolError("shorter than a frame header", code=EventCode.MALFORMED)
@@ -142,8 +146,11 @@ def _inflate(body: bytes, shape: tuple[int, ...], dtype: str, scale: float) -> n
             f"body is not {want} bytes of {dtype} {tuple(shape)}", code=EventCode.MALFORMED
         )
     if dtype == "int8":
-        return np.frombuffer(data, np.int8).reshape(shape).astype(np.float32) * np.float32(scale)
-    tensor = np.frombuffer(data, np.float32).reshape(shape).copy()
+        tensor = np.frombuffer(data, np.int8).reshape(shape).astype(np.float32)
+        with np.errstate(over="ignore"):  # a scale near float32's top: refused below
+            tensor *= np.float32(scale)
+    else:
+        tensor = np.frombuffer(data, np.float32).reshape(shape).copy()
     if not np.isfinite(tensor).all():
         raise ProtocolError("has non-finite values", field="tensor", code=EventCode.NOT_FINITE)
     return tensor

@@ -67,6 +67,8 @@ class OffloadServer:
         self.client = make_client(client_id, address)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.subscribed = threading.Event()  # set once the broker confirmed the subscription
+        self.client.on_subscribe = lambda *args: self.subscribed.set()
 
     def start(self) -> OffloadServer:
         """Connect and serve in the background; BrokerUnreachable if it can't connect."""
