@@ -26,7 +26,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +55,7 @@ class OffloadConfig:
     deadline_ms: float = 0.0  # 0: the profile's budget.latency_ms
     dtype: str = "int8"  # how features travel: int8 (one scale per tensor) or float32
     misses: int = 3  # unanswered requests in a row after which the cloud is taken as gone
-    retry_s: float = 5.0  # then: one probing request this often
+    retry_s: float = 1.0  # then: one probing request this often
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -123,6 +123,7 @@ class Offloader:
         self._ids = f"{secrets.token_hex(4)}-"  # not guessable by another client
         self._next = 0
         self._pending: dict[str, _Waiter] = {}
+        self._expired: deque[str] = deque(maxlen=64)  # ids given up on: late, not forged
         self._lock = threading.Lock()
         self._missed, self._probe_at = 0, 0.0
         self._splits: dict[tuple[int, int], int] = {}  # (runner id, layers) -> chosen split
@@ -211,12 +212,15 @@ class Offloader:
             return f"{self._ids}{self._next}"
 
     def _wait(self, waiter: _Waiter, start: float) -> np.ndarray | None:
-        left = self.deadline - (self.clock() - start)
+        # the deadline bounds the whole call: keep a little of it for what follows the wait
+        slack = min(0.002, 0.1 * self.deadline)
+        left = self.deadline - slack - (self.clock() - start)
         answered = left > 0 and waiter.done.wait(left)
         with self._lock:
             for rid, w in list(self._pending.items()):
                 if w is waiter:
                     del self._pending[rid]
+                    self._expired.append(rid)
         if not answered or waiter.logits is None:
             self.counts["late"] += waiter.shape[0]
             self._missed += 1
@@ -234,8 +238,11 @@ class Offloader:
             frame = features.decode(msg.payload)
             with self._lock:
                 waiter = self._pending.get(frame.request_id)
+            if waiter is None and frame.request_id in self._expired:
+                self.counts["late_answers"] += 1  # the cloud is there, but slower than us
+                return
             if waiter is None:
-                raise ProtocolError("no request waits for this id (late or forged)", field="id")
+                raise ProtocolError("no request waits for this id", field="id")
             n = waiter.shape[0]
             if frame.tensor.ndim != 2 or len(frame.tensor) != n or frame.tensor.shape[1] < 1:
                 raise ProtocolError(f"{frame.tensor.shape}, expected ({n}, classes)", field="shape")

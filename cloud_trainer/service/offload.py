@@ -105,6 +105,9 @@ class OffloadServer:
         import torch
 
         torch.set_num_threads(1)  # the worker's other threads share the cores
+        with torch.no_grad():  # the first call of each shape is slow: not a device's
+            for split, shape in self.shapes.items():
+                self.net.suffix(torch.zeros(1, *shape), split)
         while True:
             batch = self._gather()
             if batch is None:
