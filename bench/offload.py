@@ -149,7 +149,9 @@ def online(net, runner, x, threshold: float, deadline_ms: float) -> dict:
             traces[name] = serve(
                 name, lambda b, o=offloader: o.predict(runner, b, runner.predict), stop_at, server
             )
-            out[name] |= {k: offloader.counts[k] for k in ("answered", "late", "skipped", "late_answers")}
+            out[name] |= {
+                k: offloader.counts[k] for k in ("answered", "late", "skipped", "late_answers")
+            }
             if stop_at is None:
                 server.shutdown()
         client.loop_stop()
