@@ -173,7 +173,12 @@ class Offloader:
             return self.config.split if self.config.split <= layers else None
         key = (id(runner), layers)
         if key not in self._splits:
-            sizes = [runner.prefix(runner.one_sample(), k).size for k in range(layers)]
+            try:
+                sizes = [runner.prefix(runner.one_sample(), k).size for k in range(layers)]
+            except (BackendError, NotServing) as exc:  # a fused trunk has no inner boundary
+                self.counts["unsplittable"] += 1
+                log.debug("no split point to offload at: %s", exc)
+                return None
             self._splits[key] = int(np.argmin(sizes))  # the first of the smallest
         return self._splits[key]
 
