@@ -124,14 +124,22 @@ def serving(modular, mosquitto, tmp_path_factory):
         coordinator.stop()
 
 
-def test_offloaded_samples_get_the_full_models_answer(serving, modular):
+def test_offloaded_samples_get_the_full_models_answer(serving, modular, collector_factory):
     agent, address = serving
     net = modular["net"]
     x = np.load(modular["model_dir"] / "test.npz")["x"][:16]
+    hostile = collector_factory(client_id="hostile-device")
+    infer = wire.device_topic("pi5-other", "infer")
     cloud = OffloadServer(net, address, client_id="offload-a", window_ms=2).start()
     try:
         assert cloud.subscribed.wait(10)
+        hostile.publish(infer, b"not a frame")
+        hostile.publish(infer, features.encode("r-1", 0, np.ones((2, 3, 4, 4))))  # shape
+        hostile.publish(infer, features.encode("r-2", 9, np.ones((2, 32, 8, 8))))  # split
         scores = np.concatenate([agent.predict(x[i : i + 4]) for i in range(0, 16, 4)])
+        deadline = time.monotonic() + 10
+        while cloud.counts["refused"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         cloud.shutdown()
     with torch.no_grad():
@@ -139,7 +147,7 @@ def test_offloaded_samples_get_the_full_models_answer(serving, modular):
 
     assert agent.offload.counts["answered"] == 16, agent.offload.counts
     assert np.abs(scores - full).max() <= 1e-4  # split 0, float32: the whole model's logits
-    assert cloud.counts["answered"] == 4 and cloud.counts["refused"] == 0
+    assert cloud.counts["answered"] == 4 and cloud.counts["refused"] == 3, cloud.counts
 
 
 def test_with_the_cloud_gone_every_prediction_is_answered_locally(serving, modular):
