@@ -169,10 +169,16 @@ class OffloadServer:
             at = 0
             for r in group:
                 n = len(r.frame.tensor)
-                payload = features.encode(
-                    r.frame.request_id, split, logits[at : at + n], dtype="float32"
-                )
-                at += n
+                try:  # features far out of range give inf: that request only, not the batch
+                    payload = features.encode(
+                        r.frame.request_id, split, logits[at : at + n], dtype="float32"
+                    )
+                except ProtocolError as exc:
+                    self.counts["refused"] += 1
+                    log.warning("no answer for %s: %s", r.device_id, exc)
+                    continue
+                finally:
+                    at += n
                 self.client.publish(wire.device_topic(r.device_id, "answer"), payload, qos=0)
                 self.counts["answered"] += 1
 
