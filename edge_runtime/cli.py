@@ -76,20 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         choices=("executorch", "litert"),
         help="force a backend instead of the profile's order",
     )
-    run.add_argument(
-        "--offload",
-        choices=("never", "always", "gated"),
-        default="never",
-        help="let the cloud's full model answer: never, always, or the samples the device "
-        "is unsure of (top-2 margin under --offload-threshold; default: %(default)s)",
-    )
-    run.add_argument("--offload-threshold", type=float, default=0.2, help="(default: 0.2)")
-    run.add_argument(
-        "--offload-deadline-ms",
-        type=float,
-        default=0.0,
-        help="wait at most this for the cloud, then answer locally (0: the profile's budget)",
-    )
+    _add_offload_options(run)
     _add_emulation_options(run)
     _add_privacy_options(run)
     run.set_defaults(func=_run)
@@ -162,6 +149,23 @@ def run_command(
         if value is not None:
             cmd += [flag, str(value)]
     return cmd + (["--insecure"] if insecure else [])
+
+
+def _add_offload_options(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--offload",
+        choices=("never", "always", "gated"),
+        default="never",
+        help="let the cloud's full model answer: never, always, or the samples the device "
+        "is unsure of (top-2 margin under --offload-threshold; default: %(default)s)",
+    )
+    run.add_argument("--offload-threshold", type=float, default=0.2, help="(default: 0.2)")
+    run.add_argument(
+        "--offload-deadline-ms",
+        type=float,
+        default=0.0,
+        help="wait at most this for the cloud, then answer locally (0: the profile's budget)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
