@@ -66,37 +66,35 @@ def offline(net, runner, x, y, shares) -> dict:
     raw = np.mean(
         [len(features.encode("r-1", 0, x[i : i + 1], dtype="float32")) for i in range(len(x))]
     )
+    half = len(x) // 2  # gated thresholds are tuned on the first half; all rows measure the second
     rows = {
-        "local": (local, 0.0, None, slice(None)),
-        "full model (cloud)": (full, 0.0, None, slice(None)),
-        "raw samples to the cloud": (full, raw, None, slice(None)),
+        "local": (local[half:], 0.0, None),
+        "full model (cloud)": (full[half:], 0.0, None),
+        "raw samples to the cloud": (full[half:], raw, None),
     }
-    split_bytes = {}
+    split_bytes, cloud = {}, {}
     for split in range(runner.splits):
         frames = [
             features.encode("r-1", split, runner.prefix(x[i : i + 1], split)) for i in range(len(x))
         ]
         h = np.concatenate([features.decode(f).tensor for f in frames])
         split_bytes[split] = float(np.mean([len(f) for f in frames]))
-        always = (suffix(h, split), split_bytes[split], 1.0, slice(None))
-        rows[f"features at split {split}, always"] = always
+        cloud[split] = suffix(h, split)[half:]
+        rows[f"features at split {split}, always"] = (cloud[split], split_bytes[split], 1.0)
     split = min(split_bytes, key=lambda k: (split_bytes[k], k))  # what the offloader picks
-    half = len(x) // 2
-    cloud = rows[f"features at split {split}, always"][0]
     for share in shares:
         threshold = tune_threshold(local[:half], share, "margin")
         ask = unsure(local[half:], "margin", threshold)
-        out = np.where(ask[:, None], cloud[half:], local[half:])
+        out = np.where(ask[:, None], cloud[split], local[half:])
         rows[f"gated {share:.0%} (margin < {threshold:.3f})"] = (
             out,
             split_bytes[split] * ask.mean(),
             float(ask.mean()),
-            slice(half, None),
         )
     table = {}
-    for name, (scores, size, share, where) in rows.items():
+    for name, (scores, size, share) in rows.items():
         table[name] = {
-            "accuracy": round(float((scores.argmax(1) == y[where]).mean()), 4),
+            "accuracy": round(float((scores.argmax(1) == y[half:]).mean()), 4),
             "bytes_per_sample": round(float(size), 1),
             "offloaded": round(share, 3) if share is not None else None,
         }
