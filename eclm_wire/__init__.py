@@ -1,7 +1,8 @@
 """The wire contract both ends import: topics, messages, their vocabularies and errors.
 
 Imports nothing but the standard library. The MQTT helpers (:mod:`eclm_wire.mqtt`, paho)
-and the tensor codec (:mod:`eclm_wire.codec`, numpy) are imported by name where needed.
+and the tensor codecs (:mod:`eclm_wire.codec` for adapter weights, :mod:`eclm_wire.features`
+for collaborative inference; numpy) are imported by name where needed.
 """
 
 from eclm_wire.enums import (

@@ -30,6 +30,8 @@ DEVICE_KINDS = (
     "adapter",
     "fetch",
     "events",
+    "infer",  # features for the cloud to finish (collaborative inference)
+    "answer",  # the cloud's logits for them
 )
 
 SHORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

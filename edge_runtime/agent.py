@@ -39,6 +39,7 @@ from edge_runtime.errors import ArtifactError, BackendError, DamagedArtifact, No
 from edge_runtime.installer import Installed, Installer
 from edge_runtime.learning import Learner
 from edge_runtime.monitor import PsutilSource, Reading, ResourceSource
+from edge_runtime.offload import offloader
 from edge_runtime.reconcile import Goal, Keeper
 from edge_runtime.reporting import Reporter
 from edge_runtime.runner import Runner
@@ -139,6 +140,7 @@ class EdgeAgent:
         self.client.will_set(self._topic("status"), offline, qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.offload = offloader(self.client, config)  # None unless the policy offloads
         self.notifier = Notifier.from_env()  # systemd Type=notify and WatchdogSec=
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -200,7 +202,9 @@ class EdgeAgent:
         runner = self.runner
         if runner is None:
             raise NotServing("no program is active yet")
-        return runner.predict(x)
+        return (
+            self.offload.predict(runner, x, runner.predict) if self.offload else runner.predict(x)
+        )
 
     def enter(self, domain: str) -> None:
         """The input now comes from ``domain`` (the context: camera, site, sensor mode).
@@ -224,9 +228,8 @@ class EdgeAgent:
             raise NotServing("no program is active yet")
         self.enter(domain)
         learner = self.learner
-        if learner is None:
-            return runner.predict(x)
-        return learner.logits(runner.features(x))
+        local = runner.predict if learner is None else lambda x: learner.logits(runner.features(x))
+        return self.offload.predict(runner, x, local) if self.offload else local(x)
 
     def learn(self, x: np.ndarray, y: np.ndarray) -> None:
         """Train the current domain's adapter on labelled samples (after predicting them);
@@ -281,6 +284,7 @@ class EdgeAgent:
                 (self._topic("adapter"), 1),
                 (wire.chunk_topic(self.config.device_id, "+", "+"), 1),
             ]
+            + ([self.offload.subscription] if self.offload else [])
         )
         online = wire.Status(device_id=self.config.device_id, online=True).encode()
         client.publish(self._topic("status"), online, qos=1, retain=True)

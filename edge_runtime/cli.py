@@ -76,6 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         choices=("executorch", "litert"),
         help="force a backend instead of the profile's order",
     )
+    _add_offload_options(run)
     _add_emulation_options(run)
     _add_privacy_options(run)
     run.set_defaults(func=_run)
@@ -150,6 +151,23 @@ def run_command(
     return cmd + (["--insecure"] if insecure else [])
 
 
+def _add_offload_options(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--offload",
+        choices=("never", "always", "gated"),
+        default="never",
+        help="let the cloud's full model answer: never, always, or the samples the device "
+        "is unsure of (top-2 margin under --offload-threshold; default: %(default)s)",
+    )
+    run.add_argument("--offload-threshold", type=float, default=0.2, help="(default: 0.2)")
+    run.add_argument(
+        "--offload-deadline-ms",
+        type=float,
+        default=0.0,
+        help="wait at most this for the cloud, then answer locally (0: the profile's budget)",
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from device_profiles import load_profile
     from eclm_wire.mqtt import BrokerAddress
@@ -157,6 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     from edge_runtime.content import ContentAccess
     from edge_runtime.errors import ConfigError
     from edge_runtime.learning import LearnerConfig
+    from edge_runtime.offload import OffloadConfig
 
     if not args.latency_slack >= 1.0:
         raise ConfigError(f"--latency-slack: at least 1, got {args.latency_slack}")
@@ -175,6 +194,11 @@ def _run(args: argparse.Namespace) -> int:
         learning=LearnerConfig(dp_clip=args.dp_clip, dp_noise=args.dp_noise),
         litert_delegates=args.litert_delegates,
         broadcast_wait=args.broadcast_wait,
+        offload=OffloadConfig(
+            policy=args.offload,
+            threshold=args.offload_threshold,
+            deadline_ms=args.offload_deadline_ms,
+        ),
         # the token is a secret: from the environment, never the command line
         content=ContentAccess(
             token=os.environ.get("ECLM_CONTENT_TOKEN", ""),

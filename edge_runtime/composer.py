@@ -121,10 +121,20 @@ class ComposedModel:
 
     def trunk(self, x: np.ndarray) -> np.ndarray:
         """The last modular layer's output."""
+        return self.prefix(x, len(self.selection))
+
+    def prefix(self, x: np.ndarray, split: int) -> np.ndarray:
+        """The input of layer ``split`` (the stem's output for 0, the trunk's for the
+        number of layers): what a device sends when the cloud runs the layers from
+        ``split`` on. BackendError for a split a fused trunk has no boundary at."""
+        if not 0 <= split <= len(self.selection):
+            raise BackendError(f"split {split}: the layer boundaries are 0..{len(self.selection)}")
         if TRUNK in self.programs:  # one call instead of one per part
+            if split != len(self.selection):
+                raise BackendError(f"split {split}: a fused trunk has no inner boundary")
             return self.programs[TRUNK].run(x)[0]
         h = self.programs["stem"].run(x)[0]
-        for layer, present in enumerate(self.selection):
+        for layer, present in enumerate(self.selection[:split]):
             logits = self.programs[part_name(layer)].run(h)[0]
             weights = softmax(logits[:, list(present)])
             outputs = [self.programs[part_name(layer, m)].run(h)[0] for m in present]

@@ -14,6 +14,7 @@ from edge_runtime.download import RetryPolicy
 from edge_runtime.errors import ConfigError
 from edge_runtime.events import EventLimits
 from edge_runtime.learning import LearnerConfig
+from edge_runtime.offload import OffloadConfig
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class AgentConfig:
     # whose XNNPACK build misbehaves). See edge_runtime/backends/delegates.py.
     litert_delegates: str = "default"
     content: ContentAccess = ContentAccess()  # token and CA for a content server (HTTPS)
+    offload: OffloadConfig = OffloadConfig()  # collaborative inference with the cloud
 
     def __post_init__(self) -> None:
         wire.check_device_id(self.device_id)

@@ -104,6 +104,13 @@ class SubModelServer:
             raise NotServing("no sub-model is active yet")
         return slot.model.features(x)
 
+    def prefix(self, x: np.ndarray, split: int) -> np.ndarray:
+        """The input of layer ``split`` through the active sub-model (see ComposedModel)."""
+        slot = self._active
+        if slot is None or slot.model is None:
+            raise NotServing("no sub-model is active yet")
+        return slot.model.prefix(x, split)
+
     def swap(self, parts: Mapping[str, str], selection) -> Slot:
         """Stage, verify and activate a module set; on failure the previous one stays."""
         slot = Slot(tuple(tuple(layer) for layer in selection), dict(parts))

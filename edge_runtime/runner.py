@@ -53,6 +53,16 @@ class Runner(ABC):
         """What an adapter head reads; EdgeError if this runner has no such seam."""
         raise NotServing(f"{type(self).__name__} serves a whole program: no features")
 
+    def prefix(self, x: np.ndarray, split: int) -> np.ndarray:
+        """The input of modular layer ``split`` (what offloading sends); EdgeError if this
+        runner has no layers to split at."""
+        raise NotServing(f"{type(self).__name__} serves a whole program: no layers")
+
+    @property
+    def splits(self) -> int:
+        """The layer boundaries :meth:`prefix` takes are ``0..splits`` (0: none)."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - an optional hook, most runners hold nothing
         """Release what the runner holds."""
 
@@ -148,6 +158,14 @@ class ModularRunner(Runner):
 
     def features(self, x: np.ndarray) -> np.ndarray:
         return self.server.features(x)
+
+    def prefix(self, x: np.ndarray, split: int) -> np.ndarray:
+        return self.server.prefix(x, split)
+
+    @property
+    def splits(self) -> int:
+        slot = self.server.active
+        return len(slot.selection) if slot is not None else 0
 
     @property
     def over_budget(self) -> bool:

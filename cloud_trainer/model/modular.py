@@ -307,9 +307,27 @@ class ModularNet(nn.Module):
     ) -> torch.Tensor:
         """Stem and modular layers. Appends each router's full softmax to ``router_weights``
         and each layer's input to ``layer_inputs`` when given."""
-        h = self.stem(x)
+        return self.layers(self.stem(x), selection, 0, router_weights, layer_inputs)
+
+    def suffix(self, h: torch.Tensor, split: int) -> torch.Tensor:
+        """Logits of the full model from ``h``, the input of layer ``split`` (what a
+        device that ran the layers before it sends): every module of the layers from
+        ``split`` on, then the head."""
+        return self.head(self.layers(h, None, split))
+
+    def layers(
+        self,
+        h: torch.Tensor,
+        selection=None,
+        start: int = 0,
+        router_weights: list | None = None,
+        layer_inputs: list | None = None,
+    ) -> torch.Tensor:
+        """The modular layers from ``start`` on, ``h`` being the input of layer ``start``."""
         layers = zip(self.routers, self.blocks, selection or self.full_selection(), strict=True)
         for layer, (router, blocks, present) in enumerate(layers):
+            if layer < start:
+                continue
             if layer_inputs is not None:
                 layer_inputs.append(h)
             logits = router(h)

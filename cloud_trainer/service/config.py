@@ -182,6 +182,29 @@ class BroadcastSection:
 
 
 @dataclass(frozen=True)
+class OffloadSection:
+    """Collaborative inference: devices send boundary features on ``infer``, a worker
+    runs the rest of the full model on a batch of them and answers on ``answer``. On by
+    default: it costs one idle MQTT connection and thread until a device asks."""
+
+    enabled: bool = True
+    window_ms: float = 5.0  # how long a batch waits for more requests after the first
+    max_batch: int = 64  # samples a batch runs at most
+    max_frame_bytes: int = 1 << 20  # a larger request is refused
+    queue: int = 1024  # requests waiting at most; beyond, they are dropped and counted
+
+    def check(self) -> None:
+        if not 0 <= self.window_ms <= 1000:  # not: nan too
+            raise ConfigError(f"offload.window_ms: must be 0..1000, got {self.window_ms}")
+        if not 1 <= self.max_batch <= 4096:
+            raise ConfigError(f"offload.max_batch: must be 1..4096, got {self.max_batch}")
+        if not 64 <= self.max_frame_bytes <= 1 << 21:
+            raise ConfigError("offload.max_frame_bytes: must be 64..2097152")
+        if self.queue < 1:
+            raise ConfigError(f"offload.queue: must be >= 1, got {self.queue}")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     worker: str = "cloud-1"  # this worker's name: its MQTT client id and its rows' owner
     log_format: str = "json"  # json or text
@@ -197,6 +220,7 @@ class ServiceConfig:
     dashboard: DashboardSection = DashboardSection()
     content: ContentSection = ContentSection()
     broadcast: BroadcastSection = BroadcastSection()
+    offload: OffloadSection = OffloadSection()
 
     def __post_init__(self) -> None:
         if self.log_format not in ("json", "text"):
@@ -225,6 +249,7 @@ class ServiceConfig:
             raise ConfigError(f"limits: {exc}") from None
         self._check_dashboard()
         self.content.check()
+        self.offload.check()
         self.broadcast_policy()
 
     def _check_dashboard(self) -> None:

@@ -64,6 +64,7 @@ class Service:
         from cloud_trainer.service.ledger import UpdateLedger
         from cloud_trainer.service.metrics import Metrics
         from cloud_trainer.service.observer import FleetObserver
+        from cloud_trainer.service.offload import for_service
         from eclm_wire.mqtt import BrokerAddress
         from edge_runtime.artifacts import ArtifactStore
 
@@ -114,6 +115,7 @@ class Service:
             limiter=c.limits.limiter(),
             broadcast=c.broadcast_policy(),
         )
+        self.offload = for_service(self.net, self.fc.address, c)  # collaborative inference
         self.metrics = Metrics(self)
         self.observer = FleetObserver(c.dashboard.history)
         self.fc.listeners.append(self.observer)
@@ -133,6 +135,8 @@ class Service:
         from cloud_trainer.service.metrics import serve_http
 
         self.fc.start()
+        if self.offload:
+            self.offload.start()
         self._connected_at = time.monotonic()
         self.http = serve_http(self, self.config.http.host, self.config.http.port)
         if ready and self.api:
@@ -183,7 +187,7 @@ class Service:
     def _shutdown(self) -> None:
         self.fc.stop()
         self.exporter.close()
-        for server in (self.http, self.content):
+        for server in (self.http, self.content, self.offload):
             if server:
                 server.shutdown()
         try:

@@ -34,6 +34,7 @@ from cloud_trainer.service.config import ServiceConfig, example, load_config
 from device_profiles import DeviceProfile, ProfileError, load_profile
 from device_profiles import toml as tomllib
 from device_profiles.profile import ARCHES, BOARDS_DIR, KNOWN_BACKENDS, PYTHONS
+from eclm_wire import features
 from eclm_wire.codec import check_update
 from eclm_wire.errors import ProtocolError
 from edge_runtime.agent import AgentConfig, EdgeAgent
@@ -806,6 +807,39 @@ def test_rollout_states_read_every_sound_record_and_leave_damaged_ones_out(fuzz,
             assert replace(got, ts=0) == replace(expected, ts=0)
         if expected is None:
             rec.refused("damaged record left out")
+
+    case()
+    rec.assert_both_outcomes()
+
+
+FRAMES = st.builds(
+    lambda shape, dtype, seed: features.encode(
+        "r-1",
+        1,
+        np.random.default_rng(seed).normal(size=shape).astype(np.float32),
+        dtype=dtype,
+    ),
+    st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple),
+    st.sampled_from(["int8", "float32"]),
+    st.integers(0, 1000),
+)
+
+
+def test_a_feature_frame_decodes_to_a_finite_tensor_or_a_protocol_error(fuzz):
+    rec = fuzz("features.decode", ProtocolError)
+
+    @FUZZ
+    @given(payload=st.one_of(st.binary(max_size=300), FRAMES, FRAMES.flatmap(mutate_bytes)))
+    def case(payload):
+        outcome = rec.call(features.decode, payload)
+        if not outcome.accepted:
+            check_refusal(outcome.error)
+            return
+        frame = outcome.value
+        assert ID.fullmatch(frame.request_id) and 0 <= frame.split <= 255
+        assert frame.tensor.dtype == np.float32 and np.isfinite(frame.tensor).all()
+        assert 1 <= frame.tensor.ndim <= features.MAX_RANK
+        assert frame.tensor.size <= features.MAX_ELEMENTS
 
     case()
     rec.assert_both_outcomes()
