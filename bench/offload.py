@@ -48,6 +48,21 @@ def device_runner(model_dir: Path, store: Path):
     return runner, smallest, profile
 
 
+def scenario_samples(x, y, n: int):
+    """The first ``n`` samples of one device's stream in the adaptation scenario: clean
+    stretches and shifts (noise, rotate, contrast) in turn, label mixes that drift."""
+    import numpy as np
+
+    from eclm_lab.scenario import ModelMemory, ScenarioSpec, build
+
+    spec = ScenarioSpec(devices=1, steps=-(-n // ScenarioSpec.batch))
+    # memory readings are not used here: any model size states them
+    (stream,) = build(spec, x, y, ModelMemory(full_kb=4.0, smallest_kb=1.0))
+    steps = list(stream)
+    xs, ys = np.concatenate([s.x for s in steps]), np.concatenate([s.y for s in steps])
+    return xs[:n].astype(np.float32), ys[:n]
+
+
 def offline(net, runner, x, y, shares) -> dict:
     """Accuracy and bytes per sample of each way of answering, one sample per request."""
     import numpy as np
@@ -187,7 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_args(parser)
     parser.add_argument("--store", type=Path, help="artifact store (exported into if missing)")
-    parser.add_argument("--domain", default="noise", help="shift applied to the test samples")
+    parser.add_argument(
+        "--domain",
+        default="noise",
+        help="shift applied to the test samples, or 'scenario': the samples in the order one "
+        "device's adaptation-scenario stream shows them (clean stretches and shifts in turn)",
+    )
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--shares", default="0.05,0.1,0.2")
     parser.add_argument("--deadline-ms", type=float, default=0.0, help="0: the profile's")
@@ -206,8 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     store = args.store or Path(tempfile.mkdtemp(prefix="offload-store-"))
     runner, smallest, profile = device_runner(args.model, store)
     test = np.load(args.model / "test.npz")
-    x = apply(args.domain, test["x"][: args.samples]).astype(np.float32)
-    y = test["y"][: args.samples]
+    if args.domain == "scenario":
+        x, y = scenario_samples(test["x"], test["y"], args.samples)
+    else:
+        x = apply(args.domain, test["x"][: args.samples]).astype(np.float32)
+        y = test["y"][: args.samples]
     shares = [float(s) for s in args.shares.split(",")]
     figures = offline(net, runner, x, y, shares)
     deadline = args.deadline_ms or profile.budget.latency_ms
