@@ -74,6 +74,25 @@ def mosquitto(tmp_path_factory) -> Broker:
     broker.stop()
 
 
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """A Mosquitto with TLS, passwords and the device ACLs (an access directory with the
+    users dev-a and dev-b), for one test module."""
+    from broker import Access
+
+    access = Access(tmp_path_factory.mktemp("access")).init()
+    for device in ("dev-a", "dev-b"):
+        access.add_user(device)
+    broker = Broker(
+        kind="mosquitto",
+        data_dir=tmp_path_factory.mktemp("secured"),
+        password_file=access.password_file,
+        tls=access.tls,
+    )
+    with broker:
+        yield access, broker
+
+
 @pytest.fixture
 def address(mosquitto) -> BrokerAddress:
     return BrokerAddress.parse(mosquitto.url)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import eclm_wire as wire
-from broker import Access, Broker
 from cloud_trainer.export.plan import plan_device_modular
 from cloud_trainer.fleet.coordinator import FleetCoordinator
 from cloud_trainer.fleet.deploy import wait_for_fleet
@@ -194,21 +193,6 @@ def test_forged_answers_are_refused_by_the_device(serving, modular, collector_fa
         time.sleep(0.02)
     assert np.array_equal(scores, local)
     assert agent.offload.counts["refused"] == 3 and agent.offload.counts["answered"] == 0
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory):
-    access = Access(tmp_path_factory.mktemp("offload-access")).init()
-    for device in ("dev-a", "dev-b"):
-        access.add_user(device)
-    broker = Broker(
-        kind="mosquitto",
-        data_dir=tmp_path_factory.mktemp("offload-secured"),
-        password_file=access.password_file,
-        tls=access.tls,
-    )
-    with broker:
-        yield access, broker
 
 
 def test_only_the_cloud_can_answer_a_device(secured):

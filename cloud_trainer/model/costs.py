@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from cloud_trainer.model.footprint import activation_kb, part_activations
+from cloud_trainer.model.footprint import activation_kb, part_activations, trace
 from cloud_trainer.model.modular import ModularNet, part_name, parts
 from cloud_trainer.model.selection import Cost, CostTable
 from device_profiles import DeviceProfile
@@ -38,15 +38,7 @@ def part_macs(net: ModularNet) -> dict[str, int]:
         else:
             counts[module] = module.in_features * module.out_features
 
-    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [m.register_forward_hook(count) for m in layers]
-    spec = net.spec
-    try:
-        with torch.no_grad():
-            net(torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    trace(net, count, [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
     return {
         name: sum(counts.get(m, 0) for m in module.modules()) for name, module in parts(net).items()
     }

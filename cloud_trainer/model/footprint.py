@@ -19,6 +19,21 @@ from cloud_trainer.model.modular import ModularNet, parts
 BYTES_PER_ACTIVATION = {"fp32": 4, "int8": 1}
 
 
+def trace(net: ModularNet, record, modules=None) -> None:
+    """Run one zero sample through ``net`` with ``record(module, inputs, output)`` hooked on
+    ``modules`` (every module by default): what each part sees in the full model."""
+    import torch
+
+    hooks = [m.register_forward_hook(record) for m in (modules or list(net.modules()))]
+    spec = net.spec
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def part_activations(net: ModularNet) -> dict[str, int]:
     """Elements of the largest tensor produced inside each part for one sample."""
     import torch
@@ -31,14 +46,7 @@ def part_activations(net: ModularNet) -> dict[str, int]:
         if sizes:
             largest[module] = max(largest.get(module, 0), *sizes)
 
-    hooks = [m.register_forward_hook(record) for m in net.modules()]
-    spec = net.spec
-    try:
-        with torch.no_grad():
-            net(torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    trace(net, record)
     return {
         name: max((largest.get(m, 0) for m in module.modules()), default=0)
         for name, module in parts(net).items()

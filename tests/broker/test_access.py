@@ -8,7 +8,7 @@ import time
 import pytest
 
 import eclm_wire as wire
-from broker import Access, Broker
+from broker import Broker
 from broker.errors import ConfigError
 from eclm_wire.mqtt import BrokerAddress, make_client
 
@@ -55,21 +55,6 @@ class Session:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory):
-    access = Access(tmp_path_factory.mktemp("access")).init()
-    for device in ("dev-a", "dev-b"):
-        access.add_user(device)
-    broker = Broker(
-        kind="mosquitto",
-        data_dir=tmp_path_factory.mktemp("secured"),
-        password_file=access.password_file,
-        tls=access.tls,
-    )
-    with broker:
-        yield access, broker
 
 
 def test_the_access_directory_keeps_secrets_owner_only(secured):
