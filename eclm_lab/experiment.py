@@ -358,20 +358,11 @@ def planned_selections(
     for device, profile_name in devices.items():
         profile = load_profile(profile_name)
         allowed = streams[device].memory_mb.max() * 1024 * memory.fraction
-        budget = _memory_budget(profile.budget, min(allowed, profile.budget.model_memory_kb))
+        kb = min(allowed, profile.budget.model_memory_kb)
+        budget = replace(profile.budget, model_memory_mb=kb / 1024)
         chosen = select_for(model_dir, replace(profile, budget=budget), None)
         out[device] = tuple(map(tuple, chosen.modules))
     return out
-
-
-def _memory_budget(budget, kb: float):
-    """``budget`` with ``kb`` of memory: profiles state it in KB (``model_memory_kb``) or,
-    newer ones, in MB (``model_memory_mb``, with ``model_memory_kb`` read from it)."""
-    from dataclasses import fields
-
-    if "model_memory_kb" in {f.name for f in fields(budget)}:
-        return replace(budget, model_memory_kb=int(kb))
-    return replace(budget, model_memory_mb=kb / 1024)
 
 
 def _served(served: dict[str, tuple], planned: dict[str, tuple]) -> dict[str, tuple]:

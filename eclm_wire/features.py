@@ -45,7 +45,6 @@ class Frame:
     split: int
     tensor: np.ndarray  # float32, dequantised
     dtype: str = "float32"  # how it travelled
-    size: int = 0  # bytes on the wire (0 until encoded or decoded)
 
 
 def encode(request_id: str, split: int, tensor: np.ndarray, *, dtype: str = "int8") -> bytes:
@@ -115,7 +114,7 @@ def decode(payload: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
         raise ProtocolError(f"{scale} is not a finite positive scale", field="scale")
     dtype = DTYPES[code]
     tensor = _inflate(payload[end:], shape, dtype, scale)
-    return Frame(request_id, split, tensor, dtype, len(payload))
+    return Frame(request_id, split, tensor, dtype)
 
 
 def _check_shape(shape: tuple[int, ...]) -> None:

@@ -98,7 +98,7 @@ def tune_threshold(logits: np.ndarray, share: float, gate: str = "margin") -> fl
 
 @dataclass
 class _Waiter:
-    shape: tuple[int, int]
+    rows: int  # samples asked for: the answer must have as many
     done: threading.Event
     logits: np.ndarray | None = None
 
@@ -199,7 +199,7 @@ class Offloader:
             self.counts["unsplittable"] += n
             log.warning("cannot offload at split %d: %s", split, exc)
             return None
-        waiter = _Waiter((n, 0), threading.Event())
+        waiter = _Waiter(n, threading.Event())
         with self._lock:
             self._pending[request_id] = waiter
         sent = self.client.publish(self.request_topic, payload, qos=0)
@@ -227,11 +227,11 @@ class Offloader:
                     del self._pending[rid]
                     self._expired.append(rid)
         if not answered or waiter.logits is None:
-            self.counts["late"] += waiter.shape[0]
+            self.counts["late"] += waiter.rows
             self._missed += 1
             return None
         self._missed = 0
-        self.counts["answered"] += waiter.shape[0]
+        self.counts["answered"] += waiter.rows
         return waiter.logits
 
     def _on_answer(self, client, userdata, msg: paho.MQTTMessage) -> None:
@@ -248,7 +248,7 @@ class Offloader:
                 return
             if waiter is None:
                 raise ProtocolError("no request waits for this id", field="id")
-            n = waiter.shape[0]
+            n = waiter.rows
             if frame.tensor.ndim != 2 or len(frame.tensor) != n or frame.tensor.shape[1] < 1:
                 raise ProtocolError(f"{frame.tensor.shape}, expected ({n}, classes)", field="shape")
         except ProtocolError as exc:

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 class Request:
     device_id: str
     frame: features.Frame
-    arrived: float
 
 
 class OffloadServer:
@@ -155,7 +154,7 @@ class OffloadServer:
             self.counts["refused"] += 1
             log.warning("offload request on %s refused: %s", topic[:200], exc)
             return None
-        return Request(device_id, frame, time.monotonic())
+        return Request(device_id, frame)
 
     def _answer(self, batch: list[Request]) -> None:
         import torch
