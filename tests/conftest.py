@@ -80,6 +80,8 @@ def secured(tmp_path_factory):
     users dev-a and dev-b), for one test module."""
     from broker import Access
 
+    if not find_mosquitto():
+        pytest.fail("Mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients)")
     access = Access(tmp_path_factory.mktemp("access")).init()
     for device in ("dev-a", "dev-b"):
         access.add_user(device)

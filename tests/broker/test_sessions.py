@@ -10,26 +10,16 @@ import time
 import pytest
 
 import eclm_wire as wire
-from broker import Access, Broker, find_mosquitto
+from broker import Broker
 
 ATTEMPTS = 100
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory):
-    if not find_mosquitto():
-        pytest.fail("Mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients)")
-    access = Access(tmp_path_factory.mktemp("access")).init()
-    for device in ("dev-a", "dev-b"):
-        access.add_user(device)
-    broker = Broker(
-        kind="mosquitto",
-        data_dir=tmp_path_factory.mktemp("sessions"),
-        password_file=access.password_file,
-        tls=access.tls,
-    )
-    with broker:
-        yield access, broker, tmp_path_factory.mktemp("clients")
+def secured(secured, tmp_path_factory):
+    """The TLS+ACL broker of conftest, with a directory for the stock clients' files."""
+    access, broker = secured
+    return access, broker, tmp_path_factory.mktemp("clients")
 
 
 def stock(tool: str, user: str, secured, *args: str, port: int | None = None):
