@@ -1,5 +1,7 @@
-"""Collaborative inference: what offloading to the cloud's full model buys a device on its
-smallest sub-model, and what it costs in bytes and latency.
+"""Collaborative inference: what offloading to the cloud's full model buys a small device.
+
+What offloading buys a device on its smallest sub-model, and what it costs in bytes and
+latency.
 
 On held-out samples of one domain (``--domain``, cloud_trainer/model/domains.py) a device
 serves the smallest module set the rpi4 plan offers, as LiteRT fp32 programs. Offline (the
