@@ -26,6 +26,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,7 +127,8 @@ class Offloader:
         self._expired: deque[str] = deque(maxlen=64)  # ids given up on: late, not forged
         self._lock = threading.Lock()
         self._missed, self._probe_at = 0, 0.0
-        self._splits: dict[tuple[int, int], int] = {}  # (runner id, layers) -> chosen split
+        # runner -> {layers: chosen split}; a runner that is gone takes its entry with it
+        self._splits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         client.message_callback_add(self.answer_topic, self._on_answer)
 
     @property
@@ -171,16 +173,16 @@ class Offloader:
             return None
         if self.config.split >= 0:
             return self.config.split if self.config.split <= layers else None
-        key = (id(runner), layers)
-        if key not in self._splits:
+        chosen = self._splits.setdefault(runner, {})
+        if layers not in chosen:
             try:
                 sizes = [runner.prefix(runner.one_sample(), k).size for k in range(layers)]
             except (BackendError, NotServing) as exc:  # a fused trunk has no inner boundary
                 self.counts["unsplittable"] += 1
                 log.debug("no split point to offload at: %s", exc)
                 return None
-            self._splits[key] = int(np.argmin(sizes))  # the first of the smallest
-        return self._splits[key]
+            chosen[layers] = int(np.argmin(sizes))  # the first of the smallest
+        return chosen[layers]
 
     def _ask(self, runner, x: np.ndarray, split: int, n: int) -> _Waiter | None:
         """Publish a request for ``x``; None if it was not sent (answer locally now)."""
