@@ -286,3 +286,28 @@ def test_distillation_is_zero_only_where_the_student_matches_the_teacher():
 
     assert float(distillation(same, teacher, x, 4.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(distillation(same.flip(1), teacher, x, 4.0)) > 1e-3
+
+
+def test_sandwich_steps_train_the_smallest_sub_model(checkpoints, small_split):
+    from cloud_trainer.model.sandwich import SandwichConfig, sandwich_step
+
+    original = load_weights(original_for(quarter("resnet18")), checkpoints["resnet18"]).eval()
+    net = decompose(original, quarter("resnet18"))
+    x, y = torch.from_numpy(small_split.x_train[:64]), torch.from_numpy(small_split.y_train[:64])
+    solos = [[(m,)] * net.spec.layers for m in range(4)]
+
+    def solo_loss():
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.cross_entropy(net(x, s), y)) for s in solos) / 4
+
+    before = solo_loss()
+    rng = np.random.default_rng(0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net.train()
+    for _ in range(8):
+        opt.zero_grad()
+        losses = sandwich_step(net, original, x, y, rng, SandwichConfig(randoms=1))
+        opt.step()
+
+    assert set(losses) == {"full", "smallest", "random1"}
+    assert solo_loss() < 0.8 * before
