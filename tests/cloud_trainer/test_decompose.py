@@ -288,26 +288,39 @@ def test_distillation_is_zero_only_where_the_student_matches_the_teacher():
     assert float(distillation(same.flip(1), teacher, x, 4.0)) > 1e-3
 
 
-def test_sandwich_steps_train_the_smallest_sub_model(checkpoints, small_split):
+def test_sandwich_steps_train_the_one_module_sub_models_beyond_full_training(
+    checkpoints, small_split
+):
     from cloud_trainer.model.sandwich import SandwichConfig, sandwich_step
+    from cloud_trainer.model.train import distillation
 
     original = load_weights(original_for(quarter("resnet18")), checkpoints["resnet18"]).eval()
-    net = decompose(original, quarter("resnet18"))
     x, y = torch.from_numpy(small_split.x_train[:64]), torch.from_numpy(small_split.y_train[:64])
-    solos = [[(m,)] * net.spec.layers for m in range(4)]
+    solos = [[(m,)] * quarter("resnet18").layers for m in range(4)]
 
-    def solo_loss():
+    def solo_loss(net):
         with torch.no_grad():
             return sum(float(torch.nn.functional.cross_entropy(net(x, s), y)) for s in solos) / 4
 
-    before = solo_loss()
-    rng = np.random.default_rng(0)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    net.train()
-    for _ in range(8):
-        opt.zero_grad()
-        losses = sandwich_step(net, original, x, y, rng, SandwichConfig(randoms=1))
-        opt.step()
+    def fine_tune(sandwich):
+        net = decompose(original, quarter("resnet18"))
+        rng = np.random.default_rng(0)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        net.train()
+        for _ in range(8):
+            opt.zero_grad()
+            if sandwich:
+                losses = sandwich_step(net, original, x, y, rng, SandwichConfig(randoms=1))
+                assert set(losses) == {"full", "smallest", "random1"}
+            else:  # the full set only, with the same loss
+                out = net(x)
+                loss = 0.5 * torch.nn.functional.cross_entropy(out, y)
+                (loss + 0.5 * distillation(out, original, x, 4.0)).backward()
+            opt.step()
+        return net
 
-    assert set(losses) == {"full", "smallest", "random1"}
-    assert solo_loss() < 0.8 * before
+    before = solo_loss(decompose(original, quarter("resnet18")))
+    full_only, sandwiched = solo_loss(fine_tune(False)), solo_loss(fine_tune(True))
+
+    assert sandwiched < 0.5 * before
+    assert sandwiched < 0.7 * full_only
