@@ -1,5 +1,5 @@
 """Bring your own network: decompose it, check the decomposition, fine-tune it as a modular
-model with module dropout and distillation from the original, and write the model dir.
+model by the sandwich rule with distillation (``sandwich.py``), and write the model dir.
 
 The model dir is what ``checkpoint.train_model`` writes (``model.pt``, ``metrics.json`` with
 the spec, ``importance.npz``, ``test.npz``), so export, select, deploy and serve take it
