@@ -1,5 +1,5 @@
 """Bring your own network: decompose it, check the decomposition, fine-tune it as a modular
-model with module dropout and distillation from the original, and write the model dir.
+model by the sandwich rule with distillation (``sandwich.py``), and write the model dir.
 
 The model dir is what ``checkpoint.train_model`` writes (``model.pt``, ``metrics.json`` with
 the spec, ``importance.npz``, ``test.npz``), so export, select, deploy and serve take it
@@ -106,7 +106,8 @@ def decompose_model(
         spec_for,
     )
     from cloud_trainer.model.networks import load_weights
-    from cloud_trainer.model.train import accuracy, train_modular
+    from cloud_trainer.model.sandwich import SandwichConfig, train_sandwich
+    from cloud_trainer.model.train import accuracy
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -128,16 +129,8 @@ def decompose_model(
     net = decompose(original, spec)
     exactness = max_logit_difference(original, net, split.x_test[:EXACTNESS_SAMPLES])
     original_acc = accuracy(original, split.x_test, split.y_test)
-    net = train_modular(
-        net,
-        split.x_train,
-        split.y_train,
-        epochs=epochs,
-        seed=seed,
-        lr=lr,
-        progress=progress,
-        teacher=original,
-    )
+    config = SandwichConfig(epochs=epochs, lr=lr, seed=seed)
+    net = train_sandwich(net, original, split.x_train, split.y_train, config, progress=progress)
     accuracies = sub_model_accuracies(net, split)
     result = DecomposeResult(out, exactness, original_acc, *accuracies, 0.0)
     write_model_dir(out, net, split, seed)

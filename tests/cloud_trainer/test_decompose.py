@@ -286,3 +286,41 @@ def test_distillation_is_zero_only_where_the_student_matches_the_teacher():
 
     assert float(distillation(same, teacher, x, 4.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(distillation(same.flip(1), teacher, x, 4.0)) > 1e-3
+
+
+def test_sandwich_steps_train_the_one_module_sub_models_beyond_full_training(
+    checkpoints, small_split
+):
+    from cloud_trainer.model.sandwich import SandwichConfig, sandwich_step
+    from cloud_trainer.model.train import distillation
+
+    original = load_weights(original_for(quarter("resnet18")), checkpoints["resnet18"]).eval()
+    x, y = torch.from_numpy(small_split.x_train[:64]), torch.from_numpy(small_split.y_train[:64])
+    solos = [[(m,)] * quarter("resnet18").layers for m in range(4)]
+
+    def solo_loss(net):
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.cross_entropy(net(x, s), y)) for s in solos) / 4
+
+    def fine_tune(sandwich):
+        net = decompose(original, quarter("resnet18"))
+        rng = np.random.default_rng(0)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        net.train()
+        for _ in range(8):
+            opt.zero_grad()
+            if sandwich:
+                losses = sandwich_step(net, original, x, y, rng, SandwichConfig(randoms=1))
+                assert set(losses) == {"full", "smallest", "random1"}
+            else:  # the full set only, with the same loss
+                out = net(x)
+                loss = 0.5 * torch.nn.functional.cross_entropy(out, y)
+                (loss + 0.5 * distillation(out, original, x, 4.0)).backward()
+            opt.step()
+        return net
+
+    before = solo_loss(decompose(original, quarter("resnet18")))
+    full_only, sandwiched = solo_loss(fine_tune(False)), solo_loss(fine_tune(True))
+
+    assert sandwiched < 0.5 * before
+    assert sandwiched < 0.7 * full_only
