@@ -46,15 +46,9 @@ def train_modular(
     seed: int = 0,
     router_weight: float = 0.1,
     progress: bool = False,
-    teacher: nn.Module | None = None,
-    temperature: float = 4.0,
-    distill: float = 0.5,
 ) -> ModularNet:
     """Train with module dropout and router regularisation; return the net in eval mode.
-
-    With a ``teacher`` (the original of a decomposed net), the loss mixes cross-entropy
-    (weight ``1 - distill``) with the KL divergence from the teacher's logits at
-    ``temperature`` (weight ``distill``, times T^2 so its gradients keep their scale)."""
+    (A decomposed net is fine-tuned by ``sandwich.train_sandwich`` instead.)"""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
@@ -74,12 +68,7 @@ def train_modular(
             weights: list[torch.Tensor] = []
             logits = net.head(net.trunk(xs[idx], sample_selection(net, rng), weights))
             sharp, balance = router_losses(weights)
-            loss = loss_fn(logits, ys[idx])
-            if teacher is not None:
-                loss = (1 - distill) * loss + distill * distillation(
-                    logits, teacher, xs[idx], temperature
-                )
-            loss = loss + router_weight * (sharp + balance)
+            loss = loss_fn(logits, ys[idx]) + router_weight * (sharp + balance)
             opt.zero_grad()
             loss.backward()
             opt.step()
