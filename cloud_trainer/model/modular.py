@@ -213,6 +213,14 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
 
+    def set_weights(self, weights) -> None:
+        """Take ``weights`` ({"weight", "bias"}: arrays) in a new layer swapped in whole, so
+        that a call under way (an offload answer) uses the old head or the new, not a mix."""
+        fc = nn.Linear(self.fc.in_features, self.fc.out_features)
+        for name, value in weights.items():
+            getattr(fc, name).data[...] = torch.as_tensor(value)
+        self.fc = fc.train(self.training)
+
 
 @dataclass(frozen=True)
 class Components:

@@ -378,8 +378,6 @@ class Service:
         every domain with an aggregate, pulled toward those aggregates (and ``clean``)."""
         import copy
 
-        import torch
-
         from cloud_trainer.federation.distributed import run_integration
         from cloud_trainer.model.datasets import load_model_split
 
@@ -404,8 +402,7 @@ class Service:
             job.loss_after,
         )
         net = copy.deepcopy(self.net)
-        for name, value in job.weights.items():
-            getattr(net.head.fc, name).data[...] = torch.from_numpy(np.asarray(value))
+        net.head.set_weights(job.weights)
         return net
 
     def _finish(self, rollout: Rollout, r: Round) -> None:
@@ -429,11 +426,9 @@ class Service:
         self.state.save_rollout(rollout.state.rollout_id, rollout.state.state, rollout.record())
 
     def _set_head(self, head: bytes) -> None:
-        import torch
         from safetensors.numpy import load
 
-        for name, value in load(head).items():
-            getattr(self.net.head.fc, name).data[...] = torch.from_numpy(value)
+        self.net.head.set_weights(load(head))
 
     def _targets(self) -> dict[str, Target]:
         """What each device with a modular sub-model runs now (its retained desired state)."""

@@ -85,6 +85,25 @@ def test_sub_model_equals_the_net_on_its_selection():
     assert importance.shape == (2, 4, 10)
 
 
+def test_a_new_head_is_swapped_in_whole_and_leaves_the_old_layer_as_it_was():
+    net = ModularNet().eval()
+    x = torch.rand(3, 1, 8, 8)
+    old = net.head.fc
+    before = old.weight.detach().clone()
+    weights = {
+        "weight": np.ones(tuple(old.weight.shape), np.float32),
+        "bias": np.zeros(10, np.float32),
+    }
+
+    net.head.set_weights(weights)
+
+    assert net.head.fc is not old and not net.head.fc.training
+    torch.testing.assert_close(old.weight.detach(), before)  # a call under way keeps this one
+    with torch.no_grad():
+        logits = net(x)
+    torch.testing.assert_close(logits[:, 0], logits[:, 9])  # equal rows: the new weights
+
+
 def test_bad_specs_are_refused():
     with pytest.raises(ValueError, match="channels"):
         ModularSpec(channels=0)
