@@ -127,7 +127,8 @@ class Rollout:
             fresh = tuple(d for d in batch if d not in self.state.updated)
             self.fc.expect({d: list(self.targets[d].artifacts) for d in fresh})
             try:
-                self.serials.update({d: self._assign(d, self.targets[d]) for d in fresh})
+                desired = self.fc.assign_all({d: self.targets[d] for d in fresh})
+                self.serials.update({d: s.serial for d, s in desired.items()})
             finally:
                 self.fc.release()
             self.state = replace(self.state, updated=self.state.updated + fresh)
@@ -149,12 +150,6 @@ class Rollout:
         self.state = replace(self.state, state=RolloutStatus.SUCCEEDED, reason="")
         self._publish()
         return self.state
-
-    def _assign(self, device_id: str, target: Target) -> int:
-        desired = self.fc.assign(
-            device_id, list(target.artifacts), options=target.options, target=target.profile
-        )
-        return desired.serial
 
     def _wait(self, serials: dict[str, int]) -> None:
         def answered(c: FleetCoordinator, device_id: str) -> str | None:
@@ -190,13 +185,12 @@ class Rollout:
     def _abort(self, reason: str, progress) -> wire.RolloutState:
         progress(f"aborting: {reason}")
         log.warning("rollout %s aborted: %s", self.state.rollout_id, reason)
-        reverted = []
-        for device_id in self.state.updated:
-            before = self.previous[device_id]
-            if before is None:
-                continue  # nothing ran there before; it keeps what it serves
-            self._assign(device_id, Target(before.artifacts, before.options, before.target))
-            reverted.append(device_id)
+        back = {  # a device that ran nothing before keeps what it serves
+            d: Target(p.artifacts, p.options, p.target)
+            for d in self.state.updated
+            if (p := self.previous[d]) is not None
+        }
+        reverted = list(self.fc.assign_all(back))
         self.state = replace(
             self.state, state=RolloutStatus.ABORTED, reason=reason[:2000], reverted=tuple(reverted)
         )
