@@ -197,6 +197,16 @@ class FleetCoordinator:
                 )
         return {desired.device_id: desired for desired, _ in sent}
 
+    def assign_wave(self, targets: Mapping[str, Target]) -> dict[str, wire.DesiredState]:
+        """:meth:`assign_all` for devices that fetch together (a rollout wave, the new
+        devices a service step found): each artifact's broadcast waits until every one of
+        them that lacks it has asked (see :meth:`expect`), not for a quiet moment."""
+        self.expect({d: list(t.artifacts) for d, t in targets.items()})
+        try:
+            return self.assign_all(targets)
+        finally:
+            self.release()
+
     def _desired(self, device_id: str, target: Target) -> wire.DesiredState:
         """The next desired state of ``device_id`` (a new serial), signed if there is a key."""
         if self.serials is not None:
@@ -225,6 +235,9 @@ class FleetCoordinator:
         for device_id, refs in devices.items():
             report = self.reported.get(device_id)
             fmt = _FORMATS.get(report.backend or "") if report else None
+            if report and fmt is None:  # none yet: the first of its profile's offered
+                offered = {r.format for r in refs}
+                fmt = next((f for b in report.backends if (f := _FORMATS.get(b)) in offered), None)
             for ref in refs:
                 if report and (ref.sha256 in report.active or fmt and ref.format != fmt):
                     continue

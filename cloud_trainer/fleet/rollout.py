@@ -125,12 +125,8 @@ class Rollout:
                 continue  # done before a restart
             self.state = replace(self.state, wave=wave)
             fresh = tuple(d for d in batch if d not in self.state.updated)
-            self.fc.expect({d: list(self.targets[d].artifacts) for d in fresh})
-            try:
-                desired = self.fc.assign_all({d: self.targets[d] for d in fresh})
-                self.serials.update({d: s.serial for d, s in desired.items()})
-            finally:
-                self.fc.release()
+            desired = self.fc.assign_wave({d: self.targets[d] for d in fresh})
+            self.serials.update({d: s.serial for d, s in desired.items()})
             self.state = replace(self.state, updated=self.state.updated + fresh)
             self._publish()
             answered = set(self.state.succeeded + self.state.failed)

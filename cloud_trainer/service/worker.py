@@ -468,7 +468,7 @@ class Service:
             target = self._plan_for(report.profile)
             if target is not None:
                 targets[device_id] = target
-        for device_id, desired in self.fc.assign_all(targets).items():
+        for device_id, desired in self.fc.assign_wave(targets).items():
             log.info(
                 "assigned %s (%s) its sub-model: serial %d",
                 device_id,
