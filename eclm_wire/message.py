@@ -5,6 +5,7 @@ after their JSON header. A bad message raises :class:`ProtocolError` naming the 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -54,6 +55,13 @@ def _out_of_range(value: Any) -> bool:
         return True
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The field types of a message class. Resolving them parses the annotations' strings,
+    which took more of a busy cloud's time than all else it does with a report: once."""
+    return typing.get_type_hints(cls)
+
+
 def _hint_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint)
 
@@ -64,7 +72,7 @@ class Message:
     type: ClassVar[str]
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if not _type_ok(value, hints[f.name]):
@@ -102,7 +110,7 @@ class Message:
     def from_dict(cls, data: Any, *, where: str = "") -> Any:
         if not isinstance(data, dict):
             raise ProtocolError("expected a JSON object", field=where or None)
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:

@@ -227,7 +227,13 @@ def _status(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"no state in {store}: the agent has not run there yet")
         return ExitCode.CONFIG
-    report = json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # a power cut may leave it empty (not synced)
+        print(
+            f"the saved state in {path} is unreadable ({exc}); it is rewritten at the next report"
+        )
+        return ExitCode.CONFIG
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report["ts"]))
     print(f"device    {report['device_id']} ({report['profile']})")
     print(f"phase     {report['phase']} at {when}: {report['detail']}")

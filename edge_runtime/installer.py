@@ -105,7 +105,7 @@ class Installer:
                 self.resources.read(),
             )
         else:
-            data = self.store.read(refs[0].sha256)
+            data = programs[refs[0].sha256]  # read and hashed just above
             runner = ProgramRunner(backend, self.backends[backend], refs[0], data)
         accuracy, latency = self._health_check(runner)
         try:

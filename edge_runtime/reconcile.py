@@ -244,18 +244,28 @@ class Keeper:
                 log.info("%d chunks missing after the broadcast", reception.missing())
                 self._fetch(left)
             else:
-                self.drop()
-                self.want(goal)  # re-checks each file, then installs
+                self._arrived(goal)
                 return
         transfer = self.transfer
         if transfer is None or goal is None or not transfer.done:
             return
-        self.drop()
         if goal.install:
-            self.want(goal)  # re-checks each file, then installs
+            self._arrived(goal)
         else:
+            self.drop()
             log.info("repaired the serving set of serial %d", goal.desired.serial)
             self.voice.set(detail=f"repaired the serving set of serial {goal.desired.serial}")
+
+    def _arrived(self, goal: Goal) -> None:
+        """Install ``goal`` once its artifacts are in: each one passed its whole-file hash
+        on the way in (or when :meth:`want` took the goal), and loading hashes every
+        program again as it reads it, so hashing them all here as well would only repeat
+        that. One that went missing meanwhile is fetched again."""
+        self.drop()
+        if all(self.store.has(r.sha256) for r in goal.refs):
+            self.install(goal)
+        else:
+            self.want(goal)
 
     def _event(self, code: EventCode, reason: str) -> None:
         self.voice.event(code, reason, self.voice.topic("fetch"))

@@ -72,8 +72,11 @@ class Reporter:
             self._report = replace(self._report, ts=time.time(), **changes)
             payload = self._report.encode()
             self.client.publish(self.topic("reported"), payload, qos=1, retain=True)
-            try:  # for `eclm edge status`; a full disk must not stop the agent
-                atomic_write(self.saved, payload)
+            # A copy for `eclm edge status` (the record is the retained report, and
+            # nothing reads this file back): not synced, since two fsyncs per report
+            # were most of a report's cost on a flash card, and wore it.
+            try:  # a full disk must not stop the agent
+                atomic_write(self.saved, payload, sync=False)
             except OSError as exc:
                 log.warning("cannot save the reported state: %s", exc)
 

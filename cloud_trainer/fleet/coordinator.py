@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
@@ -16,6 +16,7 @@ import paho.mqtt.client as paho
 
 import eclm_wire as wire
 from cloud_trainer.errors import StateError
+from cloud_trainer.export.plan import Target
 from cloud_trainer.fleet.broadcast import Broadcaster, BroadcastPolicy
 from cloud_trainer.fleet.keys import sign
 from cloud_trainer.fleet.ratelimit import DropReason, RateLimiter
@@ -167,6 +168,47 @@ class FleetCoordinator:
     ) -> wire.DesiredState:
         """Publish a new desired state for ``device_id`` and its profile ``target``
         (retained, serial always newer, signed when the coordinator has a key)."""
+        return self.assign_all({device_id: Target(tuple(artifacts), tuple(options), target)})[
+            device_id
+        ]
+
+    def assign_all(
+        self, targets: Mapping[str, Target], *, timeout: float = 5.0
+    ) -> dict[str, wire.DesiredState]:
+        """Publish the new desired state of every device in ``targets`` (as :meth:`assign`
+        does, in order), then wait up to ``timeout`` seconds for the broker's
+        acknowledgements of all of them together: a wave costs one round trip, not one
+        per device."""
+        sent = []
+        for device_id, t in targets.items():
+            desired = self._desired(device_id, t)
+            topic = wire.device_topic(device_id, "desired")
+            info = self.client.publish(topic, desired.encode(), qos=1, retain=True)
+            sent.append((desired, info))
+        deadline = time.monotonic() + timeout
+        for desired, info in sent:
+            if wait_published(info, max(0.0, deadline - time.monotonic())):
+                log.info("desired state %d set for %s", desired.serial, desired.device_id)
+            else:  # a broker restart, say: paho sends it once connected again
+                log.warning(
+                    "desired state %d for %s queued (broker away)",
+                    desired.serial,
+                    desired.device_id,
+                )
+        return {desired.device_id: desired for desired, _ in sent}
+
+    def assign_wave(self, targets: Mapping[str, Target]) -> dict[str, wire.DesiredState]:
+        """:meth:`assign_all` for devices that fetch together (a rollout wave, the new
+        devices a service step found): each artifact's broadcast waits until every one of
+        them that lacks it has asked (see :meth:`expect`), not for a quiet moment."""
+        self.expect({d: list(t.artifacts) for d, t in targets.items()})
+        try:
+            return self.assign_all(targets)
+        finally:
+            self.release()
+
+    def _desired(self, device_id: str, target: Target) -> wire.DesiredState:
+        """The next desired state of ``device_id`` (a new serial), signed if there is a key."""
         if self.serials is not None:
             serial = self.serials()
         else:
@@ -174,22 +216,13 @@ class FleetCoordinator:
         desired = wire.DesiredState(
             device_id=device_id,
             serial=serial,
-            artifacts=tuple(artifacts),
-            options=tuple(options),
-            target=target,
+            artifacts=tuple(target.artifacts),
+            options=tuple(target.options),
+            target=target.profile,
             expires=time.time() + self.ttl,
             source=self.source,
         )
-        if self.signing_key is not None:
-            desired = sign(desired, self.signing_key)
-        sent = self.client.publish(
-            wire.device_topic(device_id, "desired"), desired.encode(), qos=1, retain=True
-        )
-        if wait_published(sent, 5):
-            log.info("desired state %d set for %s", desired.serial, device_id)
-        else:  # a broker restart, say: paho sends it once connected again
-            log.warning("desired state %d for %s queued (broker away)", desired.serial, device_id)
-        return desired
+        return desired if self.signing_key is None else sign(desired, self.signing_key)
 
     def expect(self, devices: dict[str, list[wire.ArtifactRef]]) -> None:
         """A wave is about to give ``devices`` these artifacts: a broadcast starts as soon
@@ -202,6 +235,9 @@ class FleetCoordinator:
         for device_id, refs in devices.items():
             report = self.reported.get(device_id)
             fmt = _FORMATS.get(report.backend or "") if report else None
+            if report and fmt is None:  # none yet: the first of its profile's offered
+                offered = {r.format for r in refs}
+                fmt = next((f for b in report.backends if (f := _FORMATS.get(b)) in offered), None)
             for ref in refs:
                 if report and (ref.sha256 in report.active or fmt and ref.format != fmt):
                     continue

@@ -69,12 +69,7 @@ def deploy_fleet(
 ) -> dict[str, int]:
     """Plan each device's sub-model (see :func:`plan_fleet`) and set its desired state."""
     targets = plan_fleet(model_dir, store_dir, devices, modular=modular)
-    return {
-        device_id: fc.assign(
-            device_id, list(t.artifacts), options=t.options, target=t.profile
-        ).serial
-        for device_id, t in targets.items()
-    }
+    return {d: s.serial for d, s in fc.assign_all(targets).items()}
 
 
 def wait_for_fleet(fc, serials: dict[str, int], timeout: float) -> bool:

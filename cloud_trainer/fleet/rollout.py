@@ -125,11 +125,8 @@ class Rollout:
                 continue  # done before a restart
             self.state = replace(self.state, wave=wave)
             fresh = tuple(d for d in batch if d not in self.state.updated)
-            self.fc.expect({d: list(self.targets[d].artifacts) for d in fresh})
-            try:
-                self.serials.update({d: self._assign(d, self.targets[d]) for d in fresh})
-            finally:
-                self.fc.release()
+            desired = self.fc.assign_wave({d: self.targets[d] for d in fresh})
+            self.serials.update({d: s.serial for d, s in desired.items()})
             self.state = replace(self.state, updated=self.state.updated + fresh)
             self._publish()
             answered = set(self.state.succeeded + self.state.failed)
@@ -149,12 +146,6 @@ class Rollout:
         self.state = replace(self.state, state=RolloutStatus.SUCCEEDED, reason="")
         self._publish()
         return self.state
-
-    def _assign(self, device_id: str, target: Target) -> int:
-        desired = self.fc.assign(
-            device_id, list(target.artifacts), options=target.options, target=target.profile
-        )
-        return desired.serial
 
     def _wait(self, serials: dict[str, int]) -> None:
         def answered(c: FleetCoordinator, device_id: str) -> str | None:
@@ -190,13 +181,12 @@ class Rollout:
     def _abort(self, reason: str, progress) -> wire.RolloutState:
         progress(f"aborting: {reason}")
         log.warning("rollout %s aborted: %s", self.state.rollout_id, reason)
-        reverted = []
-        for device_id in self.state.updated:
-            before = self.previous[device_id]
-            if before is None:
-                continue  # nothing ran there before; it keeps what it serves
-            self._assign(device_id, Target(before.artifacts, before.options, before.target))
-            reverted.append(device_id)
+        back = {  # a device that ran nothing before keeps what it serves
+            d: Target(p.artifacts, p.options, p.target)
+            for d in self.state.updated
+            if (p := self.previous[d]) is not None
+        }
+        reverted = list(self.fc.assign_all(back))
         self.state = replace(
             self.state, state=RolloutStatus.ABORTED, reason=reason[:2000], reverted=tuple(reverted)
         )

@@ -450,27 +450,26 @@ class Service:
 
     def _assign_new_devices(self) -> None:
         """Give a sub-model to every online device that never had one (its report says
-        serial 0 and no desired state is retained for it)."""
+        serial 0 and no desired state is retained for it), all at once."""
         if not self.config.fleet.auto_assign or time.monotonic() - self._connected_at < 2.0:
             return  # retained desired states arrive right after connecting
+        targets = {}
         for device_id, report in list(self.fc.reported.items()):
             if report.serial or device_id in self.fc.desired or not self.fc.online.get(device_id):
                 continue
             if self._planned.get(device_id) == report.profile:
                 continue  # planned before and failed: wait for another profile
             self._planned[device_id] = report.profile
-            self._assign(device_id, report.profile)
-
-    def _assign(self, device_id: str, profile_name: str) -> None:
-        target = self._plan_for(profile_name)
-        if target is None:
-            return
-        desired = self.fc.assign(
-            device_id, list(target.artifacts), options=target.options, target=target.profile
-        )
-        log.info(
-            "assigned %s (%s) its sub-model: serial %d", device_id, target.profile, desired.serial
-        )
+            target = self._plan_for(report.profile)
+            if target is not None:
+                targets[device_id] = target
+        for device_id, desired in self.fc.assign_wave(targets).items():
+            log.info(
+                "assigned %s (%s) its sub-model: serial %d",
+                device_id,
+                desired.target,
+                desired.serial,
+            )
 
     def _plan_for(self, profile_name: str) -> Target | None:
         """The sub-model every new device of a profile gets on this model version, planned
