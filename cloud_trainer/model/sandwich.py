@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cloud_trainer.model.modular import ModularNet
-from cloud_trainer.model.train import distillation, router_losses
+from cloud_trainer.model.train import distillation, router_losses, soft_loss
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,6 @@ def random_selection(net: ModularNet, rng: np.random.Generator) -> tuple[tuple[i
         tuple(sorted(int(i) for i in rng.choice(m, int(rng.integers(1, m + 1)), replace=False)))
         for _ in range(net.spec.layers)
     )
-
-
-def soft_loss(student: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(target || student) of the softened distributions (``target`` detached)."""
-    t = torch.log_softmax(target.detach() / temperature, dim=1)
-    s = torch.log_softmax(student / temperature, dim=1)
-    return nn.functional.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
 
 
 def sandwich_step(

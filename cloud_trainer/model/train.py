@@ -81,10 +81,16 @@ def distillation(
 ) -> torch.Tensor:
     """T^2 * KL(teacher || student) of the softened distributions."""
     with torch.no_grad():
-        target = torch.log_softmax(teacher.eval()(x) / temperature, dim=1)
-    student = torch.log_softmax(logits / temperature, dim=1)
-    kl = nn.functional.kl_div(student, target, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+        target = teacher.eval()(x)
+    return soft_loss(logits, target, temperature)
+
+
+def soft_loss(student: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(target || student) of the softened distributions (``target`` detached), so
+    that the gradients keep their scale whatever the temperature."""
+    t = torch.log_softmax(target.detach() / temperature, dim=1)
+    s = torch.log_softmax(student / temperature, dim=1)
+    return nn.functional.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
 
 
 @torch.no_grad()
