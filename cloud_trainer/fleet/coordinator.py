@@ -200,7 +200,10 @@ class FleetCoordinator:
     def assign_wave(self, targets: Mapping[str, Target]) -> dict[str, wire.DesiredState]:
         """:meth:`assign_all` for devices that fetch together (a rollout wave, the new
         devices a service step found): each artifact's broadcast waits until every one of
-        them that lacks it has asked (see :meth:`expect`), not for a quiet moment."""
+        them that lacks it has asked (see :meth:`expect`), not for a quiet moment. No
+        targets (most service steps): nothing to tell the broadcaster, nor to release."""
+        if not targets:
+            return {}
         self.expect({d: list(t.artifacts) for d, t in targets.items()})
         try:
             return self.assign_all(targets)
