@@ -7,7 +7,8 @@ update is checked first, and a refusal is a ProtocolError whose code is counted:
 - ``invalid``: tensor names, shapes or dtypes unlike the head's, a wrong histogram;
 - ``not-finite``: a NaN or infinity; ``too-large``: a tensor above the norm bound;
 - ``stale-base``: trained on a head version the cloud no longer takes;
-- ``replayed``: a nonce this device has used before.
+- ``replayed``: a nonce this device has used before (a copy the broker redelivers, with
+  its DUP flag, is counted in ``redelivered`` instead: its acknowledgement was lost).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class DomainAggregator:
             self._base_ok = frozenset(bases).__contains__
         self.rejected: Counter[str] = Counter()
         self.accepted = 0
+        self.redelivered = 0  # copies the broker sent again of updates kept before
         self.epsilon: dict[str, float] = {}  # device -> the largest epsilon it reported
         self._latest: dict[str, dict[str, Contribution]] = {}  # domain -> device -> latest
         self._nonces: dict[str, dict[str, None]] = {}  # device -> nonces, oldest first
@@ -77,15 +79,19 @@ class DomainAggregator:
         with self._lock:
             self.reference = reference
 
-    def add(self, update: wire.AdapterUpdate) -> None:
+    def add(self, update: wire.AdapterUpdate, *, redelivered: bool = False) -> None:
         """Keep ``update`` as its device's latest for its domain; ProtocolError (counted by
-        code in ``rejected``) if it is refused (see the module's docstring)."""
+        code in ``rejected``) if it is refused (see the module's docstring). A
+        ``redelivered`` copy of one kept before is counted in ``redelivered`` instead."""
         try:
-            self._keep(update, self.check(update))
+            kept = self._keep(update, self.check(update), redelivered)
         except ProtocolError as exc:
             with self._lock:
                 self.rejected[exc.code] += 1
             raise
+        if not kept:
+            log.info("update from %s redelivered, kept before", update.device_id)
+            return
         log.info(
             "update from %s for %s (%d samples, epsilon %g) accepted",
             update.device_id,
@@ -120,12 +126,16 @@ class DomainAggregator:
             )
         return Contribution(weights, update.samples, np.array(update.histogram))
 
-    def _keep(self, update: wire.AdapterUpdate, contribution: Contribution) -> None:
-        """Record ``update``'s nonce and keep it; ProtocolError if the nonce was seen."""
+    def _keep(self, update: wire.AdapterUpdate, contribution: Contribution, again: bool) -> bool:
+        """Record ``update``'s nonce and keep it (True); ProtocolError if the nonce was
+        seen, unless ``again``: a redelivery, counted and dropped (False)."""
         device = update.device_id
         with self._lock:
             seen = self._nonces.setdefault(device, {})
             if update.nonce:
+                if update.nonce in seen and again:
+                    self.redelivered += 1
+                    return False
                 if update.nonce in seen:
                     raise ProtocolError(
                         "this nonce came before: a replay", field="nonce", code=EventCode.REPLAYED
@@ -136,6 +146,7 @@ class DomainAggregator:
             self._latest.setdefault(update.domain, {})[device] = contribution
             self.epsilon[device] = max(self.epsilon.get(device, 0.0), update.epsilon)
             self.accepted += 1
+            return True
 
     def domains(self) -> list[str]:
         with self._lock:

@@ -38,7 +38,7 @@ class Aggregator(Protocol):
     """Where adapter updates go (:class:`DomainAggregator` in one process, the service's
     ledger in a database) and where warm starts come from."""
 
-    def add(self, update: wire.AdapterUpdate) -> None: ...
+    def add(self, update: wire.AdapterUpdate, *, redelivered: bool = False) -> None: ...
 
     def aggregate(self, domain: str) -> tuple[dict[str, np.ndarray], int] | None: ...
 
@@ -352,7 +352,8 @@ class FleetCoordinator:
                 elif kind == "updates" and self.aggregator is not None:
                     update = wire.decode(wire.AdapterUpdate, msg.payload)
                     self._check_sender(update.device_id, device_id)
-                    self.aggregator.add(update)
+                    # the broker's DUP flag: a copy of one this cloud never acknowledged
+                    self.aggregator.add(update, redelivered=bool(msg.dup))
                 self._changed.notify_all()
         except ProtocolError as exc:
             with self._changed:

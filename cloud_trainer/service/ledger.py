@@ -38,13 +38,19 @@ class UpdateLedger:
         self.state, self.checker, self.version = state, checker, version
         self.worker, self.max_staleness = worker, max_staleness
 
-    def add(self, update: wire.AdapterUpdate) -> None:
+    def add(self, update: wire.AdapterUpdate, *, redelivered: bool = False) -> None:
         """Store ``update`` once; ProtocolError (counted by code) if it is refused.
-        StateError if the database fails (the caller does not acknowledge it then)."""
+        StateError if the database fails (the caller does not acknowledge it then). A
+        ``redelivered`` copy of one stored before (the broker's second try at a message
+        whose acknowledgement was lost) is counted as such, not refused as a replay."""
         try:
             self.checker.check(update)
             weight = self.weight(update.base)
             if self.state.add_update(update, weight=weight, worker=self.worker) is None:
+                if redelivered:
+                    self.state.count("redelivered")
+                    log.info("update from %s redelivered, stored before", update.device_id)
+                    return
                 raise ProtocolError(
                     "stored before: a replay or a redelivery",
                     field="nonce",

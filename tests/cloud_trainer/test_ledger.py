@@ -98,3 +98,17 @@ def test_a_stale_update_weighs_less_and_a_too_stale_one_is_refused(tmp_path):
     (round_id,) = [r.id for r in state.rounds("open")]
     assert [w for _, w in state.round_updates(round_id)] == [pytest.approx(1 / 3)]  # latest
     assert state.counters("rejected:") == {"stale-base": 1, "unknown-base": 1}
+
+
+def test_a_redelivered_update_is_counted_once_and_not_taken_for_a_replay(tmp_path):
+    state = CloudState(Database(f"sqlite:///{tmp_path}/state.db"))
+    ledger = UpdateLedger(state, DomainAggregator(LIKE, max_norm=1e6), lambda: 0, worker="w1")
+    sent = update(state.next_serial(version=0), 1)
+
+    ledger.add(sent)
+    ledger.add(sent, redelivered=True)  # the broker's second try: its ack was lost
+    with pytest.raises(ProtocolError, match="replay"):
+        ledger.add(sent)  # the same bytes published again: a replay
+    assert state.updates_by_worker() == {"w1": 1}
+    assert state.counters("redelivered") == {"": 1}
+    assert state.counters("rejected:") == {"replayed": 1}

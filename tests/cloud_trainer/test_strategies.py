@@ -222,10 +222,12 @@ def test_a_replayed_update_is_refused_and_counted(fleet):
     aggregator.add(received(second))
     with pytest.raises(ProtocolError) as info:
         aggregator.add(received(first))
+    aggregator.add(received(first), redelivered=True)  # the broker's copy: ack lost
 
     assert len(first.nonce) == 16 and first.nonce != second.nonce
     assert info.value.code == "replayed" and info.value.field == "nonce"
     assert aggregator.rejected == {"replayed": 1} and aggregator.accepted == 2
+    assert aggregator.redelivered == 1
     with pytest.raises(ProtocolError, match="nonce"):
         wire.AdapterUpdate(**{**first.__dict__, "nonce": "not-hex"})
 
