@@ -139,13 +139,18 @@ class ComposedModel:
             weights = softmax(logits[:, list(present)])
             outputs = [self.programs[part_name(layer, m)].run(h)[0] for m in present]
             if layer in self.layout.shortcuts:
-                mixed = self.programs[f"layer{layer}.shortcut"].run(h)[0].copy()
+                mixed = self.programs[f"layer{layer}.shortcut"].run(h)[0]
             elif h.shape == outputs[0].shape:
-                mixed = h.copy()
+                mixed = h
             else:
-                mixed = np.zeros_like(outputs[0])
+                mixed = None
+            # In place: both runtimes return fresh arrays (checked), so every array here is
+            # this call's own, never the caller's ``x``; a temporary the size of a feature
+            # map cost more than the arithmetic at batch 1 (149 against 105 us a call of
+            # the cifar half set with the programs' time taken out).
             for i, out in enumerate(outputs):
-                mixed += weights[:, i, None, None, None] * out
+                np.multiply(out, weights[:, i, None, None, None], out=out)
+                mixed = out if mixed is None else np.add(mixed, out, out=mixed)
             h = activate(mixed, self.layout.post(layer))
         return h
 
