@@ -131,7 +131,8 @@ class Installer:
         """Accuracy on the eval set (None without one) and single-sample latency; a runner
         with non-finite outputs or over the profile's latency budget is closed and refused."""
         try:
-            accuracy, latency = runner.evaluate(self.eval_set), runner.latency_ms()
+            accuracy = runner.evaluate(self.eval_set)
+            latency = runner.latency_ms(clock=self.resources.inference_clock)
             budget = self.profile.budget.latency_ms
             if latency > budget:
                 raise BackendError(

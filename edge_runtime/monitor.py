@@ -25,7 +25,11 @@ class Reading:
 
 
 class ResourceSource(ABC):
-    """Where readings come from."""
+    """Where readings come from, and the clock a health check times an inference by."""
+
+    # Wall time on a board. A simulator of many devices on one host gives each source its
+    # thread's CPU time instead: there the wall time is mostly waiting for the others.
+    inference_clock: Callable[[], float] = staticmethod(time.perf_counter)
 
     @abstractmethod
     def read(self) -> Reading: ...

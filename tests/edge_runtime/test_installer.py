@@ -113,6 +113,23 @@ def test_a_program_over_the_latency_budget_is_refused_and_nothing_is_committed(t
     assert check.saved() == []
 
 
+def test_the_health_check_times_inferences_by_its_sources_clock(tmp_path, programs):
+    """A simulator's agents time by their thread's CPU, not the wall, and so would any
+    source: a clock that says each sample took a second fails a 1 s budget."""
+    store = ArtifactStore(tmp_path)
+    board = load_profile("rpi4")
+    state = desired(1, stored(store, programs["tflite"][0], "tflite"))
+    ticks = iter(range(0, 10**6, 1))  # a second a reading: 1000 ms a sample
+    slow = PsutilSource()
+    slow.inference_clock = lambda: float(next(ticks))
+
+    check = installer(store, replace(board, budget=replace(board.budget, latency_ms=999)))
+    check.resources = slow
+    with pytest.raises(BackendError, match=r"health check: 1000.0 ms per sample, budget 999"):
+        load(check, state)
+    assert load(installer(store, board), state).latency_ms < 999
+
+
 def test_a_program_damaged_on_disk_is_moved_aside_and_one_that_is_not_a_program_refused(
     tmp_path, programs
 ):
