@@ -231,7 +231,8 @@ class FleetCoordinator:
         """A wave is about to give ``devices`` these artifacts: a broadcast starts as soon
         as every device expected to ask for it has (see :meth:`Broadcaster.expect`). A
         device is expected to ask for what it lacks in the format its backend runs, as
-        its last report says (every artifact if it never reported)."""
+        its last report says (every artifact if it never reported), and for an adapter
+        head it lacks whatever it runs."""
         if self.broadcaster is None:
             return
         wanted: dict[str, set[str]] = {}
@@ -242,7 +243,10 @@ class FleetCoordinator:
                 offered = {r.format for r in refs}
                 fmt = next((f for b in report.backends if (f := _FORMATS.get(b)) in offered), None)
             for ref in refs:
-                if report and (ref.sha256 in report.active or fmt and ref.format != fmt):
+                program = ref.format in _FORMATS.values()
+                if report and (
+                    ref.sha256 in report.active or fmt and program and ref.format != fmt
+                ):
                     continue
                 wanted.setdefault(ref.sha256, set()).add(device_id)
         self.broadcaster.expect(wanted)

@@ -57,3 +57,36 @@ def test_assigning_nothing_publishes_nothing(address, tmp_path):
 
         assert fc.assign_all({}) == {}
         assert fc.client.traffic.total("sent", "desired") == sent
+
+
+def test_a_wave_expects_each_device_to_ask_for_its_backends_programs_and_the_head(
+    address, tmp_path
+):
+    with FleetCoordinator(
+        address, ArtifactStore(tmp_path / "cloud"), client_id="cloud-expect"
+    ) as fc:
+        tflite = fc.add_artifact("m.tflite", b"TFL3" * 100, "tflite")
+        pte = fc.add_artifact("m.pte", b"PTE0" * 100, "pte")
+        head = fc.add_artifact("head.safetensors", b"{}" * 100, "safetensors")
+        for device_id, backend, active in (
+            ("on-litert", "litert", ()),
+            ("on-executorch", "executorch", ()),
+            ("has-head", "litert", (head.sha256,)),
+        ):
+            fc.reported[device_id] = wire.ReportedState(
+                device_id=device_id,
+                profile="rpi4",
+                backends=("litert", "executorch"),
+                serial=1,
+                phase="active",
+                active=active,
+                backend=backend,
+            )
+        fc.expect({d: [tflite, pte, head] for d in ("on-litert", "on-executorch", "has-head")})
+        expected = {sha: devices for sha, (devices, _) in fc.broadcaster._expected.items()}
+
+    assert expected == {
+        tflite.sha256: {"on-litert", "has-head"},
+        pte.sha256: {"on-executorch"},
+        head.sha256: {"on-litert", "on-executorch"},  # whatever they run
+    }
