@@ -51,3 +51,20 @@ def test_wrong_shape_or_dtype_names_what_was_expected(loaded):
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="known: executorch, litert"):
         get_backend("onnx")
+
+
+def test_starting_the_executorch_backend_prints_nothing():
+    """Its import (torchao's CUDA kernels, torch's deprecations) and its thread-pool
+    reset (cpuinfo's probing) printed eight lines a user had to learn to ignore."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from edge_runtime.backends.executorch import ExecuTorchBackend\n"
+        "ExecuTorchBackend(threads=1)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
