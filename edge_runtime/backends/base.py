@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import tempfile
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,3 +123,24 @@ def read_source(source: Source) -> bytes:
         return Path(source).read_bytes()
     except OSError as exc:
         raise BackendError(f"cannot read program {source}: {exc.strerror}") from exc
+
+
+_NOTES_LOCK = threading.Lock()  # fd 2 is the process's: one block at a time moves it
+
+
+def without_notes(notes: tuple[str, ...], call, *args):
+    """``call(*args)`` with fd 2 in a temp file; every line that does not start with one of
+    ``notes`` (a runtime's start-up chatter) goes back to stderr after it, another
+    thread's too if one wrote meanwhile."""
+    with _NOTES_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            return call(*args)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines = sink.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(x for x in lines if not x.startswith(notes)))

@@ -7,14 +7,18 @@ the whole exir compiler (~370 MB RSS) where the pybindings need ~236 MB.
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import tempfile
 
 import numpy as np
 
 from edge_runtime.adapter import BIAS, WEIGHT, AdapterTrainer
-from edge_runtime.backends.base import Backend, Program, Source, TensorSpec, read_source
+from edge_runtime.backends.base import (
+    Backend,
+    Program,
+    Source,
+    TensorSpec,
+    read_source,
+    without_notes,
+)
 from edge_runtime.errors import BackendError, BackendUnavailable
 
 # Importing the pybindings imports torchao, which warns of CUDA kernels it cannot load, and
@@ -73,23 +77,6 @@ def _spec(info, dynamic_batch: bool) -> TensorSpec:
     return TensorSpec(shape, _DTYPES.get(int(info.dtype()), f"dtype{int(info.dtype())}"))
 
 
-def _without_startup_notes(call, *args) -> None:
-    """``call(*args)`` with fd 2 in a temp file; every line but ``STARTUP_NOTES`` goes
-    back to stderr after it (another thread's too, if one wrote meanwhile)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            call(*args)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            lines = sink.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(x for x in lines if not x.startswith(STARTUP_NOTES)))
-
-
 class ExecuTorchBackend(Backend):
     """Runs ``.pte`` programs with the ExecuTorch runtime.
 
@@ -103,7 +90,7 @@ class ExecuTorchBackend(Backend):
 
     def __init__(self, *, threads: int | None = None, dynamic_batch: bool = True) -> None:
         if threads is not None:
-            _without_startup_notes(_C._unsafe_reset_threadpool, threads)
+            without_notes(STARTUP_NOTES, _C._unsafe_reset_threadpool, threads)
         self.dynamic_batch = dynamic_batch
 
     def load(self, source: Source) -> Program:

@@ -18,7 +18,14 @@ import threading
 import numpy as np
 
 from edge_runtime.backends import delegates as checks
-from edge_runtime.backends.base import Backend, Program, Source, TensorSpec, read_source
+from edge_runtime.backends.base import (
+    Backend,
+    Program,
+    Source,
+    TensorSpec,
+    read_source,
+    without_notes,
+)
 from edge_runtime.errors import BackendError, BackendUnavailable, ConfigError
 
 try:
@@ -33,6 +40,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 _MODES = checks.MODES
+# What LiteRT writes to fd 2 the first time a process applies its default delegate.
+STARTUP_NOTES = ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
+_first = threading.Event()  # set once a program of this process has been loaded
 
 
 class LiteRTProgram(Program):
@@ -49,7 +59,11 @@ class LiteRTProgram(Program):
         self._data = data
         self._threads = threads
         self._resolver = resolver(delegates)
-        self._it = self._interpreter()
+        if _first.is_set():
+            self._it = self._interpreter()
+        else:
+            self._it = without_notes(STARTUP_NOTES, self._interpreter)
+            _first.set()
         self._in = self._it.get_input_details()
         self._out = self._it.get_output_details()
         self.max_batch = int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else 1

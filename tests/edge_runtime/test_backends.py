@@ -53,18 +53,23 @@ def test_unknown_backend_is_a_clear_error():
         get_backend("onnx")
 
 
-def test_starting_the_executorch_backend_prints_nothing():
-    """Its import (torchao's CUDA kernels, torch's deprecations) and its thread-pool
-    reset (cpuinfo's probing) printed eight lines a user had to learn to ignore."""
+def test_starting_a_backend_and_loading_a_program_prints_nothing(loaded):
+    """ExecuTorch's import (torchao's CUDA kernels, torch's deprecations) and thread-pool
+    reset (cpuinfo's probing) printed eight lines a user had to learn to ignore, and
+    LiteRT one on its first program; a new process shows none of them now."""
     import subprocess
     import sys
     from pathlib import Path
 
+    backend, path = loaded
     code = (
-        "from edge_runtime.backends.executorch import ExecuTorchBackend\n"
-        "ExecuTorchBackend(threads=1)\n"
+        "import sys\n"
+        "from edge_runtime.backends import get_backend\n"
+        f"get_backend({backend.name!r}, threads=1).load(sys.argv[1])\n"
     )
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=root
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
