@@ -108,6 +108,7 @@ def test_the_service_resumes_aggregation_and_rollouts_after_sigkill(
         metrics = cloud.get("/metrics")
         assert "eclm_model_version 1.0" in metrics
         assert "eclm_updates_accepted_total 3.0" in metrics
+        assert "eclm_updates_redelivered_total" in metrics  # after the SIGKILL: 0 or more
         assert 'eclm_fleet_devices{phase="active",version="1"} 3.0' in metrics
         assert 'eclm_rollout_devices{outcome="succeeded",rollout="integrate-1"} 3.0' in metrics
         assert json.loads(cloud.get("/healthz"))["leader"] is True

@@ -62,6 +62,11 @@ class FleetCollector:
         accepted = CounterMetricFamily("eclm_updates_accepted", "Adapter updates stored.")
         accepted.add_metric([], sum(state.updates_by_worker().values()))
         yield accepted
+        yield CounterMetricFamily(
+            "eclm_updates_redelivered",
+            "Copies of stored updates the broker sent again (their acknowledgement was lost).",
+            value=state.counters("redelivered").get("", 0),
+        )
         rejected = CounterMetricFamily(
             "eclm_updates_rejected", "Adapter updates refused, by reason.", labels=["reason"]
         )
