@@ -128,10 +128,10 @@ def read_source(source: Source) -> bytes:
 _NOTES_LOCK = threading.Lock()  # fd 2 is the process's: one block at a time moves it
 
 
-def without_notes(notes: tuple[str, ...], call, *args):
+def without_notes(notes: tuple[bytes, ...], call, *args):
     """``call(*args)`` with fd 2 in a temp file; every line that does not start with one of
-    ``notes`` (a runtime's start-up chatter) goes back to stderr after it, another
-    thread's too if one wrote meanwhile."""
+    ``notes`` (a runtime's start-up chatter) goes on to fd 2 after it (a log file, where
+    a command routes it there), another thread's too if one wrote meanwhile."""
     with _NOTES_LOCK, tempfile.TemporaryFile() as sink:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -142,5 +142,6 @@ def without_notes(notes: tuple[str, ...], call, *args):
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
-            lines = sink.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(x for x in lines if not x.startswith(notes)))
+            kept = [x for x in sink.read().splitlines(keepends=True) if not x.startswith(notes)]
+            if kept:
+                os.write(2, b"".join(kept))

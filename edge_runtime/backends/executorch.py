@@ -27,7 +27,7 @@ for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 # What the runtime writes to fd 2 as it sizes its thread pool: cpuinfo's probing of files
 # an x86 or emulated board lacks, and "Resetting threadpool to N threads".
-STARTUP_NOTES = ("[cpuinfo_utils.cpp:", "[threadpool.cpp:")
+STARTUP_NOTES = (b"[cpuinfo_utils.cpp:", b"[threadpool.cpp:")
 
 try:
     import torch

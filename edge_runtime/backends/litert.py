@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 _MODES = checks.MODES
 # What LiteRT writes to fd 2 the first time a process applies its default delegate.
-STARTUP_NOTES = ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
+STARTUP_NOTES = (b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
 _first = threading.Event()  # set once a program of this process has been loaded
 
 

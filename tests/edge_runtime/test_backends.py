@@ -73,3 +73,12 @@ def test_starting_a_backend_and_loading_a_program_prints_nothing(loaded):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
+
+
+def test_only_the_runtimes_notes_are_held_back(capfd):
+    import os
+
+    from edge_runtime.backends.base import without_notes
+
+    assert without_notes((b"[note]",), os.write, 2, b"[note] probing\nan error\n") == 24
+    assert capfd.readouterr().err == "an error\n"
