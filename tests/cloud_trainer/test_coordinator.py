@@ -1,5 +1,6 @@
 """Setting a whole wave's desired states in one call, against a real Mosquitto: each is
-retained on the broker, signed, with its own newer serial, by the time the call returns."""
+retained on the broker, signed, with its own newer serial, by the time the call returns;
+and whom a wave's broadcast of each artifact waits for."""
 
 import time
 

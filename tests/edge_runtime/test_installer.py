@@ -3,6 +3,7 @@ backend picked from the profile's order, the health check (scored on an eval set
 over the latency budget), damaged and broken programs refused, the atomic commit that keeps
 the state before and prunes the rest, and what a restart serves and fetches again."""
 
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_the_health_check_times_inferences_by_its_sources_clock(tmp_path, progra
     store = ArtifactStore(tmp_path)
     board = load_profile("rpi4")
     state = desired(1, stored(store, programs["tflite"][0], "tflite"))
-    ticks = iter(range(0, 10**6, 1))  # a second a reading: 1000 ms a sample
+    ticks = itertools.count()  # a second a reading: 1000 ms a sample
     slow = PsutilSource()
     slow.inference_clock = lambda: float(next(ticks))
 
